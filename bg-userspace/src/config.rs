@@ -1,0 +1,398 @@
+//! The agent's TOML configuration and its validation.
+//!
+//! Validation happens completely before anything touches the kernel, so a bad config is refused
+//! with nothing applied. Every error names the field (`service[1].green[0]`) and what to do.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use bg_common::{Color, MAX_BACKENDS, MAX_SERVICES};
+use serde::Deserialize;
+
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/bg/bgctl.sock";
+const MIN_FLOW_TABLE: u32 = 1024;
+const MAX_FLOW_TABLE: u32 = 1 << 26;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for bg: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// XDP attach mode as written in the config.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic with a logged warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => bg_common::PROTO_TCP,
+            Protocol::Udp => bg_common::PROTO_UDP,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Vec<String>,
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    pin_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    flow_table_size: Option<u32>,
+    initial_color: Option<String>,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    blue: Vec<String>,
+    green: Vec<String>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub flow_table_size: u32,
+    pub initial_color: Color,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub blue: Vec<SocketAddr>,
+    pub green: Vec<SocketAddr>,
+}
+
+impl Service {
+    pub fn backends(&self, color: Color) -> &[SocketAddr] {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+}
+
+pub fn parse_color(s: &str) -> Option<Color> {
+    match s {
+        "blue" => Some(Color::Blue),
+        "green" => Some(Color::Green),
+        _ => None,
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        field_err(
+            field,
+            format!("`{s}` is not an address:port; write it like \"10.1.0.2:8080\""),
+        )
+    })?;
+    if addr.is_ipv6() {
+        return Err(field_err(
+            field,
+            format!("`{s}` is IPv6, which this version of bg does not serve yet; use an IPv4 address"),
+        ));
+    }
+    if addr.port() == 0 {
+        return Err(field_err(field, format!("`{s}` has port 0; give the real port")));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() || is_broadcast(addr.ip()) {
+        return Err(field_err(
+            field,
+            format!("`{s}` is not a unicast host address; give the host's own address"),
+        ));
+    }
+    Ok(addr)
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(field_err(
+                "interfaces",
+                "is empty; list the client-facing and backend-facing interfaces, e.g. [\"eth0\", \"eth1\"]",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            let field = format!("interfaces[{i}]");
+            if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+                return Err(field_err(
+                    field,
+                    format!("`{name}` is not a Linux interface name (1 to 15 characters, no '/' or spaces)"),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(field_err(field, format!("`{name}` is listed twice; list it once")));
+            }
+        }
+        let flow_table_size = self.flow_table_size.unwrap_or(bg_common::DEFAULT_FLOW_TABLE_SIZE);
+        if !(MIN_FLOW_TABLE..=MAX_FLOW_TABLE).contains(&flow_table_size) {
+            return Err(field_err(
+                "flow_table_size",
+                format!("{flow_table_size} is out of range; use {MIN_FLOW_TABLE} to {MAX_FLOW_TABLE} entries (two per flow)"),
+            ));
+        }
+        let initial_color = match &self.initial_color {
+            None => Color::Blue,
+            Some(s) => parse_color(s).ok_or_else(|| {
+                field_err("initial_color", format!("`{s}` is not a color; use \"blue\" or \"green\""))
+            })?,
+        };
+        if self.services.is_empty() {
+            return Err(field_err(
+                "service",
+                "no [[service]] given; add one with name, vip, blue and green",
+            ));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err(field_err(
+                "service",
+                format!("{} services given; at most {MAX_SERVICES} are supported", self.services.len()),
+            ));
+        }
+
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        let mut services = Vec::with_capacity(self.services.len());
+        for (i, s) in self.services.into_iter().enumerate() {
+            let at = |f: &str| format!("service[{i}].{f}");
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(field_err(
+                    at("name"),
+                    format!("`{}` must be non-empty letters, digits, '-' or '_'", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(field_err(at("name"), format!("`{}` is used by two services; names must be unique", s.name)));
+            }
+            let vip = parse_addr(&at("vip"), &s.vip)?;
+            if !vips.insert((vip, s.protocol)) {
+                return Err(field_err(
+                    at("vip"),
+                    format!("{vip}/{} is already served by another service", s.protocol.name()),
+                ));
+            }
+            let mut colors = Vec::new();
+            for (color, list) in [("blue", &s.blue), ("green", &s.green)] {
+                if list.is_empty() {
+                    return Err(field_err(
+                        at(color),
+                        format!("is empty; give {color} at least one backend address:port"),
+                    ));
+                }
+                if list.len() > MAX_BACKENDS {
+                    return Err(field_err(
+                        at(color),
+                        format!("has {} backends; at most {MAX_BACKENDS} are supported", list.len()),
+                    ));
+                }
+                let mut parsed = Vec::with_capacity(list.len());
+                for (j, b) in list.iter().enumerate() {
+                    let field = format!("service[{i}].{color}[{j}]");
+                    let addr = parse_addr(&field, b)?;
+                    if addr.ip() == vip.ip() {
+                        return Err(field_err(field, format!("`{b}` is the VIP itself; a backend must be another host")));
+                    }
+                    if parsed.contains(&addr) {
+                        return Err(field_err(field, format!("`{b}` is listed twice; list it once")));
+                    }
+                    parsed.push(addr);
+                }
+                colors.push(parsed);
+            }
+            let green = colors.pop().unwrap_or_default();
+            let blue = colors.pop().unwrap_or_default();
+            services.push(Service {
+                name: s.name,
+                vip,
+                protocol: s.protocol,
+                blue,
+                green,
+            });
+        }
+
+        Ok(Config {
+            interfaces: self.interfaces,
+            xdp_mode: self.xdp_mode,
+            pin_dir: self.pin_dir.unwrap_or_else(|| PathBuf::from(bg_common::pin::DEFAULT_PIN_DIR)),
+            socket: self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            flow_table_size,
+            initial_color,
+            services,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces = ["gw-c", "gw-b"]
+[[service]]
+name = "web"
+vip = "10.100.0.1:80"
+blue = ["10.1.0.2:8080", "10.1.0.3:8080"]
+green = ["10.2.0.2:8080"]
+"#;
+
+    fn err_of(text: &str) -> String {
+        Config::parse(text).expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.interfaces, ["gw-c", "gw-b"]);
+        assert_eq!(c.initial_color, Color::Blue);
+        assert_eq!(c.flow_table_size, bg_common::DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/bg"));
+        assert_eq!(c.services[0].protocol, Protocol::Tcp);
+        assert_eq!(c.services[0].blue.len(), 2);
+        assert_eq!(c.services[0].green[0], "10.2.0.2:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_backend_names_its_field() {
+        let e = err_of(&GOOD.replace("\"10.2.0.2:8080\"", "\"10.2.0.2\""));
+        assert!(e.contains("service[0].green[0]") && e.contains("address:port"), "{e}");
+    }
+
+    #[test]
+    fn empty_color_is_refused() {
+        let e = err_of(&GOOD.replace("green = [\"10.2.0.2:8080\"]", "green = []"));
+        assert!(e.contains("service[0].green") && e.contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err_of(&format!("colour = \"blue\"\n{GOOD}"));
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn missing_interfaces_is_named() {
+        let e = err_of(&GOOD.replace("interfaces = [\"gw-c\", \"gw-b\"]", ""));
+        assert!(e.contains("interfaces"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_vip_is_refused() {
+        let second = &GOOD[GOOD.find("[[service]]").unwrap()..];
+        let dup = format!("{GOOD}{}", second.replace("\"web\"", "\"web2\""));
+        let e = err_of(&dup);
+        assert!(e.contains("service[1].vip") && e.contains("already served"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_vip_is_refused_with_reason() {
+        let e = err_of(&GOOD.replace("10.100.0.1:80", "[fd00::1]:80"));
+        assert!(e.contains("service[0].vip") && e.contains("IPv6"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_fields() {
+        for (from, to, field) in [
+            ("interfaces = [\"gw-c\", \"gw-b\"]", "interfaces = [\"gw-c\", \"gw-c\"]", "interfaces[1]"),
+            ("interfaces = [\"gw-c\", \"gw-b\"]", "interfaces = [\"an-interface-name-too-long\"]", "interfaces[0]"),
+            ("name = \"web\"", "name = \"we b\"", "service[0].name"),
+            ("10.100.0.1:80", "10.100.0.1:0", "service[0].vip"),
+            ("\"10.1.0.3:8080\"", "\"10.1.0.2:8080\"", "service[0].blue[1]"),
+            ("\"10.1.0.3:8080\"", "\"10.100.0.1:8080\"", "service[0].blue[1]"),
+        ] {
+            let e = err_of(&GOOD.replace(from, to));
+            assert!(e.contains(field), "expected `{field}` in: {e}");
+        }
+        let e = err_of(&format!("flow_table_size = 10\n{GOOD}"));
+        assert!(e.contains("flow_table_size"), "{e}");
+        let e = err_of(&format!("initial_color = \"red\"\n{GOOD}"));
+        assert!(e.contains("initial_color") && e.contains("\"blue\""), "{e}");
+    }
+}

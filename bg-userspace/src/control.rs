@@ -1,0 +1,98 @@
+//! The control socket protocol: one JSON object per line each way.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::{Attachment, FlowCounts};
+
+/// Largest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Flip { color: String },
+    Rollback,
+    Stats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Flipped(FlipResult),
+    Stats { reasons: Vec<(String, u64)> },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    pub blue: Vec<String>,
+    pub green: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// The color new flows go to, as read back from the kernel map.
+    pub active: String,
+    /// The color a rollback returns to, if there was a flip since the agent started.
+    pub previous: Option<String>,
+    /// Increments with every switch of the active color.
+    pub generation: u64,
+    /// Seconds since the active color last changed (or since the agent started).
+    pub active_for_secs: u64,
+    pub services: Vec<ServiceStatus>,
+    pub interfaces: Vec<Attachment>,
+    pub flows: FlowCounts,
+    pub flow_table_size: u32,
+    pub pin_dir: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlipResult {
+    pub from: String,
+    pub to: String,
+    pub generation: u64,
+    /// False when the requested color was already active (nothing was written).
+    pub changed: bool,
+    /// Time the selector map write took, in nanoseconds.
+    pub switch_ns: u64,
+}
+
+/// Sends one request to the agent and waits for its answer.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "no bg agent is listening on {}: start one with `bgctl agent --config bg.toml`, \
+             or point at its socket with --socket",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on {}: the control socket is root-only; run bgctl as root",
+            socket.display()
+        ),
+        _ => anyhow!("connecting to the agent at {}: {e}", socket.display()),
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).context("sending the request to the agent")?;
+    let mut reader = BufReader::new(&stream).take(MAX_LINE as u64);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).context("reading the agent's answer")?;
+    if answer.is_empty() {
+        return Err(anyhow!("the agent closed the connection without answering; see its log"));
+    }
+    serde_json::from_str(&answer).with_context(|| format!("the agent sent an answer bgctl cannot read: {answer}"))
+}

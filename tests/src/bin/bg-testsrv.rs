@@ -1,0 +1,78 @@
+//! A tiny HTTP/1.1 server for the backends of tests and the demo: answers every request with a
+//! fixed body (the backend's color), keeps connections alive, one thread per connection.
+//! Prints `listening on ADDR` once bound.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+};
+
+fn serve(stream: TcpStream, body: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        // Request line and headers, up to the empty line.
+        let mut close = false;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if first {
+                first = false;
+                close = line.ends_with("HTTP/1.0\r\n");
+            }
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("connection:") {
+                close = lower.contains("close");
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let text = format!("{body}\n");
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )?;
+        out.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn main() {
+    let mut listen = None;
+    let mut body = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listen = args.next(),
+            "--body" => body = args.next(),
+            other => {
+                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT");
+                std::process::exit(2);
+            }
+        }
+    }
+    let (Some(listen), Some(body)) = (listen, body) else {
+        eprintln!("bg-testsrv: usage: bg-testsrv --listen ADDR:PORT --body TEXT");
+        std::process::exit(2);
+    };
+    let listener = TcpListener::bind(&listen).unwrap_or_else(|e| {
+        eprintln!("bg-testsrv: cannot listen on {listen}: {e}");
+        std::process::exit(1);
+    });
+    println!("listening on {listen}");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let body = body.clone();
+        std::thread::spawn(move || {
+            let _ = serve(stream, &body);
+        });
+    }
+}

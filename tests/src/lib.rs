@@ -1,0 +1,8 @@
+//! Shared test and demo machinery: a packet builder for BPF_PROG_TEST_RUN fixtures, network
+//! namespaces with a guard that deletes them, and the blue/green topology the namespace tests and
+//! `cargo xtask demo` run on.
+
+pub mod netns;
+pub mod packet;
+pub mod paths;
+pub mod topology;

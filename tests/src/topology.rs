@@ -1,0 +1,156 @@
+//! The blue/green topology the namespace tests and the demo run on:
+//!
+//! ```text
+//!  client (10.0.0.2) ── gw-c ┤ gateway ├ gw-b ── blue  (10.1.0.2:8080, answers "blue")
+//!                            │ bg XDP  ├ gw-g ── green (10.2.0.2:8080, answers "green")
+//! ```
+//! The VIP 10.100.0.1:80 exists only as a rewrite on the gateway. Every host routes through the
+//! gateway; checksum offload is off on every veth so a wrong incremental checksum is caught by
+//! the receiving kernel (its `InCsumErrors` counters are checked).
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use crate::{
+    netns::{run, Netns, Proc},
+    paths,
+};
+
+pub const VIP: &str = "10.100.0.1";
+pub const VIP_PORT: u16 = 80;
+pub const CLIENT: &str = "10.0.0.2";
+pub const BLUE: &str = "10.1.0.2";
+pub const GREEN: &str = "10.2.0.2";
+pub const BACKEND_PORT: u16 = 8080;
+
+pub struct Topology {
+    pub client: Netns,
+    pub gw: Netns,
+    pub blue: Netns,
+    pub green: Netns,
+    /// Unique per topology: names the namespaces, the socket and the pin directory.
+    pub tag: String,
+}
+
+fn sysctl(ns: &Netns, kv: &str) -> anyhow::Result<()> {
+    ns.exec(&["sysctl", "-q", "-w", kv]).map(|_| ())
+}
+
+impl Topology {
+    /// Builds the namespaces and links. `tag` must be unique among live topologies.
+    pub fn create(tag: &str) -> anyhow::Result<Topology> {
+        let t = Topology {
+            client: Netns::new(&format!("{tag}-cl"))?,
+            gw: Netns::new(&format!("{tag}-gw"))?,
+            blue: Netns::new(&format!("{tag}-bl"))?,
+            green: Netns::new(&format!("{tag}-gr"))?,
+            tag: tag.to_owned(),
+        };
+        for (host, gw_if, host_addr, gw_addr) in [
+            (&t.client, "gw-c", CLIENT, "10.0.0.1"),
+            (&t.blue, "gw-b", BLUE, "10.1.0.1"),
+            (&t.green, "gw-g", GREEN, "10.2.0.1"),
+        ] {
+            t.gw.exec(&["ip", "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns", &host.name])?;
+            t.gw.exec(&["ip", "addr", "add", &format!("{gw_addr}/24"), "dev", gw_if])?;
+            t.gw.exec(&["ip", "link", "set", gw_if, "up"])?;
+            host.exec(&["ip", "addr", "add", &format!("{host_addr}/24"), "dev", "eth0"])?;
+            host.exec(&["ip", "link", "set", "eth0", "up"])?;
+            host.exec(&["ip", "route", "add", "default", "via", gw_addr])?;
+            // Full checksums on the wire, so a wrong rewrite cannot hide behind CHECKSUM_PARTIAL.
+            host.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+            t.gw.exec(&["ethtool", "-K", gw_if, "tx", "off"])?;
+        }
+        sysctl(&t.gw, "net.ipv4.ip_forward=1")?;
+        for iface in ["all", "default", "gw-c", "gw-b", "gw-g"] {
+            sysctl(&t.gw, &format!("net.ipv4.conf.{iface}.rp_filter=0"))?;
+        }
+        Ok(t)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/run/bg-test/{}/bgctl.sock", self.tag))
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.tag))
+    }
+
+    /// The agent config for this topology.
+    pub fn config(&self) -> String {
+        format!(
+            r#"# bg agent config for the {tag} test topology
+interfaces = ["gw-c", "gw-b", "gw-g"]
+pin_dir = "{pin}"
+socket = "{sock}"
+flow_table_size = 16384
+
+[[service]]
+name = "web"
+vip = "{VIP}:{VIP_PORT}"
+protocol = "tcp"
+blue = ["{BLUE}:{BACKEND_PORT}"]
+green = ["{GREEN}:{BACKEND_PORT}"]
+"#,
+            tag = self.tag,
+            pin = self.pin_dir().display(),
+            sock = self.socket().display(),
+        )
+    }
+
+    /// Starts the two HTTP backends, each answering with its color.
+    pub fn start_backends(&self) -> anyhow::Result<Vec<Proc>> {
+        let srv = paths::testsrv();
+        let mut procs = Vec::new();
+        for (ns, addr, color) in [(&self.blue, BLUE, "blue"), (&self.green, GREEN, "green")] {
+            let mut cmd = ns.command(srv.to_str().unwrap());
+            cmd.args(["--listen", &format!("{addr}:{BACKEND_PORT}"), "--body", color]);
+            procs.push(Proc::spawn_ready(&format!("{color} server"), &mut cmd, "listening", Duration::from_secs(10))?);
+        }
+        Ok(procs)
+    }
+
+    /// Writes the config and starts `bgctl agent` in the gateway namespace; returns once the
+    /// agent answers `status`.
+    pub fn start_agent(&self, config_dir: &std::path::Path) -> anyhow::Result<Proc> {
+        let cfg = config_dir.join(format!("{}.toml", self.tag));
+        std::fs::write(&cfg, self.config()).with_context(|| format!("writing {}", cfg.display()))?;
+        let mut cmd = self.gw.nsenter(paths::bgctl().to_str().unwrap());
+        cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
+        let agent = Proc::spawn("bgctl agent", &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.bgctl(&["status"]).is_ok() {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not answer `bgctl status` within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `bgctl --socket <this topology's socket> ARGS`, failing on a non-zero exit.
+    pub fn bgctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        run(Command::new(paths::bgctl()).arg("--socket").arg(self.socket()).args(args))
+    }
+
+    /// One HTTP GET from the client to the VIP on a new connection; returns the body.
+    pub fn get_vip(&self) -> anyhow::Result<String> {
+        let out = self.client.exec(&[
+            "curl", "-sS", "--fail", "--max-time", "5", "--no-keepalive",
+            &format!("http://{VIP}:{VIP_PORT}/"),
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Sum of TCP/UDP checksum errors seen by the client and both backends.
+    pub fn csum_errors(&self) -> anyhow::Result<u64> {
+        Ok(self.client.csum_errors()? + self.blue.csum_errors()? + self.green.csum_errors()?)
+    }
+}
