@@ -29,6 +29,8 @@ pub const GREEN: &str = "10.2.0.2";
 pub const BACKEND_PORT: u16 = 8080;
 
 pub struct Topology {
+    /// Holds the agent config; the socket lives here too. Removed on drop.
+    pub run_dir: PathBuf,
     pub client: Netns,
     pub gw: Netns,
     pub blue: Netns,
@@ -44,7 +46,10 @@ fn sysctl(ns: &Netns, kv: &str) -> anyhow::Result<()> {
 impl Topology {
     /// Builds the namespaces and links. `tag` must be unique among live topologies.
     pub fn create(tag: &str) -> anyhow::Result<Topology> {
+        let run_dir = PathBuf::from(format!("/run/bg-test/{tag}"));
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let t = Topology {
+            run_dir,
             client: Netns::new(&format!("{tag}-cl"))?,
             gw: Netns::new(&format!("{tag}-gw"))?,
             blue: Netns::new(&format!("{tag}-bl"))?,
@@ -74,7 +79,7 @@ impl Topology {
     }
 
     pub fn socket(&self) -> PathBuf {
-        PathBuf::from(format!("/run/bg-test/{}/bgctl.sock", self.tag))
+        self.run_dir.join("bgctl.sock")
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -117,8 +122,8 @@ green = ["{GREEN}:{BACKEND_PORT}"]
 
     /// Writes the config and starts `bgctl agent` in the gateway namespace; returns once the
     /// agent answers `status`.
-    pub fn start_agent(&self, config_dir: &std::path::Path) -> anyhow::Result<Proc> {
-        let cfg = config_dir.join(format!("{}.toml", self.tag));
+    pub fn start_agent(&self) -> anyhow::Result<Proc> {
+        let cfg = self.run_dir.join("bg.toml");
         std::fs::write(&cfg, self.config()).with_context(|| format!("writing {}", cfg.display()))?;
         let mut cmd = self.gw.nsenter(paths::bgctl().to_str().unwrap());
         cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
@@ -152,5 +157,18 @@ green = ["{GREEN}:{BACKEND_PORT}"]
     /// Sum of TCP/UDP checksum errors seen by the client and both backends.
     pub fn csum_errors(&self) -> anyhow::Result<u64> {
         Ok(self.client.csum_errors()? + self.blue.csum_errors()? + self.green.csum_errors()?)
+    }
+}
+
+impl Drop for Topology {
+    /// The agent removes its pins and socket on SIGTERM; this is the backstop for an agent that
+    /// had to be killed. The namespaces go with their own guards.
+    fn drop(&mut self) {
+        let _ = bg_userspace::agent::remove_pin_dir(&self.pin_dir());
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        // The shared parent goes too once the last topology is gone (fails harmlessly before).
+        if let Some(parent) = self.run_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }

@@ -1,1 +1,96 @@
-fn main(){}
+//! `cargo xtask`: build, test and demo bg. Every command installs what it needs first
+//! (idempotently, saying what it installs), so a fresh machine needs nothing but this repo.
+
+mod demo;
+mod prereq;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the BPF toolchain if missing and build the XDP object (bpfel-unknown-none).
+    BuildEbpf,
+    /// build-ebpf, then the release `bgctl` (with the object embedded) and the test helpers.
+    Build,
+    /// Everything CI runs: host unit tests, packet tests (BPF_PROG_TEST_RUN) and namespace tests.
+    /// Needs root.
+    Test,
+    /// A self-contained demo in network namespaces: blue answers, flip, green answers, rollback.
+    /// Needs root.
+    Demo,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    prereq::bpf_toolchain()?;
+    eprintln!("xtask: building the XDP object (bg-ebpf, bpfel-unknown-none, nightly)");
+    // RUSTUP_TOOLCHAIN is removed so bg-ebpf/rust-toolchain.toml (nightly) is honoured, and
+    // the build runs in bg-ebpf/ so its .cargo/config.toml (target, build-std) applies.
+    run(Command::new("cargo")
+        .current_dir(root().join("bg-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .args(["build", "--release"]))
+}
+
+fn build() -> anyhow::Result<()> {
+    build_ebpf()?;
+    eprintln!("xtask: building bgctl and the test helpers (release)");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "-p", "bg-userspace", "-p", "bg-tests", "--bins"]))
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask {what}` needs root (it loads XDP programs and creates network namespaces); run it with sudo");
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("test")?;
+    prereq::system_packages()?;
+    build()?;
+    eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
+    run(Command::new("cargo").current_dir(root()).args([
+        "test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests",
+    ]))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build(),
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            require_root("demo")?;
+            prereq::system_packages()?;
+            build()?;
+            demo::run()
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Network tier: real namespaces, real TCP/HTTP servers and curl, the real `bgctl`. Needs root.
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use bg_tests::{paths, topology::Topology};
+
+fn tag() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("bgt{}n{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn xdp_attached(t: &Topology, iface: &str) -> bool {
+    let out = t.gw.exec(&["ip", "link", "show", "dev", iface]).expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+fn status_json(t: &Topology) -> serde_json::Value {
+    let out = t.bgctl(&["status", "--json"]).expect("bgctl status --json");
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+#[test]
+fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
+    let t = Topology::create(&tag()).expect("topology");
+    let _backends = t.start_backends().expect("backends");
+    let mut agent = t.start_agent().expect("agent");
+    for iface in ["gw-c", "gw-b", "gw-g"] {
+        assert!(xdp_attached(&t, iface), "XDP attached to {iface}");
+    }
+
+    for _ in 0..3 {
+        assert_eq!(t.get_vip().expect("GET via VIP"), "blue", "blue answers before the flip");
+    }
+    let flip = t.bgctl(&["flip", "green"]).expect("bgctl flip green");
+    let text = String::from_utf8_lossy(&flip.stdout);
+    assert!(text.contains("blue -> green") && text.contains("generation 2"), "flip output: {text}");
+    for _ in 0..3 {
+        assert_eq!(t.get_vip().expect("GET via VIP"), "green", "green answers new connections after the flip");
+    }
+    assert_eq!(status_json(&t)["active"], "green");
+
+    t.bgctl(&["rollback"]).expect("bgctl rollback");
+    for _ in 0..3 {
+        assert_eq!(t.get_vip().expect("GET via VIP"), "blue", "blue answers again after rollback");
+    }
+    let s = status_json(&t);
+    assert_eq!(s["active"], "blue");
+    assert_eq!(s["generation"], 3);
+    assert_eq!(s["flows"]["flows"], serde_json::json!([6, 3]), "flows per color in the table");
+
+    assert_eq!(t.csum_errors().unwrap(), 0, "receiving kernels counted checksum errors");
+
+    assert!(agent.stop(Duration::from_secs(5)), "agent exits on SIGTERM");
+    assert!(!t.pin_dir().exists(), "agent removed its pins");
+    assert!(!t.socket().exists(), "agent removed its socket");
+    for iface in ["gw-c", "gw-b", "gw-g"] {
+        assert!(!xdp_attached(&t, iface), "XDP detached from {iface}");
+    }
+}
+
+#[test]
+fn bad_commands_get_clear_errors_and_change_nothing() {
+    let t = Topology::create(&tag()).expect("topology");
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+
+    let out = Command::new(paths::bgctl())
+        .arg("--socket").arg(t.socket())
+        .args(["flip", "red"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown color `red`") && err.contains("blue") && err.contains("green"), "{err}");
+
+    let out = Command::new(paths::bgctl()).arg("--socket").arg(t.socket()).arg("rollback").output().unwrap();
+    assert!(!out.status.success(), "rollback with no flip must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back"));
+
+    // A malformed control request gets a JSON error, and the agent keeps serving.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(t.socket()).unwrap();
+        s.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"], "error");
+        assert!(v["message"].as_str().unwrap().contains("bad request"), "{line}");
+    }
+
+    let s = status_json(&t);
+    assert_eq!(s["active"], "blue");
+    assert_eq!(s["generation"], 1, "no generation was used by refused commands");
+    assert_eq!(t.get_vip().unwrap(), "blue");
+
+    // No agent at a socket: the error says how to start one.
+    let out = Command::new(paths::bgctl())
+        .args(["--socket", "/run/bg-test/none/bgctl.sock", "status"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bgctl agent --config"));
+}
+
+#[test]
+fn a_config_that_fails_half_way_leaves_nothing_applied() {
+    let t = Topology::create(&tag()).expect("topology");
+    // Loopback cannot run native (driver) XDP: gw-c attaches first, then lo fails.
+    let config = t
+        .config()
+        .replace(r#"interfaces = ["gw-c", "gw-b", "gw-g"]"#, "xdp_mode = \"native\"\ninterfaces = [\"gw-c\", \"lo\"]");
+    let cfg = t.run_dir.join("bad.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap())
+        .args(["agent", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success(), "agent must refuse");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`lo`") && err.contains("native"), "error names the interface and mode: {err}");
+    assert!(!xdp_attached(&t, "gw-c"), "gw-c must be detached again");
+    assert!(!t.pin_dir().exists(), "no pins left: {}", t.pin_dir().display());
+    assert!(!t.socket().exists(), "no socket left");
+
+    // A config naming a missing interface is refused before anything is loaded.
+    let config = t.config().replace("\"gw-g\"", "\"gw-nope\"");
+    std::fs::write(&cfg, config).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap())
+        .args(["agent", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interfaces[2]") && err.contains("gw-nope"), "{err}");
+    assert!(!xdp_attached(&t, "gw-c") && !t.pin_dir().exists());
+
+    // And a syntactically bad config names the field.
+    std::fs::write(&cfg, t.config().replace("flow_table_size = 16384", "flow_table_size = \"big\"")).unwrap();
+    let out = Command::new(paths::bgctl()).args(["check-config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flow_table_size"));
+}
+
+#[test]
+fn a_second_agent_on_the_same_socket_is_refused() {
+    let t = Topology::create(&tag()).expect("topology");
+    let _agent = t.start_agent().expect("agent");
+    let mut cmd = t.gw.nsenter(paths::bgctl().to_str().unwrap());
+    cmd.args(["agent", "--config", t.run_dir.join("bg.toml").to_str().unwrap()]);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    // The first agent still answers and still owns its pins.
+    assert!(t.bgctl(&["status"]).is_ok());
+    assert!(t.pin_dir().exists());
+}

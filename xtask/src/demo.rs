@@ -1,0 +1,86 @@
+//! `cargo xtask demo`: the whole story in network namespaces, then everything removed again.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use bg_tests::topology::{Topology, BLUE, CLIENT, GREEN, VIP, VIP_PORT};
+
+fn step(title: &str) {
+    println!("\n==> {title}");
+}
+
+fn show(out: std::process::Output) {
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+fn requests(t: &Topology, n: usize, expect: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+    for i in 1..=n {
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let body = t.get_vip()?;
+        println!("    curl http://{VIP}:{VIP_PORT}/  (new connection {i}) -> {body}");
+        if body != expect {
+            bail!("expected {expect} to answer, got {body:?}");
+        }
+    }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
+    }
+    let tag = format!("bgdemo{}", std::process::id());
+    step(&format!(
+        "creating namespaces {tag}-{{cl,gw,bl,gr}}: client {CLIENT}, gateway, blue {BLUE}, green {GREEN}; VIP {VIP}:{VIP_PORT}"
+    ));
+    let t = Topology::create(&tag)?;
+    let _backends = t.start_backends()?;
+    println!("    blue and green HTTP servers listening on :8080");
+
+    step("starting the agent on the gateway: bgctl agent --config bg.toml");
+    println!("{}", t.config().lines().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n"));
+    let mut agent = t.start_agent()?;
+    std::thread::sleep(Duration::from_millis(100));
+
+    step("bgctl status");
+    show(t.bgctl(&["status"])?);
+
+    step("requests to the VIP are answered by blue");
+    requests(&t, 3, "blue", &stop)?;
+
+    step("bgctl flip green");
+    show(t.bgctl(&["flip", "green"])?);
+    requests(&t, 3, "green", &stop)?;
+
+    step("bgctl rollback");
+    show(t.bgctl(&["rollback"])?);
+    requests(&t, 3, "blue", &stop)?;
+
+    step("bgctl status");
+    show(t.bgctl(&["status"])?);
+    step("bgctl stats");
+    show(t.bgctl(&["stats"])?);
+
+    let errors = t.csum_errors()?;
+    println!("\n    TCP/UDP checksum errors seen by client and backends: {errors}");
+    if errors != 0 {
+        bail!("the kernels counted {errors} checksum errors: a rewrite produced a bad checksum");
+    }
+
+    step("stopping the agent (SIGTERM) and removing namespaces, pins and processes");
+    if !agent.stop(Duration::from_secs(5)) {
+        bail!("the agent did not stop within 5 s of SIGTERM");
+    }
+    println!("    done: blue answered, the flip moved new connections to green, rollback moved them back");
+    Ok(())
+}
