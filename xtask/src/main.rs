@@ -4,7 +4,11 @@
 mod demo;
 mod prereq;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -76,9 +80,41 @@ fn test() -> anyhow::Result<()> {
     prereq::system_packages()?;
     build()?;
     eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
-    run(Command::new("cargo").current_dir(root()).args([
-        "test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests",
-    ]))
+    let mut child = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    // Pass the output through and add up the harnesses' summary lines.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().filter(|w| *w != "ok." && *w != "FAILED.");
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match what {
+                        "passed" => passed += n.parse::<u64>().unwrap_or(0),
+                        "failed" => failed += n.parse::<u64>().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("all tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
