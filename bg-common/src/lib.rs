@@ -7,8 +7,13 @@
 //! carries IPv6 later without a map layout change.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod csum;
 pub mod hash;
+#[cfg(feature = "std")]
+pub mod maglev;
 pub mod pin;
 
 use bytemuck::{Pod, Zeroable};
@@ -16,19 +21,27 @@ use bytemuck::{Pod, Zeroable};
 /// How many services (VIP, port, protocol) one agent serves.
 pub const MAX_SERVICES: u32 = 256;
 /// Backends per color per service.
-pub const MAX_BACKENDS: usize = 32;
+pub const MAX_BACKENDS: usize = 64;
 /// Backend-set slots. A slot is only ever written while no selector points at it; see
 /// [`Selector`]. Two per color, so a color's set can be rebuilt without touching the live copy.
 pub const SLOTS: u32 = 4;
 /// Default size of the flow table (entries; each flow uses two, one per direction).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
+/// Maglev table size per (slot, service). Prime, as Maglev requires, and large against 64
+/// backends (≥ 100 slots per backend keeps imbalance and disruption small).
+pub const RING_SIZE: u32 = 16_381;
+/// A flow entry's `last_seen_ns` is refreshed at most this often (one write per second per flow
+/// instead of one per packet).
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Address family tag carried in keys.
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 /// IP protocol numbers.
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// The two environments.
 #[repr(u8)]
@@ -68,10 +81,10 @@ impl Color {
 ///
 /// Why a flip is atomic: the selector is one naturally aligned `u32`, so the map update that
 /// replaces it is a single 4-byte store; a concurrent XDP reader sees the old value or the new
-/// one, never a mix. The slot it names was filled completely *before* the selector was written
-/// and slots that a selector may point at are never rewritten in place, so the backend set a
-/// packet reads through the selector is always one color's whole set. (An in-place update of a
-/// multi-field value is a `memcpy` a reader on another CPU can observe half-done.)
+/// one, never a mix. The slot it names (its backend set and its Maglev table) was filled
+/// completely *before* the selector was written, and slots a selector may point at are never
+/// rewritten in place, so a packet always reads one color's whole set. (An in-place update of a
+/// multi-field value is a `memcpy` that a reader on another CPU can observe half-done.)
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Selector(pub u32);
@@ -83,6 +96,27 @@ impl Selector {
     pub const fn slot(self) -> u32 {
         self.0 & 0xff
     }
+}
+
+/// `DpConfig::flags`: forward rewritten packets with `bpf_fib_lookup` + `XDP_REDIRECT`
+/// (otherwise, or when the neighbour is unresolved, they are passed to the kernel to route).
+pub const DP_FLAG_REDIRECT: u32 = 1;
+
+/// The single entry of the `CONFIG` map: settings written once, before the program is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct DpConfig {
+    /// Number of services; Maglev tables are laid out `(slot * services + service) * RING_SIZE`.
+    pub services: u32,
+    /// New flow entries per second per CPU before SYNs are dropped; 0 = unlimited.
+    pub new_flows_per_sec: u32,
+    /// A UDP flow idle this long is over: its next packet starts a new flow.
+    pub udp_idle_ns: u64,
+    /// A TCP flow that saw FIN, idle this long, is over (RST ends it at once).
+    pub closing_idle_ns: u64,
+    /// `DP_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Key of the `SERVICES` map: a VIP, port and protocol.
@@ -103,6 +137,16 @@ pub struct VipKey {
 pub struct ServiceInfo {
     /// Index of this service's backend sets: slot `s` lives at `s * MAX_SERVICES + index`.
     pub index: u32,
+}
+
+/// Key of the `VIP_ADDRS` map: every VIP address, whatever the port. Lets the program tell
+/// "addressed to a VIP" for packets that carry no usable ports (fragments, malformed headers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipAddr {
+    /// Network byte order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    pub family: u32,
 }
 
 /// One backend: where a new flow is sent.
@@ -133,6 +177,12 @@ impl BackendSet {
     }
 }
 
+/// Index of the first entry of a (slot, service) Maglev table in the `RINGS` array.
+#[inline(always)]
+pub fn ring_base(slot: u32, services: u32, service: u32) -> u32 {
+    (slot * services + service) * RING_SIZE
+}
+
 /// Key of the `FLOWS` table: a packet's 5-tuple as it arrives at the gateway.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -150,10 +200,42 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// For a client → VIP key and its backend: the key of the replies, backend → client.
+    #[inline(always)]
+    pub fn reply_key(&self, backend: [u32; 4], backend_port: u16) -> FlowKey {
+        FlowKey {
+            src: backend,
+            dst: self.src,
+            sport: backend_port,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// For a backend → client key and its VIP: the key of the requests, client → VIP.
+    #[inline(always)]
+    pub fn forward_key(&self, vip: [u32; 4], vip_port: u16) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: vip,
+            sport: self.dport,
+            dport: vip_port,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `NatEntry::kind`: rewrite the destination (client → VIP becomes client → backend).
 pub const NAT_TO_BACKEND: u8 = 0;
 /// `NatEntry::kind`: rewrite the source (backend → client becomes VIP → client).
 pub const NAT_FROM_BACKEND: u8 = 1;
+/// `NatEntry::flags`: a FIN was seen in this direction.
+pub const FLOW_CLOSING: u8 = 1;
 
 /// Value of the `FLOWS` table. Each flow has two entries, one per direction, written together
 /// when the flow starts: the forward one holds the backend, the reply one the VIP.
@@ -163,73 +245,193 @@ pub struct NatEntry {
     /// The address to write (backend for `NAT_TO_BACKEND`, VIP for `NAT_FROM_BACKEND`),
     /// network byte order.
     pub addr: [u32; 4],
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet, refreshed at most every
+    /// `LAST_SEEN_GRANULARITY_NS`.
+    pub last_seen_ns: u64,
     /// The port to write, network byte order.
     pub port: u16,
     /// `NAT_TO_BACKEND` or `NAT_FROM_BACKEND`.
     pub kind: u8,
     /// `Color as u8` chosen when the flow started.
     pub color: u8,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+impl NatEntry {
+    /// Whether the flow is over at `now_ns` by the idle rules (UDP idle, TCP closing idle).
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, now_ns: u64, cfg: &DpConfig) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns);
+        if proto == PROTO_UDP {
+            return idle > cfg.udp_idle_ns;
+        }
+        self.flags & FLOW_CLOSING != 0 && idle > cfg.closing_idle_ns
+    }
+}
+
+/// Per-CPU state of the new-flow rate bound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
+
+/// Per-CPU, per-color traffic counters (`COLOR_STATS[color]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ColorStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
 }
 
 /// Why the program returned what it returned: the index of the per-CPU `STATS` map and the
-/// words `bgctl` prints (Cilium's drop reasons idea). Append only; never renumber.
+/// words `bgctl stats` prints (Cilium's drop reasons idea). Every packet counts exactly one.
+/// Append only; never renumber.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
-    PassNotIpv4 = 0,
-    /// IPv4 but not TCP or UDP: passed untouched.
-    PassNotL4 = 1,
-    /// TCP/UDP that is neither for a VIP nor part of a VIP flow: passed untouched.
-    PassNotOurs = 2,
-    /// Frame too short for the headers it claims: passed untouched.
-    PassTruncated = 3,
-    /// IPv4 with options (IHL != 5): passed untouched.
-    PassIpOptions = 4,
-    /// IPv4 fragment: passed untouched.
-    PassFragment = 5,
-    /// Client → VIP packet of a new flow: backend chosen, rewritten, passed to the kernel to route.
-    NewFlow = 6,
+    /// Not IP (ARP, LLDP, ...): passed untouched.
+    PassNotIp = 0,
+    /// 802.1Q/802.1ad tagged: passed untouched (attach bg to the VLAN interface instead).
+    PassVlan = 1,
+    /// IP but neither TCP nor UDP (nor an ICMP error about a VIP flow): passed untouched.
+    PassNotL4 = 2,
+    /// TCP/UDP neither for a VIP nor part of a VIP flow: passed untouched.
+    PassNotOurs = 3,
+    /// Not addressed to a VIP, headers cut short: passed untouched (the kernel judges it).
+    PassTruncated = 4,
+    /// Not addressed to a VIP, malformed IP header (IHL < 5): passed untouched.
+    PassMalformed = 5,
+    /// Not addressed to a VIP, a fragment: passed untouched.
+    PassFragment = 6,
+    /// Would be rewritten but TTL/hop limit ≤ 1: passed untouched, so the kernel answers
+    /// "time exceeded" as a router does.
+    PassTtlExpired = 7,
+    /// First packet of a flow (TCP SYN, first UDP datagram): backend chosen, rewritten.
+    NewFlow = 8,
     /// Client → VIP packet of a known flow: rewritten toward its pinned backend.
-    ToBackend = 7,
+    ToBackend = 9,
     /// Backend → client reply: source rewritten back to the VIP.
-    FromBackend = 8,
-    /// VIP packet while the active color has no backend for the service: dropped.
-    DropNoBackend = 9,
-    /// A new flow could not be recorded in the flow table: dropped (a flow without an entry
-    /// would have its replies leave un-NATed).
-    DropFlowTableFull = 10,
+    FromBackend = 10,
+    /// TCP to a VIP, not SYN, no flow entry (the entry was lost or evicted, or the flow was
+    /// drained): sent to the active color's backend by the same hash and re-recorded. If that
+    /// backend does not know the connection, it answers with a RST, which reaches the client.
+    LostFlow = 11,
+    /// VIP packet while the active color has no usable backend for the service: dropped.
+    DropNoBackend = 12,
+    /// A new flow could not be recorded in the flow table: dropped (its replies would leave
+    /// un-NATed otherwise).
+    DropFlowTableFull = 13,
+    /// TCP RST to a VIP with no flow entry: dropped, and no entry is created.
+    DropRstNoFlow = 14,
+    /// New flow over the per-CPU new-flow rate bound (SYN flood): dropped, no entry created,
+    /// so established flows are not evicted.
+    DropNewFlowRate = 15,
+    /// Addressed to a VIP, malformed or truncated IP/TCP/UDP header: dropped.
+    DropMalformed = 16,
+    /// Addressed to a VIP, an IP fragment (no reassembly here, later fragments carry no
+    /// ports to find the flow): dropped.
+    DropFragment = 17,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
+        Reason::PassVlan,
         Reason::PassNotL4,
         Reason::PassNotOurs,
         Reason::PassTruncated,
-        Reason::PassIpOptions,
+        Reason::PassMalformed,
         Reason::PassFragment,
+        Reason::PassTtlExpired,
         Reason::NewFlow,
         Reason::ToBackend,
         Reason::FromBackend,
+        Reason::LostFlow,
         Reason::DropNoBackend,
         Reason::DropFlowTableFull,
+        Reason::DropRstNoFlow,
+        Reason::DropNewFlowRate,
+        Reason::DropMalformed,
+        Reason::DropFragment,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassVlan => "pass_vlan",
             Reason::PassNotL4 => "pass_not_tcp_udp",
             Reason::PassNotOurs => "pass_not_ours",
             Reason::PassTruncated => "pass_truncated",
-            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassMalformed => "pass_malformed",
             Reason::PassFragment => "pass_fragment",
+            Reason::PassTtlExpired => "pass_ttl_expired",
             Reason::NewFlow => "new_flow",
             Reason::ToBackend => "to_backend",
             Reason::FromBackend => "from_backend",
+            Reason::LostFlow => "lost_flow",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropFlowTableFull => "drop_flow_table_full",
+            Reason::DropRstNoFlow => "drop_rst_no_flow",
+            Reason::DropNewFlowRate => "drop_new_flow_rate",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+        }
+    }
+
+    /// Whether the packet is dropped (the rest are passed or forwarded).
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNoBackend
+                | Reason::DropFlowTableFull
+                | Reason::DropRstNoFlow
+                | Reason::DropNewFlowRate
+                | Reason::DropMalformed
+                | Reason::DropFragment
+        )
+    }
+}
+
+/// How a rewritten packet left: the index of the per-CPU `FWD_STATS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fwd {
+    /// `bpf_fib_lookup` found route and neighbour: MACs rewritten, TTL decremented,
+    /// `XDP_REDIRECT` to the egress interface.
+    Redirect = 0,
+    /// Redirect disabled in config: `XDP_PASS`, the kernel routes it.
+    Kernel = 1,
+    /// Route found, neighbour not resolved yet: `XDP_PASS`, the kernel resolves and routes it.
+    KernelNoNeigh = 2,
+    /// Packet larger than the egress MTU: `XDP_PASS`, the kernel fragments it or answers
+    /// "fragmentation needed".
+    KernelFragNeeded = 3,
+    /// Any other lookup result (no route, blackhole, forwarding disabled ...): `XDP_PASS`,
+    /// the kernel decides and answers as a router would.
+    KernelOther = 4,
+    /// Flow entries removed by the data path (TCP RST).
+    FlowsRemoved = 5,
+}
+
+impl Fwd {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Fwd; Fwd::COUNT as usize] =
+        [Fwd::Redirect, Fwd::Kernel, Fwd::KernelNoNeigh, Fwd::KernelFragNeeded, Fwd::KernelOther, Fwd::FlowsRemoved];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Fwd::Redirect => "fwd_redirect",
+            Fwd::Kernel => "fwd_kernel",
+            Fwd::KernelNoNeigh => "fwd_kernel_no_neigh",
+            Fwd::KernelFragNeeded => "fwd_kernel_frag_needed",
+            Fwd::KernelOther => "fwd_kernel_other",
+            Fwd::FlowsRemoved => "flow_entries_removed",
         }
     }
 }
@@ -245,11 +447,16 @@ mod user {
     unsafe impl aya::Pod for BackendSet {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for DpConfig {}
+    unsafe impl aya::Pod for VipAddr {}
+    unsafe impl aya::Pod for RateWindow {}
+    unsafe impl aya::Pod for ColorStats {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytemuck::Zeroable;
     use core::mem::size_of;
 
     #[test]
@@ -258,7 +465,9 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<BackendSet>(), 8 + 20 * MAX_BACKENDS);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<NatEntry>(), 20);
+        assert_eq!(size_of::<NatEntry>(), 32);
+        assert_eq!(size_of::<DpConfig>(), 32);
+        assert_eq!(size_of::<VipAddr>(), 20);
     }
 
     #[test]
@@ -266,5 +475,37 @@ mod tests {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as u32, i as u32, "{} out of place", r.name());
         }
+        for (i, f) in Fwd::ALL.iter().enumerate() {
+            assert_eq!(*f as u32, i as u32, "{} out of place", f.name());
+        }
+    }
+
+    #[test]
+    fn reply_and_forward_keys_are_inverse() {
+        let k = FlowKey {
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            sport: 10,
+            dport: 80,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let reply = k.reply_key([3, 0, 0, 0], 8080);
+        assert_eq!((reply.src, reply.dst, reply.sport, reply.dport), ([3, 0, 0, 0], [1, 0, 0, 0], 8080, 10));
+        assert_eq!(reply.forward_key(k.dst, k.dport), k);
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let cfg = DpConfig { services: 1, new_flows_per_sec: 0, udp_idle_ns: 30, closing_idle_ns: 10, flags: 0, _pad: 0 };
+        let mut e = NatEntry::zeroed();
+        e.last_seen_ns = 100;
+        assert!(!e.expired(PROTO_UDP, 130, &cfg));
+        assert!(e.expired(PROTO_UDP, 131, &cfg));
+        assert!(!e.expired(PROTO_TCP, 1_000_000, &cfg), "open TCP flows never expire by idleness");
+        e.flags = FLOW_CLOSING;
+        assert!(!e.expired(PROTO_TCP, 110, &cfg));
+        assert!(e.expired(PROTO_TCP, 111, &cfg));
     }
 }

@@ -4,10 +4,30 @@
 /// Default directory under bpffs for one agent instance.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bg";
 /// Map names in the object, which are also their pin file names.
+pub const MAP_CONFIG: &str = "BG_CONFIG_V1";
 pub const MAP_ACTIVE: &str = "BG_ACTIVE_V1";
 pub const MAP_SERVICES: &str = "BG_SERVICES_V1";
+pub const MAP_VIP_ADDRS: &str = "BG_VIP_ADDRS_V1";
 pub const MAP_BACKEND_SETS: &str = "BG_BACKEND_SETS_V1";
+pub const MAP_RINGS: &str = "BG_RINGS_V1";
 pub const MAP_FLOWS: &str = "BG_FLOWS_V1";
 pub const MAP_STATS: &str = "BG_STATS_V1";
+pub const MAP_FWD_STATS: &str = "BG_FWD_STATS_V1";
+pub const MAP_COLOR_STATS: &str = "BG_COLOR_STATS_V1";
+pub const MAP_RATE: &str = "BG_RATE_V1";
+/// Every map, in pin order.
+pub const ALL_MAPS: [&str; 11] = [
+    MAP_CONFIG,
+    MAP_ACTIVE,
+    MAP_SERVICES,
+    MAP_VIP_ADDRS,
+    MAP_BACKEND_SETS,
+    MAP_RINGS,
+    MAP_FLOWS,
+    MAP_STATS,
+    MAP_FWD_STATS,
+    MAP_COLOR_STATS,
+    MAP_RATE,
+];
 /// The XDP program's name in the object.
 pub const PROGRAM: &str = "bg_xdp";

@@ -1,93 +1,179 @@
-//! Flow table and backend choice: which backend a packet goes to, or which VIP a reply comes from.
+//! Flow table and backend choice: which backend a packet goes to, or which VIP a reply comes
+//! from. Rules (each counted as a `Reason`):
+//! - a packet with a live flow entry follows it, whatever the active color is now;
+//! - a new flow (TCP SYN without ACK, or any UDP datagram) to a VIP gets a backend of the
+//!   active color by Maglev, and two entries (both directions) are recorded;
+//! - TCP RST to a VIP without an entry is dropped and creates nothing; RST on a flow removes
+//!   its entries after forwarding it; FIN marks the direction closing (expires when idle);
+//! - other TCP to a VIP without an entry (lost/evicted/drained) goes by the same hash to the
+//!   active color and is re-recorded (`LostFlow`);
+//! - UDP entries expire after an idle timeout; expired entries count as absent.
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use bg_common::{
-    hash::flow_hash, BackendSet, FlowKey, NatEntry, Reason, VipKey, FAMILY_V4, MAX_BACKENDS,
-    NAT_FROM_BACKEND, NAT_TO_BACKEND,
+    hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, VipKey,
+    FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
+    PROTO_TCP, RING_SIZE,
 };
 
 use crate::{
-    maps::{BG_ACTIVE_V1, BG_BACKEND_SETS_V1, BG_FLOWS_V1, BG_SERVICES_V1},
-    parse::Packet,
+    maps::{BG_ACTIVE_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V1, BG_RINGS_V1, BG_SERVICES_V1},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rewrite::{rewrite, End},
+    count_fwd,
 };
+
+/// No color: the packet was not rewritten.
+pub const NO_COLOR: u8 = 0xff;
+
+pub struct Verdict {
+    pub reason: Reason,
+    /// The flow's color for rewritten packets, else `NO_COLOR`.
+    pub color: u8,
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn untouched(reason: Reason) -> Verdict {
+        Verdict { reason, color: NO_COLOR }
+    }
+}
 
 /// Decides and applies the rewrite for a parsed TCP/UDP packet.
 #[inline(always)]
-pub fn process(pkt: &Packet) -> Reason {
+pub fn process(pkt: &Packet) -> Verdict {
+    let Some(cfg) = BG_CONFIG_V1.get(0) else {
+        return Verdict::untouched(Reason::PassNotOurs);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
     let key = pkt.key();
     // One lookup serves both directions of a known flow.
-    if let Some(entry) = unsafe { BG_FLOWS_V1.get(&key) } {
-        let (addr, port, kind) = (entry.addr[0], entry.port, entry.kind);
-        return if kind == NAT_TO_BACKEND {
-            rewrite(pkt, End::Dst, addr, port);
-            Reason::ToBackend
-        } else {
-            rewrite(pkt, End::Src, addr, port);
-            Reason::FromBackend
-        };
+    if let Some(entry) = BG_FLOWS_V1.get_ptr_mut(&key) {
+        let entry = unsafe { &mut *entry };
+        let reopened = pkt.has(TCP_SYN) && !pkt.has(TCP_ACK) && entry.flags & FLOW_CLOSING != 0;
+        if !entry.expired(pkt.proto, now, cfg) && !reopened {
+            return follow(pkt, &key, entry, now);
+        }
+        // Over: the packet is handled as if no entry existed; a new flow overwrites it.
     }
 
-    let vip = VipKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        family: FAMILY_V4,
-    };
+    let vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
     let Some(service) = (unsafe { BG_SERVICES_V1.get(&vip) }) else {
-        return Reason::PassNotOurs;
+        return Verdict::untouched(Reason::PassNotOurs);
     };
-    new_flow(pkt, &key, service.index)
+    let reason = if pkt.proto == PROTO_TCP {
+        if pkt.has(TCP_RST) {
+            return Verdict::untouched(Reason::DropRstNoFlow);
+        }
+        if pkt.has(TCP_SYN) && !pkt.has(TCP_ACK) {
+            Reason::NewFlow
+        } else {
+            Reason::LostFlow
+        }
+    } else {
+        Reason::NewFlow
+    };
+    if over_rate(cfg, now) {
+        return Verdict::untouched(Reason::DropNewFlowRate);
+    }
+    new_flow(pkt, &key, service.index, cfg, now, reason)
 }
 
-/// A VIP packet with no flow entry: pick a backend of the active color, record both directions,
-/// rewrite toward the backend.
+/// A packet of a known flow: rewrite as its entry says.
 #[inline(always)]
-fn new_flow(pkt: &Packet, key: &FlowKey, service: u32) -> Reason {
+fn follow(pkt: &Packet, key: &FlowKey, entry: &mut NatEntry, now: u64) -> Verdict {
+    if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+    let (addr, port, kind, color) = (entry.addr, entry.port, entry.kind, entry.color);
+    if pkt.has(TCP_FIN) {
+        entry.flags |= FLOW_CLOSING;
+    }
+    let reason = if kind == NAT_TO_BACKEND {
+        rewrite(pkt, End::Dst, addr[0], port);
+        Reason::ToBackend
+    } else {
+        rewrite(pkt, End::Src, addr[0], port);
+        Reason::FromBackend
+    };
+    if pkt.has(TCP_RST) {
+        // The connection is over for both ends: forget both directions now.
+        let peer = if kind == NAT_TO_BACKEND {
+            key.reply_key(addr, port)
+        } else {
+            key.forward_key(addr, port)
+        };
+        let removed = BG_FLOWS_V1.remove(key).is_ok() as u64 + BG_FLOWS_V1.remove(&peer).is_ok() as u64;
+        count_fwd(Fwd::FlowsRemoved, removed);
+    }
+    Verdict { reason, color }
+}
+
+/// The per-CPU new-flow rate bound: true when this second's budget is spent.
+#[inline(always)]
+fn over_rate(cfg: &DpConfig, now: u64) -> bool {
+    if cfg.new_flows_per_sec == 0 {
+        return false;
+    }
+    let Some(w) = BG_RATE_V1.get_ptr_mut(0) else { return false };
+    let w = unsafe { &mut *w };
+    if now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
+        w.start_ns = now;
+        w.count = 0;
+    }
+    if w.count >= cfg.new_flows_per_sec as u64 {
+        return true;
+    }
+    w.count += 1;
+    false
+}
+
+/// Picks a backend of the active color by Maglev, records both directions, rewrites.
+#[inline(always)]
+fn new_flow(pkt: &Packet, key: &FlowKey, service: u32, cfg: &DpConfig, now: u64, reason: Reason) -> Verdict {
     let Some(selector) = BG_ACTIVE_V1.get(0) else {
-        return Reason::DropNoBackend;
+        return Verdict::untouched(Reason::DropNoBackend);
     };
-    let Some(set) = BG_BACKEND_SETS_V1.get(BackendSet::index(selector.slot(), service)) else {
-        return Reason::DropNoBackend;
+    let slot = selector.slot();
+    let Some(set) = BG_BACKEND_SETS_V1.get(BackendSet::index(slot, service)) else {
+        return Verdict::untouched(Reason::DropNoBackend);
     };
-    let count = set.count;
-    if count == 0 {
-        return Reason::DropNoBackend;
+    let ring_index = ring_base(slot, cfg.services, service) + flow_hash(key) % RING_SIZE;
+    let Some(&b) = BG_RINGS_V1.get(ring_index) else {
+        return Verdict::untouched(Reason::DropNoBackend);
+    };
+    if b >= set.count || b as usize >= MAX_BACKENDS {
+        return Verdict::untouched(Reason::DropNoBackend);
     }
-    let i = (flow_hash(key) % count) as usize;
-    if i >= MAX_BACKENDS {
-        return Reason::DropNoBackend;
-    }
-    let backend = &set.backends[i];
+    let backend = &set.backends[b as usize];
     let color = set.color as u8;
 
     let forward = NatEntry {
         addr: backend.addr,
+        last_seen_ns: now,
         port: backend.port,
         kind: NAT_TO_BACKEND,
         color,
-    };
-    let reply_key = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: [0; 3],
     };
     let reply = NatEntry {
         addr: key.dst,
+        last_seen_ns: now,
         port: key.dport,
         kind: NAT_FROM_BACKEND,
         color,
+        flags: 0,
+        _pad: [0; 3],
     };
     // Reply entry first: once the forward entry exists, later packets skip this path, and their
     // replies must find the reverse mapping.
-    if BG_FLOWS_V1.insert(&reply_key, &reply, 0).is_err()
+    if BG_FLOWS_V1.insert(&key.reply_key(backend.addr, backend.port), &reply, 0).is_err()
         || BG_FLOWS_V1.insert(key, &forward, 0).is_err()
     {
-        return Reason::DropFlowTableFull;
+        return Verdict::untouched(Reason::DropFlowTableFull);
     }
     rewrite(pkt, End::Dst, backend.addr[0], backend.port);
-    Reason::NewFlow
+    crate::count_new_flow(color);
+    Verdict { reason, color }
 }

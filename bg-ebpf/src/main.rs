@@ -1,35 +1,56 @@
 //! bg's XDP program: DNAT of client → VIP packets toward the active color's backend, and the
 //! reverse rewrite of replies, with per-flow state so a flow keeps the backend it started on.
+//!
+//! Entry point and counters only; see `parse` (headers), `decide` (flow table, backend
+//! choice), `rewrite` (addresses, ports, checksums), `forward` (FIB lookup, redirect).
 #![no_std]
 #![no_main]
 
 mod decide;
+mod forward;
 mod maps;
 mod parse;
 mod rewrite;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use bg_common::Reason;
+use bg_common::{Fwd, Reason};
 
-use crate::maps::BG_STATS_V1;
+use crate::maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V1, BG_STATS_V1};
 
 #[xdp]
 pub fn bg_xdp(ctx: XdpContext) -> u32 {
-    let reason = match parse::parse(&ctx) {
-        Ok(pkt) => decide::process(&pkt),
-        Err(reason) => reason,
+    let pkt = match parse::parse(&ctx) {
+        Ok(pkt) => pkt,
+        Err(reason) => return finish(reason),
     };
-    count(reason);
-    action(reason)
+    let verdict = decide::process(&pkt);
+    if verdict.color == decide::NO_COLOR {
+        return finish(verdict.reason);
+    }
+    count(verdict.reason);
+    if let Some(c) = BG_COLOR_STATS_V1.get_ptr_mut(verdict.color as u32 & 1) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
+        }
+    }
+    let Some(cfg) = BG_CONFIG_V1.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (action, fwd) = forward::forward(&ctx, &pkt, cfg);
+    count_fwd(fwd, 1);
+    action
 }
 
-/// The final action for a reason. Rewritten packets are passed to the kernel, which routes them
-/// (the gateway forwards); everything that is not ours passes untouched.
+/// Counts the reason of a packet that was not rewritten and returns its action: drop for the
+/// drop reasons (only ever for packets addressed to a VIP), pass untouched for the rest.
 #[inline(always)]
-fn action(reason: Reason) -> u32 {
-    match reason {
-        Reason::DropNoBackend | Reason::DropFlowTableFull => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+fn finish(reason: Reason) -> u32 {
+    count(reason);
+    if reason.is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 
@@ -37,6 +58,20 @@ fn action(reason: Reason) -> u32 {
 fn count(reason: Reason) {
     if let Some(c) = BG_STATS_V1.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_fwd(fwd: Fwd, n: u64) {
+    if let Some(c) = BG_FWD_STATS_V1.get_ptr_mut(fwd as u32) {
+        unsafe { *c += n };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count_new_flow(color: u8) {
+    if let Some(c) = BG_COLOR_STATS_V1.get_ptr_mut(color as u32 & 1) {
+        unsafe { (*c).new_flows += 1 };
     }
 }
 

@@ -5,9 +5,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    BackendSet, FlowKey, NatEntry, Reason, Selector, ServiceInfo, VipKey, DEFAULT_FLOW_TABLE_SIZE,
-    MAX_SERVICES, SLOTS,
+    BackendSet, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, RateWindow, Reason, Selector,
+    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_SERVICES, RING_SIZE, SLOTS,
 };
+
+/// Settings written once by the agent before attaching (timeouts, rate bound, flags).
+#[map]
+pub static BG_CONFIG_V1: Array<DpConfig> = Array::with_max_entries(1, 0);
 
 /// The single entry selecting the backend-set slot for new flows; one aligned u32, so a flip is
 /// one atomic store (see `bg_common::Selector`).
@@ -19,16 +23,37 @@ pub static BG_ACTIVE_V1: Array<Selector> = Array::with_max_entries(1, 0);
 pub static BG_SERVICES_V1: HashMap<VipKey, ServiceInfo> =
     HashMap::with_max_entries(MAX_SERVICES, 0);
 
+/// Every VIP address (any port): "is this addressed to a VIP" for packets without usable ports.
+#[map]
+pub static BG_VIP_ADDRS_V1: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
 /// Backend sets, `slot * MAX_SERVICES + service`; a slot is written only while unselected.
 #[map]
 pub static BG_BACKEND_SETS_V1: Array<BackendSet> =
     Array::with_max_entries(SLOTS * MAX_SERVICES, 0);
+
+/// Maglev tables: backend index per `ring_base(slot, services, service) + hash % RING_SIZE`.
+/// Sized by the agent at load time to `SLOTS * services * RING_SIZE`.
+#[map]
+pub static BG_RINGS_V1: Array<u32> = Array::with_max_entries(SLOTS * RING_SIZE, 0);
 
 /// Per-flow NAT state, both directions; size set by the agent at load time.
 #[map]
 pub static BG_FLOWS_V1: LruHashMap<FlowKey, NatEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Per-CPU packet count per `Reason`.
+/// Per-CPU packet count per `Reason` (each packet counts exactly one).
 #[map]
 pub static BG_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Per-CPU count per forwarding outcome of rewritten packets (`Fwd`).
+#[map]
+pub static BG_FWD_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(Fwd::COUNT, 0);
+
+/// Per-CPU packets, bytes and new flows per color.
+#[map]
+pub static BG_COLOR_STATS_V1: PerCpuArray<ColorStats> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU window of the new-flow rate bound.
+#[map]
+pub static BG_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);

@@ -1,4 +1,4 @@
-//! Address, port and checksum rewrite (incremental, RFC 1624).
+//! Address, port, TTL and checksum rewrite (incremental, RFC 1624).
 
 use bg_common::{csum, PROTO_UDP};
 
@@ -46,5 +46,18 @@ pub fn rewrite(pkt: &Packet, end: End, addr: u32, port: u16) {
             new = 0xffff;
         }
         l4.write_unaligned(new);
+    }
+}
+
+/// Decrements the TTL as a router does (the caller checked TTL > 1) and fixes the checksum.
+#[inline(always)]
+pub fn decrement_ttl(pkt: &Packet) {
+    unsafe {
+        let ip = &mut *pkt.ip;
+        // TTL and protocol form one 16-bit word of the header.
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
+        ip.ttl -= 1;
+        let new = u16::from_ne_bytes([ip.ttl, ip.proto as u8]);
+        ip.check = csum::replace2(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
     }
 }

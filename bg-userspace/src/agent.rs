@@ -133,9 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("removing stale pins in {}", config.pin_dir.display()))?;
     }
 
-    let mut dp = Dataplane::load(object, config.flow_table_size)?;
-    dp.install_services(&config.services)?;
-    dp.select(config.initial_color)?;
+    let mut dp = Dataplane::new(object, &config)?;
 
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -224,9 +222,7 @@ fn handle(state: &Mutex<State>, req: Request) -> Response {
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     let result = match req {
         Request::Status => status(&st).map(Response::Status),
-        Request::Stats => st.dp.stats().map(|v| Response::Stats {
-            reasons: v.into_iter().map(|(r, n)| (r.name().to_owned(), n)).collect(),
-        }),
+        Request::Stats => st.dp.counters().map(Response::Stats),
         Request::Flip { color } => match parse_color(&color) {
             Some(c) => flip(&mut st, c).map(Response::Flipped),
             None => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
@@ -269,6 +265,14 @@ fn flip(st: &mut State, to: Color) -> anyhow::Result<FlipResult> {
     })
 }
 
+fn backend_text(b: &crate::config::BackendAddr) -> String {
+    if b.weight == 1 {
+        b.addr.to_string()
+    } else {
+        format!("{} (weight {})", b.addr, b.weight)
+    }
+}
+
 fn status(st: &State) -> anyhow::Result<Status> {
     let active = st.dp.active()?;
     Ok(Status {
@@ -284,8 +288,8 @@ fn status(st: &State) -> anyhow::Result<Status> {
                 name: s.name.clone(),
                 vip: s.vip.to_string(),
                 protocol: s.protocol.name().into(),
-                blue: s.blue.iter().map(|a| a.to_string()).collect(),
-                green: s.green.iter().map(|a| a.to_string()).collect(),
+                blue: s.blue.iter().map(backend_text).collect(),
+                green: s.green.iter().map(backend_text).collect(),
             })
             .collect(),
         interfaces: st.attachments.clone(),

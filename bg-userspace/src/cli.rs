@@ -123,9 +123,14 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     match r {
         Response::Status(s) => print_status(&s),
         Response::Flipped(f) => print_flip(&f),
-        Response::Stats { reasons } => {
-            for (name, n) in reasons {
-                println!("{name:<22} {n}");
+        Response::Stats(c) => {
+            println!("{:<24} {:>14} {:>16} {:>10}", "color", "packets", "bytes", "new flows");
+            for (name, s) in ["blue", "green"].iter().zip(c.colors) {
+                println!("{name:<24} {:>14} {:>16} {:>10}", s.packets, s.bytes, s.new_flows);
+            }
+            println!();
+            for (name, n) in c.reasons.iter().chain(&c.forwarding) {
+                println!("{name:<24} {n:>14}");
             }
         }
         Response::Error { .. } => unreachable!(),
@@ -160,8 +165,8 @@ fn print_status(s: &Status) {
             .unwrap_or_default()
     );
     println!(
-        "flows: blue {}, green {} ({} of {} table entries)",
-        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size
+        "live flows: blue {}, green {} ({} of {} table entries in use, {} expired)",
+        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired
     );
     for svc in &s.services {
         println!("service {} {}/{}", svc.name, svc.vip, svc.protocol);

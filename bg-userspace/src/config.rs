@@ -16,6 +16,10 @@ use serde::Deserialize;
 pub const DEFAULT_SOCKET: &str = "/run/bg/bgctl.sock";
 const MIN_FLOW_TABLE: u32 = 1024;
 const MAX_FLOW_TABLE: u32 = 1 << 26;
+const MAX_WEIGHT: u32 = 1000;
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 30;
+pub const DEFAULT_CLOSING_SECS: u64 = 10;
+pub const DEFAULT_NEW_FLOWS_PER_SEC: u32 = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +50,18 @@ pub enum XdpModeSetting {
     Auto,
     Native,
     Generic,
+}
+
+/// How rewritten packets leave the gateway.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// `bpf_fib_lookup` + `XDP_REDIRECT`, falling back to the kernel when the neighbour is not
+    /// resolved yet.
+    #[default]
+    Redirect,
+    /// Always `XDP_PASS`: the kernel routes every rewritten packet.
+    Kernel,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
@@ -81,6 +97,11 @@ struct RawConfig {
     socket: Option<PathBuf>,
     flow_table_size: Option<u32>,
     initial_color: Option<String>,
+    #[serde(default)]
+    forwarding: Forwarding,
+    udp_idle_timeout_secs: Option<u64>,
+    closing_timeout_secs: Option<u64>,
+    max_new_flows_per_sec: Option<u32>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -92,8 +113,8 @@ struct RawService {
     vip: String,
     #[serde(default = "default_protocol")]
     protocol: Protocol,
-    blue: Vec<String>,
-    green: Vec<String>,
+    blue: Vec<toml::Value>,
+    green: Vec<toml::Value>,
 }
 
 fn default_protocol() -> Protocol {
@@ -109,7 +130,20 @@ pub struct Config {
     pub socket: PathBuf,
     pub flow_table_size: u32,
     pub initial_color: Color,
+    pub forwarding: Forwarding,
+    pub udp_idle_timeout_secs: u64,
+    pub closing_timeout_secs: u64,
+    /// New flows per second per CPU before SYNs are dropped; 0 = unlimited.
+    pub max_new_flows_per_sec: u32,
     pub services: Vec<Service>,
+}
+
+/// A backend with its Maglev weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub addr: SocketAddr,
+    /// Relative share of new flows; 0 takes none (drained).
+    pub weight: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -117,12 +151,12 @@ pub struct Service {
     pub name: String,
     pub vip: SocketAddr,
     pub protocol: Protocol,
-    pub blue: Vec<SocketAddr>,
-    pub green: Vec<SocketAddr>,
+    pub blue: Vec<BackendAddr>,
+    pub green: Vec<BackendAddr>,
 }
 
 impl Service {
-    pub fn backends(&self, color: Color) -> &[SocketAddr] {
+    pub fn backends(&self, color: Color) -> &[BackendAddr] {
         match color {
             Color::Blue => &self.blue,
             Color::Green => &self.green,
@@ -185,6 +219,35 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         ));
     }
     Ok(addr)
+}
+
+/// A backend is `"addr:port"` or `{ address = "addr:port", weight = N }`.
+fn parse_backend(field: &str, v: &toml::Value) -> Result<BackendAddr, ConfigError> {
+    let usage = "write a backend as \"10.1.0.2:8080\" or { address = \"10.1.0.2:8080\", weight = 2 }";
+    match v {
+        toml::Value::String(s) => Ok(BackendAddr { addr: parse_addr(field, s)?, weight: 1 }),
+        toml::Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "address" && *k != "weight") {
+                return Err(field_err(format!("{field}.{k}"), format!("unknown key; {usage}")));
+            }
+            let addr = match t.get("address") {
+                Some(toml::Value::String(s)) => parse_addr(&format!("{field}.address"), s)?,
+                _ => return Err(field_err(format!("{field}.address"), format!("missing or not a string; {usage}"))),
+            };
+            let weight = match t.get("weight") {
+                None => 1,
+                Some(toml::Value::Integer(w)) if (0..=MAX_WEIGHT as i64).contains(w) => *w as u32,
+                Some(other) => {
+                    return Err(field_err(
+                        format!("{field}.weight"),
+                        format!("`{other}` is not a weight; use a whole number from 0 (no new flows) to {MAX_WEIGHT}"),
+                    ))
+                }
+            };
+            Ok(BackendAddr { addr, weight })
+        }
+        other => Err(field_err(field, format!("`{other}` is not a backend; {usage}"))),
+    }
 }
 
 fn is_broadcast(ip: IpAddr) -> bool {
@@ -273,17 +336,24 @@ impl RawConfig {
                         format!("has {} backends; at most {MAX_BACKENDS} are supported", list.len()),
                     ));
                 }
-                let mut parsed = Vec::with_capacity(list.len());
+                let mut parsed: Vec<BackendAddr> = Vec::with_capacity(list.len());
                 for (j, b) in list.iter().enumerate() {
                     let field = format!("service[{i}].{color}[{j}]");
-                    let addr = parse_addr(&field, b)?;
+                    let backend = parse_backend(&field, b)?;
+                    let addr = backend.addr;
                     if addr.ip() == vip.ip() {
-                        return Err(field_err(field, format!("`{b}` is the VIP itself; a backend must be another host")));
+                        return Err(field_err(field, format!("`{addr}` is the VIP itself; a backend must be another host")));
                     }
-                    if parsed.contains(&addr) {
-                        return Err(field_err(field, format!("`{b}` is listed twice; list it once")));
+                    if parsed.iter().any(|p| p.addr == addr) {
+                        return Err(field_err(field, format!("`{addr}` is listed twice; list it once")));
                     }
-                    parsed.push(addr);
+                    parsed.push(backend);
+                }
+                if parsed.iter().all(|b| b.weight == 0) {
+                    return Err(field_err(
+                        at(color),
+                        "every backend has weight 0; give at least one a positive weight",
+                    ));
                 }
                 colors.push(parsed);
             }
@@ -298,8 +368,20 @@ impl RawConfig {
             });
         }
 
+        let udp_idle_timeout_secs = self.udp_idle_timeout_secs.unwrap_or(DEFAULT_UDP_IDLE_SECS);
+        if !(1..=86_400).contains(&udp_idle_timeout_secs) {
+            return Err(field_err("udp_idle_timeout_secs", "use 1 to 86400 seconds"));
+        }
+        let closing_timeout_secs = self.closing_timeout_secs.unwrap_or(DEFAULT_CLOSING_SECS);
+        if !(1..=3_600).contains(&closing_timeout_secs) {
+            return Err(field_err("closing_timeout_secs", "use 1 to 3600 seconds"));
+        }
         Ok(Config {
             interfaces: self.interfaces,
+            forwarding: self.forwarding,
+            udp_idle_timeout_secs,
+            closing_timeout_secs,
+            max_new_flows_per_sec: self.max_new_flows_per_sec.unwrap_or(DEFAULT_NEW_FLOWS_PER_SEC),
             xdp_mode: self.xdp_mode,
             pin_dir: self.pin_dir.unwrap_or_else(|| PathBuf::from(bg_common::pin::DEFAULT_PIN_DIR)),
             socket: self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
@@ -336,7 +418,31 @@ green = ["10.2.0.2:8080"]
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/bg"));
         assert_eq!(c.services[0].protocol, Protocol::Tcp);
         assert_eq!(c.services[0].blue.len(), 2);
-        assert_eq!(c.services[0].green[0], "10.2.0.2:8080".parse().unwrap());
+        assert_eq!(c.services[0].green[0].addr, "10.2.0.2:8080".parse().unwrap());
+        assert_eq!(c.services[0].green[0].weight, 1);
+        assert_eq!(c.forwarding, Forwarding::Redirect);
+        assert_eq!(c.max_new_flows_per_sec, DEFAULT_NEW_FLOWS_PER_SEC);
+    }
+
+    #[test]
+    fn weighted_backends_parse_and_bad_weights_are_named() {
+        let c = Config::parse(&GOOD.replace(
+            r#"green = ["10.2.0.2:8080"]"#,
+            r#"green = [{ address = "10.2.0.2:8080", weight = 3 }, { address = "10.2.0.3:8080", weight = 0 }]"#,
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].green[0].weight, 3);
+        assert_eq!(c.services[0].green[1].weight, 0);
+        for (green, field) in [
+            (r#"green = [{ address = "10.2.0.2:8080", weight = -1 }]"#, "service[0].green[0].weight"),
+            (r#"green = [{ address = "10.2.0.2:8080", wieght = 2 }]"#, "service[0].green[0].wieght"),
+            (r#"green = [{ weight = 2 }]"#, "service[0].green[0].address"),
+            (r#"green = [{ address = "10.2.0.2:8080", weight = 0 }]"#, "service[0].green"),
+            (r#"green = [8080]"#, "service[0].green[0]"),
+        ] {
+            let e = err_of(&GOOD.replace(r#"green = ["10.2.0.2:8080"]"#, green));
+            assert!(e.contains(field), "expected `{field}` in: {e}");
+        }
     }
 
     #[test]

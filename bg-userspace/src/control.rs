@@ -10,7 +10,7 @@ use std::{
 use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::{Attachment, FlowCounts};
+use crate::dataplane::{Attachment, Counters, FlowCounts};
 
 /// Largest request or response line accepted.
 pub const MAX_LINE: usize = 1 << 20;
@@ -29,7 +29,7 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Flipped(FlipResult),
-    Stats { reasons: Vec<(String, u64)> },
+    Stats(Counters),
     Error { message: String },
 }
 

@@ -12,14 +12,19 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use bg_common::{
-    pin::{MAP_ACTIVE, MAP_BACKEND_SETS, MAP_FLOWS, MAP_SERVICES, MAP_STATS, PROGRAM},
-    Backend, BackendSet, Color, FlowKey, NatEntry, Reason, Selector, ServiceInfo, VipKey,
-    FAMILY_V4, NAT_TO_BACKEND,
+    maglev,
+    pin::{
+        ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_FLOWS, MAP_FWD_STATS,
+        MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
+    },
+    ring_base, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, Reason,
+    Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, NAT_TO_BACKEND, RING_SIZE,
+    SLOTS,
 };
 use bytemuck::Zeroable;
 use tracing::warn;
 
-use crate::config::{Service, XdpModeSetting};
+use crate::config::{BackendAddr, Config, Forwarding, Service, XdpModeSetting};
 
 /// The XDP object built by `cargo xtask build-ebpf`, when this binary was built after it.
 #[cfg(bg_embedded_object)]
@@ -66,18 +71,59 @@ pub fn vip_key(service: &Service) -> VipKey {
     }
 }
 
-fn backend_set(color: Color, backends: &[SocketAddr]) -> BackendSet {
+fn backend_set(color: Color, backends: &[BackendAddr]) -> BackendSet {
     let mut set = BackendSet::zeroed();
     set.count = backends.len() as u32;
     set.color = color as u32;
     for (slot, b) in set.backends.iter_mut().zip(backends) {
         *slot = Backend {
-            addr: raw_addr(b.ip()),
-            port: b.port().to_be(),
+            addr: raw_addr(b.addr.ip()),
+            port: b.addr.port().to_be(),
             _pad: 0,
         };
     }
     set
+}
+
+/// A backend's identity for Maglev: its address and port bytes, so its place in the table does
+/// not depend on the other backends.
+fn maglev_id(addr: &SocketAddr) -> Vec<u8> {
+    let mut id = match addr.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    id.extend_from_slice(&addr.port().to_be_bytes());
+    id
+}
+
+/// The Maglev table of one color's backends of one service.
+pub fn maglev_table(backends: &[BackendAddr]) -> anyhow::Result<Vec<u32>> {
+    let ids: Vec<Vec<u8>> = backends.iter().map(|b| maglev_id(&b.addr)).collect();
+    let members: Vec<maglev::Member<'_>> = ids
+        .iter()
+        .zip(backends)
+        .map(|(id, b)| maglev::Member { id, weight: b.weight })
+        .collect();
+    maglev::build(&members, RING_SIZE).ok_or_else(|| anyhow!("no backend has a positive weight"))
+}
+
+/// The data path's settings from the config.
+pub fn dp_config(config: &Config) -> DpConfig {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
+    DpConfig {
+        services: config.services.len() as u32,
+        new_flows_per_sec: config.max_new_flows_per_sec.div_ceil(cpus),
+        udp_idle_ns: config.udp_idle_timeout_secs * 1_000_000_000,
+        closing_idle_ns: config.closing_timeout_secs * 1_000_000_000,
+        flags: if config.forwarding == Forwarding::Redirect { DP_FLAG_REDIRECT } else { 0 },
+        _pad: 0,
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// How the program ended up attached to one interface.
@@ -88,13 +134,35 @@ pub struct Attachment {
     pub mode: String,
 }
 
-/// Flow table entries by color and direction.
+/// Flow table occupancy.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FlowCounts {
-    /// Flows (counted by their client → backend entry) per color: [blue, green].
+    /// Live flows (counted by their client → backend entry, not expired) per color:
+    /// [blue, green].
     pub flows: [u64; 2],
-    /// All entries, both directions.
+    /// All entries in the table, both directions, expired ones included (the LRU recycles
+    /// those when it needs room).
     pub entries: u64,
+    /// Entries that are over by the idle rules but not yet recycled.
+    pub expired: u64,
+}
+
+/// Counters read from the per-CPU maps, summed over CPUs.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Packets per `Reason` name.
+    pub reasons: Vec<(String, u64)>,
+    /// Rewritten packets per forwarding outcome, and flow entries removed by the data path.
+    pub forwarding: Vec<(String, u64)>,
+    /// [blue, green].
+    pub colors: [ColorCounters; 2],
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ColorCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
 }
 
 pub struct Dataplane {
@@ -102,10 +170,14 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object and its program into the kernel, not attached anywhere yet.
-    pub fn load(object: &[u8], flow_table_size: u32) -> anyhow::Result<Dataplane> {
+    /// Loads the object and its program into the kernel and fills every map from `config`
+    /// (services, both colors' backend sets and Maglev tables, settings, active color). Not
+    /// attached anywhere yet: dropping the result leaves nothing behind.
+    pub fn new(object: &[u8], config: &Config) -> anyhow::Result<Dataplane> {
+        let rings = SLOTS * config.services.len() as u32 * RING_SIZE;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_FLOWS, flow_table_size)
+            .map_max_entries(MAP_FLOWS, config.flow_table_size)
+            .map_max_entries(MAP_RINGS, rings)
             .load(object)
             .context("loading the bg XDP object into the kernel (are you root, with BPF enabled?)")?;
         let prog: &mut Xdp = ebpf
@@ -114,7 +186,14 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("the kernel verifier rejected the bg XDP program")?;
-        Ok(Dataplane { ebpf })
+        let mut dp = Dataplane { ebpf };
+        {
+            let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
+            cfg.set(0, dp_config(config), 0).context("writing the data path settings")?;
+        }
+        dp.install_services(&config.services)?;
+        dp.select(config.initial_color)?;
+        Ok(dp)
     }
 
     pub fn program(&self) -> &Xdp {
@@ -145,8 +224,23 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("the XDP object has no map `{name}`"))
     }
 
-    /// Writes every service and both colors' backend sets. Call before `select` and `attach`.
-    pub fn install_services(&mut self, services: &[Service]) -> anyhow::Result<()> {
+    /// Writes every service, both colors' backend sets and Maglev tables, and the VIP address
+    /// list. Only at load: slots are never rewritten while a selector may point at them.
+    fn install_services(&mut self, services: &[Service]) -> anyhow::Result<()> {
+        let n = services.len() as u32;
+        {
+            let mut rings: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_RINGS)?)?;
+            for (i, s) in services.iter().enumerate() {
+                for color in Color::ALL {
+                    let table = maglev_table(s.backends(color))
+                        .with_context(|| format!("service {}: {}", s.name, color.name()))?;
+                    let base = ring_base(slot_of(color), n, i as u32);
+                    for (j, b) in table.iter().enumerate() {
+                        rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
+                    }
+                }
+            }
+        }
         {
             let mut sets: Array<&mut MapData, BackendSet> =
                 Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
@@ -156,6 +250,14 @@ impl Dataplane {
                     sets.set(BackendSet::index(slot_of(color), i as u32), set, 0)
                         .with_context(|| format!("writing {} backends of service {}", color.name(), s.name))?;
                 }
+            }
+        }
+        {
+            let mut addrs: HashMap<&mut MapData, VipAddr, u32> =
+                HashMap::try_from(self.map_mut(MAP_VIP_ADDRS)?)?;
+            for s in services {
+                let key = VipAddr { addr: raw_addr(s.vip.ip()), family: FAMILY_V4 as u32 };
+                addrs.insert(key, 1, 0).context("writing a VIP address")?;
             }
         }
         let mut map: HashMap<&mut MapData, VipKey, ServiceInfo> =
@@ -173,6 +275,16 @@ impl Dataplane {
         active
             .set(0, Selector::for_slot(slot_of(color)), 0)
             .context("writing the active selector")
+    }
+
+    /// A second, independent handle on the selector map (for tools and tests that flip from
+    /// another thread while this `Dataplane` is in use).
+    pub fn selector_handle(&self) -> anyhow::Result<Array<MapData, Selector>> {
+        let aya::maps::Map::Array(data) = self.map(MAP_ACTIVE)? else {
+            return Err(anyhow!("{MAP_ACTIVE} is not an array map"));
+        };
+        let id = data.info()?.id();
+        Ok(Array::try_from(aya::maps::Map::Array(MapData::from_id(id)?))?)
     }
 
     /// The color new flows currently go to, read back from the kernel.
@@ -239,7 +351,7 @@ impl Dataplane {
 
     /// Pins every map under `dir` (which must exist on a bpffs).
     pub fn pin_maps(&self, dir: &Path) -> anyhow::Result<()> {
-        for name in [MAP_ACTIVE, MAP_SERVICES, MAP_BACKEND_SETS, MAP_FLOWS, MAP_STATS] {
+        for name in ALL_MAPS {
             let path = dir.join(name);
             self.map(name)?
                 .pin(&path)
@@ -248,26 +360,52 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Packet counts per reason, summed over CPUs.
-    pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
+    /// Packet count of one reason, summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> anyhow::Result<u64> {
         let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_STATS)?)?;
-        Reason::ALL
-            .iter()
-            .map(|r| {
-                let per_cpu = stats.get(&(*r as u32), 0)?;
-                Ok((*r, per_cpu.iter().sum()))
-            })
-            .collect()
+        Ok(stats.get(&(reason as u32), 0)?.iter().sum())
+    }
+
+    /// Count of one forwarding outcome, summed over CPUs.
+    pub fn fwd_count(&self, fwd: Fwd) -> anyhow::Result<u64> {
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_FWD_STATS)?)?;
+        Ok(stats.get(&(fwd as u32), 0)?.iter().sum())
+    }
+
+    /// All counters, summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let mut c = Counters::default();
+        for r in Reason::ALL {
+            c.reasons.push((r.name().to_owned(), self.reason_count(r)?));
+        }
+        for f in Fwd::ALL {
+            c.forwarding.push((f.name().to_owned(), self.fwd_count(f)?));
+        }
+        let colors: PerCpuArray<&MapData, ColorStats> = PerCpuArray::try_from(self.map(MAP_COLOR_STATS)?)?;
+        for color in Color::ALL {
+            for s in colors.get(&(color as u32), 0)?.iter() {
+                let out = &mut c.colors[color as usize];
+                out.packets += s.packets;
+                out.bytes += s.bytes;
+                out.new_flows += s.new_flows;
+            }
+        }
+        Ok(c)
     }
 
     /// Walks the flow table. O(entries): for status, not for a hot loop.
     pub fn flow_counts(&self) -> anyhow::Result<FlowCounts> {
+        let cfg: Array<&MapData, DpConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
+        let cfg = cfg.get(&0, 0)?;
         let flows: HashMap<&MapData, FlowKey, NatEntry> = HashMap::try_from(self.map(MAP_FLOWS)?)?;
+        let now = monotonic_ns();
         let mut counts = FlowCounts::default();
         for item in flows.iter() {
-            let Ok((_, entry)) = item else { continue };
+            let Ok((key, entry)) = item else { continue };
             counts.entries += 1;
-            if entry.kind == NAT_TO_BACKEND {
+            if entry.expired(key.proto, now, &cfg) {
+                counts.expired += 1;
+            } else if entry.kind == NAT_TO_BACKEND {
                 if let Some(c) = Color::from_u8(entry.color) {
                     counts.flows[c as usize] += 1;
                 }

@@ -6,65 +6,172 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use bg_common::csum::{checksum, l4_checksum_v4};
 
 pub const ETH_LEN: usize = 14;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(ETH_LEN + payload.len());
+/// An IPv4 TCP/UDP frame to build. Defaults: TTL 64, DF set, no options, no VLAN tag.
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+    pub ttl: u8,
+    /// IPv4 options (padded to a multiple of 4 bytes).
+    pub options: Vec<u8>,
+    /// Overrides the IHL nibble (for malformed headers).
+    pub ihl: Option<u8>,
+    /// Fragment offset in 8-byte units; non-zero fragments carry `payload` only (no L4 header).
+    pub frag_offset: u16,
+    pub more_fragments: bool,
+    pub vlan: Option<u16>,
+    /// UDP: send checksum 0 ("none").
+    pub udp_no_checksum: bool,
+}
+
+impl Pkt {
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Pkt {
+        Pkt {
+            src,
+            dst,
+            proto: 6,
+            tcp_flags: flags,
+            payload: Vec::new(),
+            ttl: 64,
+            options: Vec::new(),
+            ihl: None,
+            frag_offset: 0,
+            more_fragments: false,
+            vlan: None,
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Pkt {
+        Pkt { proto: 17, ..Pkt::tcp(src, dst, 0) }
+    }
+
+    pub fn payload(mut self, p: &[u8]) -> Pkt {
+        self.payload = p.to_vec();
+        self
+    }
+
+    pub fn ttl(mut self, ttl: u8) -> Pkt {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn options(mut self, o: &[u8]) -> Pkt {
+        self.options = o.to_vec();
+        self
+    }
+
+    pub fn ihl(mut self, ihl: u8) -> Pkt {
+        self.ihl = Some(ihl);
+        self
+    }
+
+    pub fn fragment(mut self, offset: u16, more: bool) -> Pkt {
+        self.frag_offset = offset;
+        self.more_fragments = more;
+        self
+    }
+
+    pub fn vlan(mut self, id: u16) -> Pkt {
+        self.vlan = Some(id);
+        self
+    }
+
+    pub fn no_udp_checksum(mut self) -> Pkt {
+        self.udp_no_checksum = true;
+        self
+    }
+
+    /// The L4 segment (header + payload) with its checksum.
+    fn l4(&self) -> Vec<u8> {
+        let mut l4 = if self.proto == 6 {
+            let mut t = vec![0u8; 20];
+            t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+            t[12] = 5 << 4;
+            t[13] = self.tcp_flags;
+            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            t
+        } else {
+            let mut u = vec![0u8; 8];
+            u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            u
+        };
+        l4[0..2].copy_from_slice(&self.src.port().to_be_bytes());
+        l4[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
+        l4.extend_from_slice(&self.payload);
+        let check_at = if self.proto == 6 { 16 } else { 6 };
+        if !(self.proto == 17 && self.udp_no_checksum) {
+            let mut c = l4_checksum_v4(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
+            if self.proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+        }
+        l4
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let body = if self.frag_offset == 0 { self.l4() } else { self.payload.clone() };
+        let mut opts = self.options.clone();
+        while opts.len() % 4 != 0 {
+            opts.push(0);
+        }
+        let hlen = 20 + opts.len();
+        let mut h = vec![0u8; 20];
+        h[0] = 0x40 | self.ihl.unwrap_or((hlen / 4) as u8);
+        h[2..4].copy_from_slice(&((hlen + body.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        let mut frag = self.frag_offset & 0x1fff;
+        if self.more_fragments {
+            frag |= 0x2000;
+        } else if self.frag_offset == 0 {
+            frag |= 0x4000; // DF on unfragmented packets
+        }
+        h[6..8].copy_from_slice(&frag.to_be_bytes());
+        h[8] = self.ttl;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src.ip().octets());
+        h[16..20].copy_from_slice(&self.dst.ip().octets());
+        h.extend_from_slice(&opts);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_ne_bytes());
+        h.extend_from_slice(&body);
+        ethernet(0x0800, self.vlan, &h)
+    }
+}
+
+pub fn ethernet(ethertype: u16, vlan: Option<u16>, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH_LEN + 4 + payload.len());
     f.extend_from_slice(&GW_MAC);
     f.extend_from_slice(&CLIENT_MAC);
+    if let Some(id) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+    }
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(payload);
     f
 }
 
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut h = vec![0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_ne_bytes());
-    h.extend_from_slice(l4);
-    h
-}
-
 /// Ethernet + IPv4 + TCP (20-byte header, no options) with `flags` and `payload`.
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&src.port().to_be_bytes());
-    t[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    t.extend_from_slice(payload);
-    let c = l4_checksum_v4(src.ip().octets(), dst.ip().octets(), 6, &t);
-    t[16..18].copy_from_slice(&c.to_ne_bytes());
-    ethernet(0x0800, &ipv4(*src.ip(), *dst.ip(), 6, &t))
+    Pkt::tcp(src, dst, flags).payload(payload).build()
 }
 
 /// Ethernet + IPv4 + UDP with `payload`.
 pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let mut u = vec![0u8; 8];
-    u[0..2].copy_from_slice(&src.port().to_be_bytes());
-    u[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(payload);
-    let mut c = l4_checksum_v4(src.ip().octets(), dst.ip().octets(), 17, &u);
-    if c == 0 {
-        c = 0xffff;
-    }
-    u[6..8].copy_from_slice(&c.to_ne_bytes());
-    ethernet(0x0800, &ipv4(*src.ip(), *dst.ip(), 17, &u))
+    Pkt::udp(src, dst).payload(payload).build()
 }
 
 /// An ARP request.
@@ -74,10 +181,10 @@ pub fn arp(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     a.extend_from_slice(&sender.octets());
     a.extend_from_slice(&[0; 6]);
     a.extend_from_slice(&target.octets());
-    ethernet(0x0806, &a)
+    ethernet(0x0806, None, &a)
 }
 
-/// Ethernet + IPv6 + TCP SYN (checksum not needed: the program must not touch it).
+/// Ethernet + IPv6 + TCP SYN (checksum not filled: the program must not touch it).
 pub fn ipv6_tcp_syn() -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
     p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
@@ -88,7 +195,7 @@ pub fn ipv6_tcp_syn() -> Vec<u8> {
     t[12] = 5 << 4;
     t[13] = TCP_SYN;
     p.extend_from_slice(&t);
-    ethernet(0x86dd, &p)
+    ethernet(0x86dd, None, &p)
 }
 
 /// What a parsed IPv4 TCP/UDP frame says, with its checksums verified from scratch.
@@ -97,25 +204,31 @@ pub struct Parsed {
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub proto: u8,
+    pub ttl: u8,
     pub ip_checksum_ok: bool,
     pub l4_checksum_ok: bool,
+    /// The L4 checksum field as sent (raw).
+    pub l4_checksum: u16,
+    pub options: Vec<u8>,
     pub payload: Vec<u8>,
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
 }
 
-/// Parses Ethernet + IPv4 (no options) + TCP/UDP and recomputes both checksums.
+/// Parses Ethernet + IPv4 + TCP/UDP and recomputes both checksums.
 pub fn parse_v4(frame: &[u8]) -> Parsed {
     assert!(frame.len() >= ETH_LEN + 20, "frame too short: {} bytes", frame.len());
     assert_eq!(&frame[12..14], &[0x08, 0x00], "not IPv4");
     let ip = &frame[ETH_LEN..];
-    assert_eq!(ip[0], 0x45, "IPv4 with options");
+    let hlen = ((ip[0] & 0x0f) as usize) * 4;
     let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let ip = &ip[..total];
     let proto = ip[9];
     let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let l4 = &ip[20..];
+    let l4 = &ip[hlen..];
     let ports = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
-    let (check_at, hdr_len) = match proto {
+    let (check_at, l4_hlen) = match proto {
         6 => (16, ((l4[12] >> 4) as usize) * 4),
         17 => (6, 8),
         p => panic!("unexpected protocol {p}"),
@@ -132,8 +245,13 @@ pub fn parse_v4(frame: &[u8]) -> Parsed {
         src: SocketAddrV4::new(src_ip, ports(0)),
         dst: SocketAddrV4::new(dst_ip, ports(2)),
         proto,
-        ip_checksum_ok: checksum(&ip[..20]) == 0,
+        ttl: ip[8],
+        ip_checksum_ok: checksum(&ip[..hlen]) == 0,
         l4_checksum_ok: stored == computed || (proto == 17 && stored == 0),
-        payload: l4[hdr_len..].to_vec(),
+        l4_checksum: stored,
+        options: ip[20..hlen].to_vec(),
+        payload: l4[l4_hlen..].to_vec(),
+        eth_dst: frame[0..6].try_into().unwrap(),
+        eth_src: frame[6..12].try_into().unwrap(),
     }
 }

@@ -68,7 +68,8 @@ impl Topology {
             host.exec(&["ip", "link", "set", "eth0", "up"])?;
             host.exec(&["ip", "route", "add", "default", "via", gw_addr])?;
             // Full checksums on the wire, so a wrong rewrite cannot hide behind CHECKSUM_PARTIAL.
-            host.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+            // GRO on the receiving end lets native-mode XDP_REDIRECT deliver into this veth.
+            host.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
             t.gw.exec(&["ethtool", "-K", gw_if, "tx", "off"])?;
         }
         sysctl(&t.gw, "net.ipv4.ip_forward=1")?;
