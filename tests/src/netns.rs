@@ -1,7 +1,9 @@
 //! Network namespaces and processes that are removed on drop, also when a test panics.
 
 use std::{
+    fs::File,
     io::{BufRead, BufReader},
+    os::fd::AsFd,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -152,5 +154,26 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(3));
+    }
+}
+
+/// Moves the calling thread into a namespace; returns it to its original one on drop. Sockets
+/// the thread opens meanwhile belong to that namespace, and BPF_PROG_TEST_RUN's FIB lookups see
+/// its routes.
+pub struct InNetns(File);
+
+impl InNetns {
+    pub fn enter(ns: &Netns) -> anyhow::Result<InNetns> {
+        use nix::sched::{setns, CloneFlags};
+        let original = File::open("/proc/thread-self/ns/net")?;
+        let target = File::open(format!("/run/netns/{}", ns.name))?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).context("setns into the test namespace")?;
+        Ok(InNetns(original))
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        let _ = nix::sched::setns(self.0.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
     }
 }

@@ -27,6 +27,8 @@ pub const CLIENT: &str = "10.0.0.2";
 pub const BLUE: &str = "10.1.0.2";
 pub const GREEN: &str = "10.2.0.2";
 pub const BACKEND_PORT: u16 = 8080;
+/// A long-lived line-stream service (`bg-testsrv --echo`), same port on VIP and backends.
+pub const ECHO_PORT: u16 = 7000;
 
 pub struct Topology {
     /// Holds the agent config; the socket lives here too. Removed on drop.
@@ -102,6 +104,13 @@ vip = "{VIP}:{VIP_PORT}"
 protocol = "tcp"
 blue = ["{BLUE}:{BACKEND_PORT}"]
 green = ["{GREEN}:{BACKEND_PORT}"]
+
+[[service]]
+name = "stream"
+vip = "{VIP}:{ECHO_PORT}"
+protocol = "tcp"
+blue = ["{BLUE}:{ECHO_PORT}"]
+green = ["{GREEN}:{ECHO_PORT}"]
 "#,
             tag = self.tag,
             pin = self.pin_dir().display(),
@@ -109,14 +118,18 @@ green = ["{GREEN}:{BACKEND_PORT}"]
         )
     }
 
-    /// Starts the two HTTP backends, each answering with its color.
+    /// Starts the backends: on each color an HTTP server (port 8080) and a line-stream echo
+    /// server (port 7000), answering with the color's name.
     pub fn start_backends(&self) -> anyhow::Result<Vec<Proc>> {
         let srv = paths::testsrv();
         let mut procs = Vec::new();
         for (ns, addr, color) in [(&self.blue, BLUE, "blue"), (&self.green, GREEN, "green")] {
             let mut cmd = ns.command(srv.to_str().unwrap());
             cmd.args(["--listen", &format!("{addr}:{BACKEND_PORT}"), "--body", color]);
-            procs.push(Proc::spawn_ready(&format!("{color} server"), &mut cmd, "listening", Duration::from_secs(10))?);
+            procs.push(Proc::spawn_ready(&format!("{color} HTTP server"), &mut cmd, "listening", Duration::from_secs(10))?);
+            let mut cmd = ns.command(srv.to_str().unwrap());
+            cmd.args(["--listen", &format!("{addr}:{ECHO_PORT}"), "--body", color, "--echo"]);
+            procs.push(Proc::spawn_ready(&format!("{color} stream server"), &mut cmd, "listening", Duration::from_secs(10))?);
         }
         Ok(procs)
     }
@@ -153,6 +166,22 @@ green = ["{GREEN}:{BACKEND_PORT}"]
             &format!("http://{VIP}:{VIP_PORT}/"),
         ])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// A counter from the `Tcp:` line of /proc/net/snmp in `ns` (e.g. `EstabResets`).
+    pub fn tcp_counter(ns: &Netns, name: &str) -> anyhow::Result<u64> {
+        let out = ns.exec(&["cat", "/proc/net/snmp"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let (Some(names), Some(values)) = (tcp.first(), tcp.get(1)) else {
+            bail!("no Tcp lines in /proc/net/snmp");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .with_context(|| format!("no Tcp counter {name}"))
     }
 
     /// Sum of TCP/UDP checksum errors seen by the client and both backends.

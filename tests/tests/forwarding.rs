@@ -2,17 +2,16 @@
 //! decides between XDP_REDIRECT (neighbour known: MACs rewritten, TTL decremented) and XDP_PASS
 //! (neighbour unresolved, packet above the MTU, no route). Needs root.
 
-use std::{fs::File, net::SocketAddrV4, os::fd::AsFd};
+use std::net::SocketAddrV4;
 
 use aya::{TestRun, TestRunOptions};
 use bg_common::Fwd;
 use bg_tests::{
-    netns::Netns,
+    netns::{InNetns, Netns},
     packet::{self, Pkt, TCP_SYN},
     paths,
 };
 use bg_userspace::{config::Config, dataplane::Dataplane};
-use nix::sched::{setns, CloneFlags};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -42,24 +41,6 @@ blue = ["10.77.0.2:8080"]
 green = ["10.77.0.2:8080"]
 "#;
 
-/// Runs the test thread inside `ns` and returns it to its original namespace on drop.
-struct InNetns(File);
-
-impl InNetns {
-    fn enter(ns: &Netns) -> InNetns {
-        let original = File::open("/proc/thread-self/ns/net").unwrap();
-        let target = File::open(format!("/run/netns/{}", ns.name)).unwrap();
-        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-        InNetns(original)
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        let _ = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET);
-    }
-}
-
 fn run(dp: &Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; input.len() + 512];
     let mut opts = TestRunOptions::new();
@@ -87,7 +68,7 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
         .map(|h| u8::from_str_radix(h, 16).unwrap())
         .collect();
 
-    let _inside = InNetns::enter(&ns);
+    let _inside = InNetns::enter(&ns).unwrap();
     let object = std::fs::read(paths::ebpf_object()).unwrap();
     let dp = Dataplane::new(&object, &Config::parse(CONFIG).unwrap()).unwrap();
 

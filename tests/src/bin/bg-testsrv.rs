@@ -1,6 +1,8 @@
-//! A tiny HTTP/1.1 server for the backends of tests and the demo: answers every request with a
-//! fixed body (the backend's color), keeps connections alive, one thread per connection.
-//! Prints `listening on ADDR` once bound.
+//! A tiny server for the backends of tests and the demo, one thread per connection. Prints
+//! `listening on ADDR` once bound.
+//! - HTTP/1.1 (default): answers every request with a fixed body (the backend's color) and
+//!   keeps connections alive.
+//! - `--echo`: a long-lived line stream; every line is answered with `BODY LINE`.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -45,16 +47,30 @@ fn serve(stream: TcpStream, body: &str) -> std::io::Result<()> {
     }
 }
 
+fn echo(stream: TcpStream, body: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    let mut line = String::new();
+    while reader.read_line(&mut line)? != 0 {
+        write!(out, "{body} {line}")?;
+        out.flush()?;
+        line.clear();
+    }
+    Ok(())
+}
+
 fn main() {
     let mut listen = None;
     let mut body = None;
+    let mut echo_mode = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next(),
             "--body" => body = args.next(),
+            "--echo" => echo_mode = true,
             other => {
-                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT");
+                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo]");
                 std::process::exit(2);
             }
         }
@@ -72,7 +88,7 @@ fn main() {
         let Ok(stream) = stream else { continue };
         let body = body.clone();
         std::thread::spawn(move || {
-            let _ = serve(stream, &body);
+            let _ = if echo_mode { echo(stream, &body) } else { serve(stream, &body) };
         });
     }
 }
