@@ -31,6 +31,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 struct State {
     config: Config,
+    /// A drain scheduled by the last flip: (color to end, deadline, generation of that flip).
+    drain: Option<(Color, Instant, u64)>,
+    last_drain_removed: Option<u64>,
     dp: Dataplane,
     attachments: Vec<Attachment>,
     active: Color,
@@ -167,6 +170,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dp,
         attachments,
         previous: None,
+        drain: None,
+        last_drain_removed: None,
         generation: 1,
         active_since: Instant::now(),
     }));
@@ -175,6 +180,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => run_due_drain(&state),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let state = state.clone();
@@ -223,12 +229,12 @@ fn handle(state: &Mutex<State>, req: Request) -> Response {
     let result = match req {
         Request::Status => status(&st).map(Response::Status),
         Request::Stats => st.dp.counters().map(Response::Stats),
-        Request::Flip { color } => match parse_color(&color) {
-            Some(c) => flip(&mut st, c).map(Response::Flipped),
+        Request::Flip { color, drain_secs } => match parse_color(&color) {
+            Some(c) => flip(&mut st, c, drain_secs).map(Response::Flipped),
             None => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
         },
         Request::Rollback => match st.previous {
-            Some(prev) => flip(&mut st, prev).map(Response::Flipped),
+            Some(prev) => flip(&mut st, prev, None).map(Response::Flipped),
             None => Err(anyhow!("nothing to roll back: the active color has not changed since the agent started")),
         },
     };
@@ -237,7 +243,28 @@ fn handle(state: &Mutex<State>, req: Request) -> Response {
     })
 }
 
-fn flip(st: &mut State, to: Color) -> anyhow::Result<FlipResult> {
+/// Ends the drained color's remaining flows once its deadline has passed, unless another flip
+/// happened since (then that flip's own drain setting rules).
+fn run_due_drain(state: &Mutex<State>) {
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((color, deadline, generation)) = st.drain else { return };
+    if Instant::now() < deadline {
+        return;
+    }
+    st.drain = None;
+    if generation != st.generation {
+        return;
+    }
+    match st.dp.remove_flows_of(color) {
+        Ok(n) => {
+            info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
+            st.last_drain_removed = Some(n);
+        }
+        Err(e) => warn!(color = color.name(), error = %e, "drain failed"),
+    }
+}
+
+fn flip(st: &mut State, to: Color, drain_secs: Option<u64>) -> anyhow::Result<FlipResult> {
     let from = st.active;
     if from == to {
         return Ok(FlipResult {
@@ -246,6 +273,7 @@ fn flip(st: &mut State, to: Color) -> anyhow::Result<FlipResult> {
             generation: st.generation,
             changed: false,
             switch_ns: 0,
+            drain_secs: None,
         });
     }
     let t = Instant::now();
@@ -255,13 +283,15 @@ fn flip(st: &mut State, to: Color) -> anyhow::Result<FlipResult> {
     st.active = to;
     st.generation += 1;
     st.active_since = Instant::now();
-    info!(from = from.name(), to = to.name(), generation = st.generation, switch_ns, "flipped");
+    st.drain = drain_secs.map(|s| (from, Instant::now() + Duration::from_secs(s), st.generation));
+    info!(from = from.name(), to = to.name(), generation = st.generation, switch_ns, drain_secs, "flipped");
     Ok(FlipResult {
         from: from.name().into(),
         to: to.name().into(),
         generation: st.generation,
         changed: true,
         switch_ns,
+        drain_secs,
     })
 }
 
@@ -296,5 +326,10 @@ fn status(st: &State) -> anyhow::Result<Status> {
         flows: st.dp.flow_counts()?,
         flow_table_size: st.config.flow_table_size,
         pin_dir: st.config.pin_dir.display().to_string(),
+        drain: st.drain.map(|(color, deadline, _)| crate::control::DrainStatus {
+            color: color.name().into(),
+            remaining_secs: deadline.saturating_duration_since(Instant::now()).as_secs(),
+        }),
+        last_drain_removed: st.last_drain_removed,
     })
 }

@@ -42,6 +42,10 @@ pub enum Command {
     Flip {
         /// `blue` or `green`.
         color: String,
+        /// End the previous color's remaining flows after SECS seconds: their entries are
+        /// removed, and their next packet is answered with a TCP RST by the active color.
+        #[arg(long, value_name = "SECS")]
+        drain: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -90,11 +94,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let r = call(&socket_or_default(&cli.socket), &Request::Status)?;
             output(r, json)
         }
-        Command::Flip { color, json } => {
+        Command::Flip { color, drain, json } => {
             if color != "blue" && color != "green" {
                 bail!("unknown color `{color}`; use `blue` or `green`");
             }
-            let r = call(&socket_or_default(&cli.socket), &Request::Flip { color })?;
+            let r = call(&socket_or_default(&cli.socket), &Request::Flip { color, drain_secs: drain })?;
             output(r, json)
         }
         Command::Rollback { json } => {
@@ -148,6 +152,9 @@ fn print_flip(f: &FlipResult) {
             f.generation,
             f.switch_ns as f64 / 1000.0
         );
+        if let Some(s) = f.drain_secs {
+            println!("{}'s remaining flows will be ended in {s} s", f.from);
+        }
     } else {
         println!("{} is already active (generation {}); nothing changed", f.to, f.generation);
     }
@@ -168,6 +175,12 @@ fn print_status(s: &Status) {
         "live flows: blue {}, green {} ({} of {} table entries in use, {} expired)",
         s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired
     );
+    if let Some(d) = &s.drain {
+        println!("draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);
+    }
+    if let Some(n) = s.last_drain_removed {
+        println!("last drain removed {n} flow entries");
+    }
     for svc in &s.services {
         println!("service {} {}/{}", svc.name, svc.vip, svc.protocol);
         for (color, list) in [("blue", &svc.blue), ("green", &svc.green)] {

@@ -19,7 +19,12 @@ pub const MAX_LINE: usize = 1 << 20;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Flip { color: String },
+    Flip {
+        color: String,
+        /// Seconds after which the previous color's remaining flows are ended (see README).
+        #[serde(default)]
+        drain_secs: Option<u64>,
+    },
     Rollback,
     Stats,
 }
@@ -57,6 +62,10 @@ pub struct Status {
     pub flows: FlowCounts,
     pub flow_table_size: u32,
     pub pin_dir: String,
+    /// A pending drain of the previous color, if any.
+    pub drain: Option<DrainStatus>,
+    /// Flow entries removed by the last completed drain.
+    pub last_drain_removed: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,6 +77,15 @@ pub struct FlipResult {
     pub changed: bool,
     /// Time the selector map write took, in nanoseconds.
     pub switch_ns: u64,
+    /// When set, the previous color's remaining flows are ended this many seconds from now.
+    pub drain_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub color: String,
+    /// Seconds until its remaining flows are ended.
+    pub remaining_secs: u64,
 }
 
 /// Sends one request to the agent and waits for its answer.

@@ -414,6 +414,27 @@ impl Dataplane {
         Ok(counts)
     }
 
+    /// Removes every flow entry (both directions) of `color`; returns how many were removed.
+    /// Their next packet finds no entry: TCP then reaches the active color's backend, which
+    /// answers with a RST that the client sees from the VIP; UDP starts a new flow.
+    pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
+        let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
+        let doomed: Vec<FlowKey> = flows
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter(|(_, e)| e.color == color as u8)
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in doomed {
+            // An entry may already be gone (RST, LRU): not an error.
+            if flows.remove(&k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Direct access for tests and tools that need a map the methods above do not cover.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf

@@ -284,3 +284,48 @@ fn live_connections_stay_on_their_color_through_ten_flips_while_new_ones_follow(
     let s = status_json(&t);
     assert_eq!(s["generation"], 11, "ten flips, ten generations");
 }
+
+#[test]
+fn drain_ends_the_old_colors_flows_with_a_reset_at_the_deadline() {
+    let t = Topology::create(&tag()).expect("topology");
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _inside = InNetns::enter(&t.client).unwrap();
+            let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
+            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = BufReader::new(c);
+            let mut exchange = |msg: &str| -> std::io::Result<String> {
+                c.get_mut().write_all(format!("{msg}\n").as_bytes())?;
+                let mut answer = String::new();
+                if c.read_line(&mut answer)? == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+                }
+                Ok(answer.trim().to_owned())
+            };
+            assert_eq!(exchange("a").unwrap(), "blue a");
+
+            let out = t.bgctl(&["flip", "green", "--drain", "1"]).unwrap();
+            assert!(String::from_utf8_lossy(&out.stdout).contains("blue's remaining flows will be ended in 1 s"));
+            assert_eq!(exchange("b").unwrap(), "blue b", "before the deadline the flow stays on blue");
+            let s = status_json(&t);
+            assert_eq!(s["drain"]["color"], "blue");
+
+            std::thread::sleep(Duration::from_millis(1700));
+            let s = status_json(&t);
+            assert_eq!(s["flows"]["flows"][0], 0, "no blue flows left after the drain");
+            assert!(s["last_drain_removed"].as_u64().unwrap() >= 2, "the drain removed the stream's entries: {s}");
+            match exchange("c") {
+                Err(e) => assert!(
+                    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof),
+                    "the drained connection ends with a reset, got {e}"
+                ),
+                Ok(answer) => panic!("a drained connection must not be served, got {answer:?}"),
+            }
+        });
+    });
+    assert_eq!(t.get_vip().unwrap(), "green", "new connections go to green");
+    assert_eq!(t.csum_errors().unwrap(), 0);
+}
