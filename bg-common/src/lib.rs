@@ -298,7 +298,7 @@ pub enum Reason {
     PassNotIp = 0,
     /// 802.1Q/802.1ad tagged: passed untouched (attach bg to the VLAN interface instead).
     PassVlan = 1,
-    /// IP but neither TCP nor UDP (nor an ICMP error about a VIP flow): passed untouched.
+    /// IP but neither TCP nor UDP nor an ICMP error quoting a VIP flow: passed untouched.
     PassNotL4 = 2,
     /// TCP/UDP neither for a VIP nor part of a VIP flow: passed untouched.
     PassNotOurs = 3,
@@ -336,10 +336,18 @@ pub enum Reason {
     /// Addressed to a VIP, an IP fragment (no reassembly here, later fragments carry no
     /// ports to find the flow): dropped.
     DropFragment = 17,
+    /// ICMP error about a reply of a VIP flow (it quotes VIP → client), sent to the VIP:
+    /// outer destination and quoted source rewritten to the backend, so the backend's path
+    /// MTU discovery works.
+    IcmpToBackend = 18,
+    /// ICMP error about a packet sent to a backend (it quotes client → backend), on its way to
+    /// the client: quoted destination rewritten to the VIP (and the outer source, when it is
+    /// the backend itself), so the client matches it to its connection.
+    IcmpToClient = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassVlan,
@@ -359,6 +367,8 @@ impl Reason {
         Reason::DropNewFlowRate,
         Reason::DropMalformed,
         Reason::DropFragment,
+        Reason::IcmpToBackend,
+        Reason::IcmpToClient,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -381,6 +391,8 @@ impl Reason {
             Reason::DropNewFlowRate => "drop_new_flow_rate",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropFragment => "drop_fragment",
+            Reason::IcmpToBackend => "icmp_to_backend",
+            Reason::IcmpToClient => "icmp_to_client",
         }
     }
 

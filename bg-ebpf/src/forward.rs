@@ -11,22 +11,31 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use bg_common::{DpConfig, Fwd, DP_FLAG_REDIRECT};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{parse::Packet, rewrite::decrement_ttl};
+use crate::rewrite::decrement_ttl;
 
 const AF_INET: u8 = 2;
 
+/// The headers of a rewritten packet that forwarding reads and writes.
+pub struct Out {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Raw source and destination ports (zero for ICMP).
+    pub ports: [u16; 2],
+}
+
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, cfg: &DpConfig) -> (u32, Fwd) {
+pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
     if cfg.flags & DP_FLAG_REDIRECT == 0 {
         return (xdp_action::XDP_PASS, Fwd::Kernel);
     }
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     unsafe {
-        let ip = &*pkt.ip;
-        let ports = *pkt.ports;
+        let ip = &*out.ip;
+        let ports = out.ports;
         p.family = AF_INET;
-        p.l4_protocol = pkt.proto;
+        p.l4_protocol = ip.proto as u8;
         p.sport = ports[0];
         p.dport = ports[1];
         p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
@@ -40,10 +49,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, cfg: &DpConfig) -> (u32, Fwd) {
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            decrement_ttl(pkt);
+            decrement_ttl(out.ip);
             unsafe {
-                (*pkt.eth).dst_addr = p.dmac;
-                (*pkt.eth).src_addr = p.smac;
+                (*out.eth).dst_addr = p.dmac;
+                (*out.eth).src_addr = p.smac;
             }
             let action = unsafe { bpf_redirect(p.ifindex, 0) } as u32;
             (action, Fwd::Redirect)

@@ -2,12 +2,14 @@
 //! reverse rewrite of replies, with per-flow state so a flow keeps the backend it started on.
 //!
 //! Entry point and counters only; see `parse` (headers), `decide` (flow table, backend
-//! choice), `rewrite` (addresses, ports, checksums), `forward` (FIB lookup, redirect).
+//! choice), `icmp` (errors about VIP flows), `rewrite` (addresses, ports, checksums),
+//! `forward` (FIB lookup, redirect).
 #![no_std]
 #![no_main]
 
 mod decide;
 mod forward;
+mod icmp;
 mod maps;
 mod parse;
 mod rewrite;
@@ -15,15 +17,22 @@ mod rewrite;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use bg_common::{Fwd, Reason};
 
-use crate::maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V1, BG_STATS_V1};
+use crate::{
+    forward::Out,
+    maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V1, BG_STATS_V1},
+    parse::Parsed,
+};
 
 #[xdp]
 pub fn bg_xdp(ctx: XdpContext) -> u32 {
-    let pkt = match parse::parse(&ctx) {
-        Ok(pkt) => pkt,
+    let (verdict, out) = match parse::parse(&ctx) {
         Err(reason) => return finish(reason),
+        Ok(Parsed::Flow(pkt)) => (
+            decide::process(&pkt),
+            Out { eth: pkt.eth, ip: pkt.ip, ports: unsafe { *pkt.ports } },
+        ),
+        Ok(Parsed::Icmp(e)) => (icmp::process(&e), Out { eth: e.eth, ip: e.ip, ports: [0, 0] }),
     };
-    let verdict = decide::process(&pkt);
     if verdict.color == decide::NO_COLOR {
         return finish(verdict.reason);
     }
@@ -37,7 +46,7 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = BG_CONFIG_V1.get(0) else {
         return xdp_action::XDP_PASS;
     };
-    let (action, fwd) = forward::forward(&ctx, &pkt, cfg);
+    let (action, fwd) = forward::forward(&ctx, &out, cfg);
     count_fwd(fwd, 1);
     action
 }

@@ -3,7 +3,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use bg_common::{FlowKey, Reason, VipAddr, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+use bg_common::{FlowKey, Reason, VipAddr, FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::maps::BG_VIP_ADDRS_V1;
@@ -32,6 +32,28 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
+/// An ICMP error whose quoted packet belongs to a VIP flow candidate.
+pub struct IcmpError {
+    pub eth: *mut EthHdr,
+    /// The outer header.
+    pub ip: *mut Ipv4Hdr,
+    /// The ICMP checksum (covers the ICMP header and the quoted bytes).
+    pub icmp_check: *mut u16,
+    /// The quoted IPv4 header (no options).
+    pub inner_ip: *mut Ipv4Hdr,
+    /// The quoted source and destination ports.
+    pub inner_ports: *mut [u16; 2],
+    /// The quoted L4 checksum, when the quote is long enough to hold it (else null).
+    pub inner_l4_check: *mut u16,
+    pub inner_proto: u8,
+}
+
+/// What the program works on.
+pub enum Parsed {
+    Flow(Packet),
+    Icmp(IcmpError),
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -50,10 +72,15 @@ fn is_vip_v4(addr: u32) -> bool {
     unsafe { BG_VIP_ADDRS_V1.get(&key) }.is_some()
 }
 
-/// Parses Ethernet / IPv4 / TCP-or-UDP. `Err` carries the final reason: a pass (not ours, left
-/// untouched) or, only for packets addressed to a VIP, a drop (the VIP check comes first).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROB: u8 = 12;
+
+/// Parses Ethernet / IPv4 / TCP, UDP or ICMP error. `Err` carries the final reason: a pass (not
+/// ours, left untouched) or, only for packets addressed to a VIP, a drop (the VIP check comes
+/// first).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncated)?;
     let ether_type = unsafe { (*eth).ether_type };
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
@@ -73,7 +100,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         return Err(bad(Reason::PassMalformed, Reason::DropMalformed));
     }
     let proto = unsafe { (*ip).proto } as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Err(Reason::PassNotL4);
     }
     if u16::from_ne_bytes(unsafe { (*ip).frags }) & IP_MF_OFFSET != 0 {
@@ -85,27 +112,60 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     // IPv4 options are skipped: the L4 header starts at IHL * 4 (20..=60 bytes).
     let l4 = EthHdr::LEN + ihl * 4;
     let truncated = || bad(Reason::PassTruncated, Reason::DropMalformed);
+    if proto == PROTO_ICMP {
+        return parse_icmp_error(ctx, eth, ip, l4).map(Parsed::Icmp);
+    }
     if proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or_else(truncated)?;
-        Ok(Packet {
+        Ok(Parsed::Flow(Packet {
             eth,
             ip,
             ports: tcp as *mut [u16; 2],
             l4_check: unsafe { core::ptr::addr_of_mut!((*tcp).check) } as *mut u16,
             proto,
             tcp_flags: unsafe { *(tcp as *const u8).add(13) },
-        })
+        }))
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or_else(truncated)?;
-        Ok(Packet {
+        Ok(Parsed::Flow(Packet {
             eth,
             ip,
             ports: udp as *mut [u16; 2],
             l4_check: unsafe { core::ptr::addr_of_mut!((*udp).check) } as *mut u16,
             proto,
             tcp_flags: 0,
-        })
+        }))
     }
+}
+
+/// An ICMP error (unreachable incl. "fragmentation needed", time exceeded, parameter problem)
+/// quoting an IPv4 TCP/UDP header and at least 8 bytes of its L4 header (RFC 792's minimum).
+/// Anything else is not ours.
+#[inline(always)]
+fn parse_icmp_error(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: usize) -> Result<IcmpError, Reason> {
+    let icmp: *mut [u8; 8] = ptr_at(ctx, l4).ok_or(Reason::PassNotL4)?;
+    let ty = unsafe { (*icmp)[0] };
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROB {
+        return Err(Reason::PassNotL4);
+    }
+    let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, l4 + 8).ok_or(Reason::PassNotL4)?;
+    let inner_proto = unsafe { (*inner_ip).proto } as u8;
+    if unsafe { (*inner_ip).vihl } != 0x45 || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+        return Err(Reason::PassNotL4);
+    }
+    let inner_l4 = l4 + 8 + Ipv4Hdr::LEN;
+    let inner_ports: *mut [u16; 4] = ptr_at(ctx, inner_l4).ok_or(Reason::PassNotL4)?;
+    let check_at = if inner_proto == PROTO_TCP { 16 } else { 6 };
+    let inner_l4_check = ptr_at::<u16>(ctx, inner_l4 + check_at).unwrap_or(core::ptr::null_mut());
+    Ok(IcmpError {
+        eth,
+        ip,
+        icmp_check: unsafe { (icmp as *mut u8).add(2) } as *mut u16,
+        inner_ip,
+        inner_ports: inner_ports as *mut [u16; 2],
+        inner_l4_check,
+        inner_proto,
+    })
 }
 
 impl Packet {

@@ -255,3 +255,99 @@ pub fn parse_v4(frame: &[u8]) -> Parsed {
         eth_src: frame[6..12].try_into().unwrap(),
     }
 }
+
+/// An ICMPv4 error from `from` to `to` quoting the IP header and the first `quote_l4` bytes of
+/// the L4 part of `quoted` (an Ethernet frame, e.g. from [`Pkt::build`]); `rest` is the second
+/// word of the ICMP header (the next-hop MTU for "fragmentation needed").
+pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, rest: u32, quoted: &[u8], quote_l4: usize) -> Vec<u8> {
+    let inner = &quoted[ETH_LEN..];
+    let ihl = ((inner[0] & 0x0f) as usize) * 4;
+    let quote = &inner[..(ihl + quote_l4).min(inner.len())];
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = 1;
+    h[12..16].copy_from_slice(&from.octets());
+    h[16..20].copy_from_slice(&to.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_ne_bytes());
+    h.extend_from_slice(&icmp);
+    ethernet(0x0800, None, &h)
+}
+
+/// An ICMP echo request.
+pub fn icmp_echo(from: Ipv4Addr, to: Ipv4Addr) -> Vec<u8> {
+    let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = 1;
+    h[12..16].copy_from_slice(&from.octets());
+    h[16..20].copy_from_slice(&to.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_ne_bytes());
+    h.extend_from_slice(&icmp);
+    ethernet(0x0800, None, &h)
+}
+
+/// An ICMPv4 error as parsed back, every checksum recomputed.
+#[derive(Debug)]
+pub struct ParsedIcmp {
+    pub outer_src: Ipv4Addr,
+    pub outer_dst: Ipv4Addr,
+    pub ty: u8,
+    pub code: u8,
+    pub rest: u32,
+    pub outer_ip_ok: bool,
+    pub icmp_ok: bool,
+    pub inner_src: SocketAddrV4,
+    pub inner_dst: SocketAddrV4,
+    pub inner_ip_ok: bool,
+    /// For a quote holding a whole UDP datagram: whether its checksum verifies.
+    pub inner_udp_ok: Option<bool>,
+}
+
+pub fn parse_icmp(frame: &[u8]) -> ParsedIcmp {
+    let ip = &frame[ETH_LEN..];
+    assert_eq!((ip[0], ip[9]), (0x45, 1), "outer IPv4 without options carrying ICMP");
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let icmp = &ip[20..total];
+    let inner = &icmp[8..];
+    let inner_src_ip = Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]);
+    let inner_dst_ip = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
+    let l4 = &inner[20..];
+    let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    let inner_udp_ok = (inner[9] == 17 && u16::from_be_bytes([l4[4], l4[5]]) as usize == l4.len()).then(|| {
+        let mut seg = l4.to_vec();
+        let stored = u16::from_ne_bytes([seg[6], seg[7]]);
+        seg[6] = 0;
+        seg[7] = 0;
+        let mut c = l4_checksum_v4(inner_src_ip.octets(), inner_dst_ip.octets(), 17, &seg);
+        if c == 0 {
+            c = 0xffff;
+        }
+        stored == 0 || stored == c
+    });
+    ParsedIcmp {
+        outer_src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        outer_dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ty: icmp[0],
+        code: icmp[1],
+        rest: u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        outer_ip_ok: checksum(&ip[..20]) == 0,
+        icmp_ok: checksum(icmp) == 0,
+        inner_src: SocketAddrV4::new(inner_src_ip, port(0)),
+        inner_dst: SocketAddrV4::new(inner_dst_ip, port(2)),
+        inner_ip_ok: checksum(&inner[..20]) == 0,
+        inner_udp_ok,
+    }
+}

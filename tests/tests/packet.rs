@@ -393,3 +393,64 @@ fn a_flip_is_atomic_under_concurrent_packets() {
     assert!(flips.load(Ordering::Relaxed) >= 100_000);
     assert!(b >= 1000 && g >= 1000, "both colors were seen: blue {b}, green {g}");
 }
+
+/// ICMP errors quoting a VIP flow are rewritten both ways so PMTUD keeps working: the outer
+/// header, the quoted header and every checksum (outer IP, ICMP over the quote, quoted IP,
+/// quoted UDP) verify afterwards; a quote of only 8 bytes of L4 header is enough.
+#[test]
+fn icmp_errors_about_vip_flows_are_rewritten_for_the_nat() {
+    let dp = dataplane(CONFIG);
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    // Two flows on blue: TCP to VIP:80 and UDP to VIP:53.
+    run(&dp, &packet::tcp(sa(CLIENT), sa(VIP), TCP_SYN, b""));
+    run(&dp, &packet::udp(sa(CLIENT), sa(DNS), b"query"));
+
+    // A router on the client side cannot forward a large reply (VIP → client): "fragmentation
+    // needed", addressed to the VIP, must reach the backend as an error about its own packet.
+    let reply = Pkt::tcp(sa(VIP), sa(CLIENT), TCP_ACK).payload(&[1; 1400]).build();
+    let err = packet::icmp_error(ip("10.0.0.1"), ip("10.100.0.1"), 3, 4, 1280, &reply, 20);
+    let before = dp.reason_count(Reason::IcmpToBackend).unwrap();
+    let (action, out) = run(&dp, &err);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(dp.reason_count(Reason::IcmpToBackend).unwrap(), before + 1);
+    let p = packet::parse_icmp(&out);
+    assert_eq!((p.outer_src, p.outer_dst), (ip("10.0.0.1"), ip("10.1.0.2")), "outer: router → backend");
+    assert_eq!((p.inner_src, p.inner_dst), (sa(BLUE), sa(CLIENT)), "quote: backend → client");
+    assert_eq!((p.ty, p.code, p.rest), (3, 4, 1280), "type, code and MTU kept");
+    assert!(p.outer_ip_ok && p.icmp_ok && p.inner_ip_ok, "checksums: {p:?}");
+
+    // A router between gateway and backend cannot forward a large request (client → backend),
+    // quoting only 8 bytes of TCP: the client must see it about client → VIP.
+    let request = Pkt::tcp(sa(CLIENT), sa(BLUE), TCP_ACK).payload(&[2; 1400]).build();
+    let err = packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.2"), 3, 4, 1280, &request, 8);
+    let (action, out) = run(&dp, &err);
+    assert_eq!(action, XDP_PASS);
+    let p = packet::parse_icmp(&out);
+    assert_eq!((p.outer_src, p.outer_dst), (ip("10.1.0.1"), ip("10.0.0.2")), "a router's address stays");
+    assert_eq!((p.inner_src, p.inner_dst), (sa(CLIENT), sa(VIP)), "quote: client → VIP");
+    assert!(p.outer_ip_ok && p.icmp_ok && p.inner_ip_ok, "checksums: {p:?}");
+    assert_eq!(dp.reason_count(Reason::IcmpToClient).unwrap(), 1);
+
+    // The backend itself answers "port unreachable" quoting the whole UDP query: the outer
+    // source becomes the VIP too, and the quoted UDP checksum still verifies.
+    let query = Pkt::udp(sa(CLIENT), sa(BLUE_DNS)).payload(b"query").build();
+    let err = packet::icmp_error(ip("10.1.0.2"), ip("10.0.0.2"), 3, 3, 0, &query, 13);
+    let (_, out) = run(&dp, &err);
+    let p = packet::parse_icmp(&out);
+    assert_eq!((p.outer_src, p.outer_dst), (ip("10.100.0.1"), ip("10.0.0.2")), "outer: VIP → client");
+    assert_eq!((p.inner_src, p.inner_dst), (sa(CLIENT), sa(DNS)), "quote: client → VIP:53");
+    assert_eq!(p.inner_udp_ok, Some(true), "quoted UDP checksum");
+    assert!(p.outer_ip_ok && p.icmp_ok && p.inner_ip_ok, "checksums: {p:?}");
+
+    // Not about a VIP flow, or not an error: untouched.
+    let stranger = Pkt::tcp(sa("10.0.0.9:1234"), sa(BLUE), TCP_ACK).build();
+    for (what, input, reason) in [
+        ("error about another flow", packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.9"), 3, 4, 1280, &stranger, 8), Reason::PassNotOurs),
+        ("echo request to the VIP", packet::icmp_echo(ip("10.0.0.2"), ip("10.100.0.1")), Reason::PassNotL4),
+    ] {
+        let before = dp.reason_count(reason).unwrap();
+        let (action, out) = run(&dp, &input);
+        assert_eq!((action, &out), (XDP_PASS, &input), "{what}: passed untouched");
+        assert_eq!(dp.reason_count(reason).unwrap(), before + 1, "{what}: {}", reason.name());
+    }
+}
