@@ -65,6 +65,17 @@ pub fn l4_checksum_v4(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> 
     !fold(sum_raw(segment, sum_raw(&pseudo, 0)))
 }
 
+/// The TCP/UDP/ICMPv6 checksum over the IPv6 pseudo header and `segment` (whose checksum
+/// field must be zero), raw.
+pub fn l4_checksum_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[0..16].copy_from_slice(&src);
+    pseudo[16..32].copy_from_slice(&dst);
+    pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
+    pseudo[39] = next_header;
+    !fold(sum_raw(segment, sum_raw(&pseudo, 0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

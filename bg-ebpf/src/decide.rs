@@ -18,8 +18,8 @@ use bg_common::{
 
 use crate::{
     maps::{BG_ACTIVE_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V1, BG_RINGS_V1, BG_SERVICES_V1},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    rewrite::{rewrite, End},
+    parse::{End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    rewrite::rewrite,
     count_fwd,
 };
 
@@ -90,10 +90,10 @@ fn follow(pkt: &Packet, key: &FlowKey, entry: &mut NatEntry, now: u64) -> Verdic
         entry.flags |= FLOW_CLOSING;
     }
     let reason = if kind == NAT_TO_BACKEND {
-        rewrite(pkt, End::Dst, addr[0], port);
+        rewrite(pkt, End::Dst, &addr, port);
         Reason::ToBackend
     } else {
-        rewrite(pkt, End::Src, addr[0], port);
+        rewrite(pkt, End::Src, &addr, port);
         Reason::FromBackend
     };
     if pkt.has(TCP_RST) {
@@ -173,7 +173,7 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: u32, cfg: &DpConfig, now: u64,
     {
         return Verdict::untouched(Reason::DropFlowTableFull);
     }
-    rewrite(pkt, End::Dst, backend.addr[0], backend.port);
+    rewrite(pkt, End::Dst, &backend.addr, backend.port);
     crate::count_new_flow(color);
     Verdict { reason, color }
 }

@@ -10,17 +10,25 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use bg_common::{DpConfig, Fwd, DP_FLAG_REDIRECT};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use bg_common::{DpConfig, Fwd, DP_FLAG_REDIRECT, FAMILY_V4};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
-use crate::rewrite::decrement_ttl;
+use crate::{
+    parse::{read_addr, End},
+    rewrite::decrement_ttl,
+};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The headers of a rewritten packet that forwarding reads and writes.
 pub struct Out {
     pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
+    /// Start of the IP header.
+    pub l3: *mut u8,
+    pub family: u8,
+    /// The L4 protocol (after IPv6 extension headers).
+    pub proto: u8,
     /// Raw source and destination ports (zero for ICMP).
     pub ports: [u16; 2],
 }
@@ -31,25 +39,34 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
         return (xdp_action::XDP_PASS, Fwd::Kernel);
     }
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.l4_protocol = out.proto;
+    p.sport = out.ports[0];
+    p.dport = out.ports[1];
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let src = read_addr(out.l3, out.family, End::Src);
+    let dst = read_addr(out.l3, out.family, End::Dst);
     unsafe {
-        let ip = &*out.ip;
-        let ports = out.ports;
-        p.family = AF_INET;
-        p.l4_protocol = ip.proto as u8;
-        p.sport = ports[0];
-        p.dport = ports[1];
-        p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-        p.ifindex = (*ctx.ctx).ingress_ifindex;
-        p.__bindgen_anon_2.tos = ip.tos;
-        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+        if out.family == FAMILY_V4 {
+            let ip = &*(out.l3 as *const Ipv4Hdr);
+            p.family = AF_INET;
+            p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+            p.__bindgen_anon_2.tos = ip.tos;
+            p.__bindgen_anon_3.ipv4_src = src[0];
+            p.__bindgen_anon_4.ipv4_dst = dst[0];
+        } else {
+            let ip = &*(out.l3 as *const Ipv6Hdr);
+            p.family = AF_INET6;
+            p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.payload_len).wrapping_add(Ipv6Hdr::LEN as u16);
+            p.__bindgen_anon_3.ipv6_src = src;
+            p.__bindgen_anon_4.ipv6_dst = dst;
+        }
     }
     let rc = unsafe {
         fib_lookup(ctx.ctx as *mut _, &mut p, size_of::<bpf_fib_lookup>() as i32, 0)
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            decrement_ttl(out.ip);
+            decrement_ttl(out.l3, out.family);
             unsafe {
                 (*out.eth).dst_addr = p.dmac;
                 (*out.eth).src_addr = p.smac;

@@ -29,9 +29,12 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
         Err(reason) => return finish(reason),
         Ok(Parsed::Flow(pkt)) => (
             decide::process(&pkt),
-            Out { eth: pkt.eth, ip: pkt.ip, ports: unsafe { *pkt.ports } },
+            Out { eth: pkt.eth, l3: pkt.l3, family: pkt.family, proto: pkt.proto, ports: unsafe { *pkt.ports } },
         ),
-        Ok(Parsed::Icmp(e)) => (icmp::process(&e), Out { eth: e.eth, ip: e.ip, ports: [0, 0] }),
+        Ok(Parsed::Icmp(e)) => {
+            let proto = if e.family == bg_common::FAMILY_V4 { bg_common::PROTO_ICMP } else { bg_common::PROTO_ICMPV6 };
+            (icmp::process(&e), Out { eth: e.eth, l3: e.l3, family: e.family, proto, ports: [0, 0] })
+        }
     };
     if verdict.color == decide::NO_COLOR {
         return finish(verdict.reason);

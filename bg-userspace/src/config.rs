@@ -200,15 +200,9 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = s.parse().map_err(|_| {
         field_err(
             field,
-            format!("`{s}` is not an address:port; write it like \"10.1.0.2:8080\""),
+            format!("`{s}` is not an address:port; write it like \"10.1.0.2:8080\" or \"[fd00::2]:8080\""),
         )
     })?;
-    if addr.is_ipv6() {
-        return Err(field_err(
-            field,
-            format!("`{s}` is IPv6, which this version of bg does not serve yet; use an IPv4 address"),
-        ));
-    }
     if addr.port() == 0 {
         return Err(field_err(field, format!("`{s}` has port 0; give the real port")));
     }
@@ -341,6 +335,12 @@ impl RawConfig {
                     let field = format!("service[{i}].{color}[{j}]");
                     let backend = parse_backend(&field, b)?;
                     let addr = backend.addr;
+                    if addr.is_ipv6() != vip.is_ipv6() {
+                        return Err(field_err(
+                            field,
+                            format!("`{addr}` and the VIP {vip} are of different IP versions; bg does not translate between IPv4 and IPv6"),
+                        ));
+                    }
                     if addr.ip() == vip.ip() {
                         return Err(field_err(field, format!("`{addr}` is the VIP itself; a backend must be another host")));
                     }
@@ -478,9 +478,15 @@ green = ["10.2.0.2:8080"]
     }
 
     #[test]
-    fn ipv6_vip_is_refused_with_reason() {
+    fn ipv6_services_parse_and_mixed_families_are_refused() {
+        let v6 = GOOD
+            .replace("10.100.0.1:80", "[fd00::100]:80")
+            .replace("\"10.1.0.2:8080\", \"10.1.0.3:8080\"", "\"[fd00:1::2]:8080\"")
+            .replace("\"10.2.0.2:8080\"", "\"[fd00:2::2]:8080\"");
+        let c = Config::parse(&v6).unwrap();
+        assert!(c.services[0].vip.is_ipv6());
         let e = err_of(&GOOD.replace("10.100.0.1:80", "[fd00::1]:80"));
-        assert!(e.contains("service[0].vip") && e.contains("IPv6"), "{e}");
+        assert!(e.contains("service[0].blue[0]") && e.contains("different IP versions"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use bg_common::{
         MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
     },
     ring_base, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, Reason,
-    Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, NAT_TO_BACKEND, RING_SIZE,
+    Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6, NAT_TO_BACKEND, RING_SIZE,
     SLOTS,
 };
 use bytemuck::Zeroable;
@@ -53,12 +53,23 @@ pub fn slot_of(color: Color) -> u32 {
     color as u32
 }
 
-/// A raw (network order) IPv4 address in word 0, as map keys hold it.
+/// An address as map keys hold it: network order words, IPv4 in word 0.
 pub fn raw_addr(ip: IpAddr) -> [u32; 4] {
     match ip {
         IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        // Config validation refuses IPv6 before anything reaches here.
-        IpAddr::V6(_) => unreachable!("IPv6 is refused by config validation"),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+pub fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
     }
 }
 
@@ -67,7 +78,7 @@ pub fn vip_key(service: &Service) -> VipKey {
         addr: raw_addr(service.vip.ip()),
         port: service.vip.port().to_be(),
         proto: service.protocol.number(),
-        family: FAMILY_V4,
+        family: family(service.vip.ip()),
     }
 }
 
@@ -256,7 +267,7 @@ impl Dataplane {
             let mut addrs: HashMap<&mut MapData, VipAddr, u32> =
                 HashMap::try_from(self.map_mut(MAP_VIP_ADDRS)?)?;
             for s in services {
-                let key = VipAddr { addr: raw_addr(s.vip.ip()), family: FAMILY_V4 as u32 };
+                let key = VipAddr { addr: raw_addr(s.vip.ip()), family: family(s.vip.ip()) as u32 };
                 addrs.insert(key, 1, 0).context("writing a VIP address")?;
             }
         }

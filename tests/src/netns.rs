@@ -63,11 +63,21 @@ impl Netns {
         run(self.command(argv[0]).args(&argv[1..]))
     }
 
-    /// The kernel's checksum-error counters (TCP and UDP `InCsumErrors`) in this namespace.
+    /// The kernel's checksum-error counters in this namespace: TCP (both families) and UDP
+    /// `InCsumErrors`, and `Udp6InCsumErrors`/`Icmp6InCsumErrors`.
     pub fn csum_errors(&self) -> anyhow::Result<u64> {
         let out = self.exec(&["cat", "/proc/net/snmp"])?;
         let text = String::from_utf8_lossy(&out.stdout);
+        let six = self.exec(&["cat", "/proc/net/snmp6"])?;
         let mut total = 0;
+        for line in String::from_utf8_lossy(&six.stdout).lines() {
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some(v)) = (words.next(), words.next()) {
+                if name == "Udp6InCsumErrors" || name == "Icmp6InCsumErrors" {
+                    total += v.parse::<u64>().with_context(|| format!("{name}"))?;
+                }
+            }
+        }
         let lines: Vec<&str> = text.lines().collect();
         for pair in lines.chunks(2) {
             let [head, vals] = pair else { continue };

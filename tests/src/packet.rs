@@ -351,3 +351,190 @@ pub fn parse_icmp(frame: &[u8]) -> ParsedIcmp {
         inner_udp_ok,
     }
 }
+
+/// An IPv6 TCP/UDP frame to build, with optional extension headers before the L4 header.
+#[derive(Clone, Debug)]
+pub struct Pkt6 {
+    pub src: std::net::SocketAddrV6,
+    pub dst: std::net::SocketAddrV6,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+    pub hop_limit: u8,
+    /// (next-header number of this extension header, its 8-byte-multiple body incl. the
+    /// 2 bytes next-header/length that the builder fills).
+    pub ext: Vec<(u8, usize)>,
+}
+
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use bg_common::csum::l4_checksum_v6;
+
+impl Pkt6 {
+    pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Pkt6 {
+        Pkt6 { src, dst, proto: 6, tcp_flags: flags, payload: Vec::new(), hop_limit: 64, ext: Vec::new() }
+    }
+    pub fn udp(src: SocketAddrV6, dst: SocketAddrV6) -> Pkt6 {
+        Pkt6 { proto: 17, ..Pkt6::tcp(src, dst, 0) }
+    }
+    pub fn payload(mut self, p: &[u8]) -> Pkt6 {
+        self.payload = p.to_vec();
+        self
+    }
+    pub fn hop_limit(mut self, h: u8) -> Pkt6 {
+        self.hop_limit = h;
+        self
+    }
+    /// Adds an extension header of `kind` (0 hop-by-hop, 43 routing, 60 destination options,
+    /// 44 fragment) and `len` bytes (a multiple of 8).
+    pub fn ext(mut self, kind: u8, len: usize) -> Pkt6 {
+        self.ext.push((kind, len));
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = if self.proto == 6 {
+            let mut t = vec![0u8; 20];
+            t[12] = 5 << 4;
+            t[13] = self.tcp_flags;
+            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            t
+        } else {
+            let mut u = vec![0u8; 8];
+            u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            u
+        };
+        l4[0..2].copy_from_slice(&self.src.port().to_be_bytes());
+        l4[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
+        l4.extend_from_slice(&self.payload);
+        let mut c = l4_checksum_v6(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
+        if self.proto == 17 && c == 0 {
+            c = 0xffff;
+        }
+        let at = if self.proto == 6 { 16 } else { 6 };
+        l4[at..at + 2].copy_from_slice(&c.to_ne_bytes());
+        // Extension headers, chained.
+        let mut body = Vec::new();
+        let kinds: Vec<u8> = self.ext.iter().map(|e| e.0).chain([self.proto]).collect();
+        for (i, (_, len)) in self.ext.iter().enumerate() {
+            let mut h = vec![0u8; *len];
+            h[0] = kinds[i + 1];
+            h[1] = (*len / 8 - 1) as u8;
+            body.extend_from_slice(&h);
+        }
+        body.extend_from_slice(&l4);
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        ip.push(kinds[0]);
+        ip.push(self.hop_limit);
+        ip.extend_from_slice(&self.src.ip().octets());
+        ip.extend_from_slice(&self.dst.ip().octets());
+        ip.extend_from_slice(&body);
+        ethernet(0x86dd, None, &ip)
+    }
+}
+
+/// What a parsed IPv6 TCP/UDP frame says, with the L4 checksum verified from scratch.
+#[derive(Debug)]
+pub struct Parsed6 {
+    pub src: SocketAddrV6,
+    pub dst: SocketAddrV6,
+    pub hop_limit: u8,
+    pub l4_checksum_ok: bool,
+    pub payload: Vec<u8>,
+    /// Bytes of extension headers between the IPv6 header and L4.
+    pub ext_len: usize,
+}
+
+fn v6(b: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap())
+}
+
+pub fn parse_v6(frame: &[u8]) -> Parsed6 {
+    assert_eq!(&frame[12..14], &[0x86, 0xdd], "not IPv6");
+    let ip = &frame[ETH_LEN..];
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let (src, dst) = (v6(&ip[8..24]), v6(&ip[24..40]));
+    let mut next = ip[6];
+    let mut off = 40;
+    while matches!(next, 0 | 43 | 60) {
+        next = ip[off];
+        off += (ip[off + 1] as usize + 1) * 8;
+    }
+    let l4 = &ip[off..40 + plen];
+    let at = if next == 6 { 16 } else { 6 };
+    let stored = u16::from_ne_bytes([l4[at], l4[at + 1]]);
+    let mut z = l4.to_vec();
+    z[at] = 0;
+    z[at + 1] = 0;
+    let mut c = l4_checksum_v6(src.octets(), dst.octets(), next, &z);
+    if next == 17 && c == 0 {
+        c = 0xffff;
+    }
+    let hlen = if next == 6 { ((l4[12] >> 4) as usize) * 4 } else { 8 };
+    let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    Parsed6 {
+        src: SocketAddrV6::new(src, port(0), 0, 0),
+        dst: SocketAddrV6::new(dst, port(2), 0, 0),
+        hop_limit: ip[7],
+        l4_checksum_ok: stored == c,
+        payload: l4[hlen..].to_vec(),
+        ext_len: off - 40,
+    }
+}
+
+/// An ICMPv6 error from `from` to `to` quoting the IPv6 header and the first `quote_l4` bytes of
+/// the L4 part of `quoted` (built without extension headers).
+pub fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, rest: u32, quoted: &[u8], quote_l4: usize) -> Vec<u8> {
+    let inner = &quoted[ETH_LEN..];
+    let quote = &inner[..(40 + quote_l4).min(inner.len())];
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = l4_checksum_v6(from.octets(), to.octets(), 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    ip.push(58);
+    ip.push(64);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    ip.extend_from_slice(&icmp);
+    ethernet(0x86dd, None, &ip)
+}
+
+/// An ICMPv6 error as parsed back, its checksum (with pseudo header) recomputed.
+#[derive(Debug)]
+pub struct ParsedIcmp6 {
+    pub outer_src: Ipv6Addr,
+    pub outer_dst: Ipv6Addr,
+    pub ty: u8,
+    pub rest: u32,
+    pub icmp_ok: bool,
+    pub inner_src: SocketAddrV6,
+    pub inner_dst: SocketAddrV6,
+}
+
+pub fn parse_icmp6(frame: &[u8]) -> ParsedIcmp6 {
+    let ip = &frame[ETH_LEN..];
+    assert_eq!(ip[6], 58, "ICMPv6 right after the IPv6 header");
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let (src, dst) = (v6(&ip[8..24]), v6(&ip[24..40]));
+    let icmp = &ip[40..40 + plen];
+    let mut z = icmp.to_vec();
+    let stored = u16::from_ne_bytes([z[2], z[3]]);
+    z[2] = 0;
+    z[3] = 0;
+    let inner = &icmp[8..];
+    let l4 = &inner[40..];
+    let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    ParsedIcmp6 {
+        outer_src: src,
+        outer_dst: dst,
+        ty: icmp[0],
+        rest: u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        icmp_ok: stored == l4_checksum_v6(src.octets(), dst.octets(), 58, &z),
+        inner_src: SocketAddrV6::new(v6(&inner[8..24]), port(0), 0, 0),
+        inner_dst: SocketAddrV6::new(v6(&inner[24..40]), port(2), 0, 0),
+    }
+}

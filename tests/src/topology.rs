@@ -27,6 +27,10 @@ pub const CLIENT: &str = "10.0.0.2";
 pub const BLUE: &str = "10.1.0.2";
 pub const GREEN: &str = "10.2.0.2";
 pub const BACKEND_PORT: u16 = 8080;
+pub const VIP6: &str = "fd00:100::1";
+pub const CLIENT6: &str = "fd00:c::2";
+pub const BLUE6: &str = "fd00:b::2";
+pub const GREEN6: &str = "fd00:a::2";
 /// A long-lived line-stream service (`bg-testsrv --echo`), same port on VIP and backends.
 pub const ECHO_PORT: u16 = 7000;
 
@@ -58,23 +62,27 @@ impl Topology {
             green: Netns::new(&format!("{tag}-gr"))?,
             tag: tag.to_owned(),
         };
-        for (host, gw_if, host_addr, gw_addr) in [
-            (&t.client, "gw-c", CLIENT, "10.0.0.1"),
-            (&t.blue, "gw-b", BLUE, "10.1.0.1"),
-            (&t.green, "gw-g", GREEN, "10.2.0.1"),
+        for (host, gw_if, host_addr, gw_addr, host6, gw6) in [
+            (&t.client, "gw-c", CLIENT, "10.0.0.1", CLIENT6, "fd00:c::1"),
+            (&t.blue, "gw-b", BLUE, "10.1.0.1", BLUE6, "fd00:b::1"),
+            (&t.green, "gw-g", GREEN, "10.2.0.1", GREEN6, "fd00:a::1"),
         ] {
             t.gw.exec(&["ip", "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns", &host.name])?;
             t.gw.exec(&["ip", "addr", "add", &format!("{gw_addr}/24"), "dev", gw_if])?;
+            t.gw.exec(&["ip", "-6", "addr", "add", &format!("{gw6}/64"), "dev", gw_if, "nodad"])?;
             t.gw.exec(&["ip", "link", "set", gw_if, "up"])?;
             host.exec(&["ip", "addr", "add", &format!("{host_addr}/24"), "dev", "eth0"])?;
+            host.exec(&["ip", "-6", "addr", "add", &format!("{host6}/64"), "dev", "eth0", "nodad"])?;
             host.exec(&["ip", "link", "set", "eth0", "up"])?;
             host.exec(&["ip", "route", "add", "default", "via", gw_addr])?;
+            host.exec(&["ip", "-6", "route", "add", "default", "via", gw6])?;
             // Full checksums on the wire, so a wrong rewrite cannot hide behind CHECKSUM_PARTIAL.
             // GRO on the receiving end lets native-mode XDP_REDIRECT deliver into this veth.
             host.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
             t.gw.exec(&["ethtool", "-K", gw_if, "tx", "off"])?;
         }
         sysctl(&t.gw, "net.ipv4.ip_forward=1")?;
+        sysctl(&t.gw, "net.ipv6.conf.all.forwarding=1")?;
         for iface in ["all", "default", "gw-c", "gw-b", "gw-g"] {
             sysctl(&t.gw, &format!("net.ipv4.conf.{iface}.rp_filter=0"))?;
         }
@@ -106,6 +114,13 @@ blue = ["{BLUE}:{BACKEND_PORT}"]
 green = ["{GREEN}:{BACKEND_PORT}"]
 
 [[service]]
+name = "web6"
+vip = "[{VIP6}]:{VIP_PORT}"
+protocol = "tcp"
+blue = ["[{BLUE6}]:{BACKEND_PORT}"]
+green = ["[{GREEN6}]:{BACKEND_PORT}"]
+
+[[service]]
 name = "stream"
 vip = "{VIP}:{ECHO_PORT}"
 protocol = "tcp"
@@ -118,14 +133,15 @@ green = ["{GREEN}:{ECHO_PORT}"]
         )
     }
 
-    /// Starts the backends: on each color an HTTP server (port 8080) and a line-stream echo
-    /// server (port 7000), answering with the color's name.
+    /// Starts the backends: on each color an HTTP server (port 8080, IPv4 and IPv6) and a
+    /// line-stream echo server (port 7000), answering with the color's name.
     pub fn start_backends(&self) -> anyhow::Result<Vec<Proc>> {
         let srv = paths::testsrv();
         let mut procs = Vec::new();
         for (ns, addr, color) in [(&self.blue, BLUE, "blue"), (&self.green, GREEN, "green")] {
             let mut cmd = ns.command(srv.to_str().unwrap());
-            cmd.args(["--listen", &format!("{addr}:{BACKEND_PORT}"), "--body", color]);
+            // [::] takes IPv4 too (IPV6_V6ONLY is off by default on Linux).
+            cmd.args(["--listen", &format!("[::]:{BACKEND_PORT}"), "--body", color]);
             procs.push(Proc::spawn_ready(&format!("{color} HTTP server"), &mut cmd, "listening", Duration::from_secs(10))?);
             let mut cmd = ns.command(srv.to_str().unwrap());
             cmd.args(["--listen", &format!("{addr}:{ECHO_PORT}"), "--body", color, "--echo"]);
@@ -164,6 +180,15 @@ green = ["{GREEN}:{ECHO_PORT}"]
         let out = self.client.exec(&[
             "curl", "-sS", "--fail", "--max-time", "5", "--no-keepalive",
             &format!("http://{VIP}:{VIP_PORT}/"),
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// One HTTP GET from the client to the IPv6 VIP on a new connection; returns the body.
+    pub fn get_vip6(&self) -> anyhow::Result<String> {
+        let out = self.client.exec(&[
+            "curl", "-sS", "-g", "--fail", "--max-time", "5",
+            &format!("http://[{VIP6}]:{VIP_PORT}/"),
         ])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }

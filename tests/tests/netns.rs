@@ -41,12 +41,14 @@ fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
     for _ in 0..3 {
         assert_eq!(t.get_vip().expect("GET via VIP"), "blue", "blue answers before the flip");
     }
+    assert_eq!(t.get_vip6().expect("GET via the IPv6 VIP"), "blue", "blue answers on IPv6");
     let flip = t.bgctl(&["flip", "green"]).expect("bgctl flip green");
     let text = String::from_utf8_lossy(&flip.stdout);
     assert!(text.contains("blue -> green") && text.contains("generation 2"), "flip output: {text}");
     for _ in 0..3 {
         assert_eq!(t.get_vip().expect("GET via VIP"), "green", "green answers new connections after the flip");
     }
+    assert_eq!(t.get_vip6().expect("GET via the IPv6 VIP"), "green", "green answers on IPv6 after the flip");
     assert_eq!(status_json(&t)["active"], "green");
 
     t.bgctl(&["rollback"]).expect("bgctl rollback");
@@ -56,7 +58,7 @@ fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
     let s = status_json(&t);
     assert_eq!(s["active"], "blue");
     assert_eq!(s["generation"], 3);
-    assert_eq!(s["flows"]["flows"], serde_json::json!([6, 3]), "flows per color in the table");
+    assert_eq!(s["flows"]["flows"], serde_json::json!([7, 4]), "flows per color in the table");
 
     assert_eq!(t.csum_errors().unwrap(), 0, "receiving kernels counted checksum errors");
 

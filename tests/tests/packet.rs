@@ -157,7 +157,7 @@ fn every_edge_case_has_its_stated_action() {
         row("TCP to the VIP on an unserved port", Pkt::tcp(sa(CLIENT), sa("10.100.0.1:443"), TCP_SYN).build(), Reason::PassNotOurs, Out::Unchanged),
         row("UDP to the VIP's TCP port", packet::udp(sa(CLIENT), sa(VIP), b"x"), Reason::PassNotOurs, Out::Unchanged),
         row("backend talking to a client directly", Pkt::tcp(sa(BLUE), sa("10.0.0.3:5555"), TCP_ACK).build(), Reason::PassNotOurs, Out::Unchanged),
-        row("IPv6", packet::ipv6_tcp_syn(), Reason::PassNotIp, Out::Unchanged),
+        row("IPv6 TCP to a host that is no VIP", packet::ipv6_tcp_syn(), Reason::PassNotOurs, Out::Unchanged),
         row("ARP", packet::arp(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 100, 0, 1)), Reason::PassNotIp, Out::Unchanged),
         row("bare Ethernet header (LLDP type)", bare_eth, Reason::PassNotIp, Out::Unchanged),
         row("IPv4 header cut at 10 bytes", truncated(syn().build(), 14 + 10), Reason::PassTruncated, Out::Unchanged),
@@ -453,4 +453,105 @@ fn icmp_errors_about_vip_flows_are_rewritten_for_the_nat() {
         assert_eq!((action, &out), (XDP_PASS, &input), "{what}: passed untouched");
         assert_eq!(dp.reason_count(reason).unwrap(), before + 1, "{what}: {}", reason.name());
     }
+}
+
+const CONFIG6: &str = r#"
+interfaces = ["unused0"]
+forwarding = "kernel"
+max_new_flows_per_sec = 0
+[[service]]
+name = "web6"
+vip = "[fd00::100]:80"
+blue = ["[fd00:1::2]:8080"]
+green = ["[fd00:2::2]:9090"]
+[[service]]
+name = "dns6"
+vip = "[fd00::100]:53"
+protocol = "udp"
+blue = ["[fd00:1::2]:5353"]
+green = ["[fd00:2::2]:5353"]
+"#;
+
+fn sa6(s: &str) -> std::net::SocketAddrV6 {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ipv6_flows_extension_headers_and_icmpv6_errors() {
+    use packet::Pkt6;
+    let mut dp = dataplane(CONFIG6);
+    let client = sa6("[fd00::2]:40000");
+    let vip = sa6("[fd00::100]:80");
+    let blue = sa6("[fd00:1::2]:8080");
+    let check6 = |out: &[u8], src, dst, payload: &[u8], what: &str| {
+        let p = packet::parse_v6(out);
+        assert_eq!((p.src, p.dst), (src, dst), "{what}: addresses/ports");
+        assert!(p.l4_checksum_ok, "{what}: L4 checksum with the IPv6 pseudo header");
+        assert_eq!(p.payload, payload, "{what}: payload");
+        p
+    };
+    let expect = |dp: &Dataplane, what: &str, input: Vec<u8>, reason: Reason| -> Vec<u8> {
+        let before = dp.reason_count(reason).unwrap();
+        let (action, out) = run(dp, &input);
+        assert_eq!(action, if reason.is_drop() { XDP_DROP } else { XDP_PASS }, "{what}: action");
+        assert_eq!(dp.reason_count(reason).unwrap(), before + 1, "{what}: {}", reason.name());
+        let rewritten = matches!(
+            reason,
+            Reason::NewFlow | Reason::ToBackend | Reason::FromBackend | Reason::LostFlow | Reason::IcmpToBackend | Reason::IcmpToClient
+        );
+        if !reason.is_drop() && !rewritten {
+            assert_eq!(out, input, "{what}: untouched");
+        }
+        out
+    };
+
+    let out = expect(&dp, "SYN", Pkt6::tcp(client, vip, TCP_SYN).build(), Reason::NewFlow);
+    let p = check6(&out, client, blue, b"", "SYN to the v6 VIP");
+    assert_eq!(p.hop_limit, 64);
+    let out = expect(&dp, "reply", Pkt6::tcp(blue, client, TCP_ACK).payload(b"blue\n").build(), Reason::FromBackend);
+    check6(&out, vip, client, b"blue\n", "reply from the v6 backend");
+    let out = expect(&dp, "UDP", Pkt6::udp(client, sa6("[fd00::100]:53")).payload(b"q").build(), Reason::NewFlow);
+    check6(&out, client, sa6("[fd00:1::2]:5353"), b"q", "UDP to the v6 VIP");
+
+    // Extension headers are walked, up to 4.
+    let c2 = sa6("[fd00::2]:40001");
+    let out = expect(&dp, "hop-by-hop + dest opts", Pkt6::tcp(c2, vip, TCP_SYN).ext(0, 8).ext(60, 16).payload(b"x").build(), Reason::NewFlow);
+    assert_eq!(check6(&out, c2, blue, b"x", "with extension headers").ext_len, 24, "extension headers kept");
+    let five = |dst| Pkt6::tcp(sa6("[fd00::2]:40002"), dst, TCP_SYN).ext(0, 8).ext(60, 8).ext(43, 8).ext(60, 8).ext(60, 8).build();
+    expect(&dp, "5 extension headers to the VIP", five(vip), Reason::DropMalformed);
+    expect(&dp, "5 extension headers elsewhere", five(sa6("[fd00::9]:80")), Reason::PassMalformed);
+    expect(&dp, "fragment header to the VIP", Pkt6::tcp(sa6("[fd00::2]:40003"), vip, TCP_SYN).ext(44, 8).build(), Reason::DropFragment);
+    expect(&dp, "hop limit 1", Pkt6::tcp(sa6("[fd00::2]:40004"), vip, TCP_SYN).hop_limit(1).build(), Reason::PassTtlExpired);
+    let mut truncated = Pkt6::tcp(sa6("[fd00::2]:40005"), vip, TCP_SYN).build();
+    truncated.truncate(14 + 40 + 10);
+    expect(&dp, "TCP header cut short, to the VIP", truncated, Reason::DropMalformed);
+
+    // Packet Too Big about a reply (VIP → client), sent by a router to the VIP: it must reach
+    // the backend about its own packet (IPv6 routers never fragment: PMTUD is the only way).
+    let router: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+    let reply = Pkt6::tcp(vip, client, TCP_ACK).payload(&[3; 1300]).build();
+    let err = packet::icmp6_error(router, *vip.ip(), 2, 0, 1280, &reply, 20);
+    let out = expect(&dp, "packet too big to the VIP", err, Reason::IcmpToBackend);
+    let p = packet::parse_icmp6(&out);
+    assert_eq!((p.outer_src, p.outer_dst), (router, *blue.ip()), "outer: router → backend");
+    assert_eq!((p.inner_src, p.inner_dst), (blue, client), "quote: backend → client");
+    assert_eq!((p.ty, p.rest), (2, 1280));
+    assert!(p.icmp_ok, "ICMPv6 checksum (pseudo header + quote) verifies");
+
+    // The backend answers unreachable about client → backend, quoting 8 bytes: the client sees
+    // it from the VIP about client → VIP.
+    let request = Pkt6::tcp(client, blue, TCP_ACK).build();
+    let err = packet::icmp6_error(*blue.ip(), *client.ip(), 1, 4, 0, &request, 8);
+    let out = expect(&dp, "unreachable from the backend", err, Reason::IcmpToClient);
+    let p = packet::parse_icmp6(&out);
+    assert_eq!((p.outer_src, p.outer_dst), (*vip.ip(), *client.ip()));
+    assert_eq!((p.inner_src, p.inner_dst), (client, vip));
+    assert!(p.icmp_ok, "ICMPv6 checksum verifies");
+
+    // A flip moves new v6 flows, not old ones.
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt6::tcp(sa6("[fd00::2]:40010"), vip, TCP_SYN).build());
+    check6(&out, sa6("[fd00::2]:40010"), sa6("[fd00:2::2]:9090"), b"", "new v6 flow after the flip");
+    let (_, out) = run(&dp, &Pkt6::tcp(client, vip, TCP_ACK).build());
+    check6(&out, client, blue, b"", "old v6 flow after the flip");
 }
