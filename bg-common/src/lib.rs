@@ -429,12 +429,22 @@ pub enum Fwd {
     KernelOther = 4,
     /// Flow entries removed by the data path (TCP RST).
     FlowsRemoved = 5,
+    /// Flow entries created under a key that had none (overwrites of expired entries are not
+    /// counted). Created − removed − present = entries the LRU evicted.
+    FlowsCreated = 6,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 6;
-    pub const ALL: [Fwd; Fwd::COUNT as usize] =
-        [Fwd::Redirect, Fwd::Kernel, Fwd::KernelNoNeigh, Fwd::KernelFragNeeded, Fwd::KernelOther, Fwd::FlowsRemoved];
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Fwd; Fwd::COUNT as usize] = [
+        Fwd::Redirect,
+        Fwd::Kernel,
+        Fwd::KernelNoNeigh,
+        Fwd::KernelFragNeeded,
+        Fwd::KernelOther,
+        Fwd::FlowsRemoved,
+        Fwd::FlowsCreated,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -444,6 +454,7 @@ impl Fwd {
             Fwd::KernelFragNeeded => "fwd_kernel_frag_needed",
             Fwd::KernelOther => "fwd_kernel_other",
             Fwd::FlowsRemoved => "flow_entries_removed",
+            Fwd::FlowsCreated => "flow_entries_created",
         }
     }
 }

@@ -109,6 +109,24 @@ fn follow(pkt: &Packet, key: &FlowKey, entry: &mut NatEntry, now: u64) -> Verdic
     Verdict { reason, color }
 }
 
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// Writes a flow entry, counting it as created when its key had none (so that evictions can be
+/// told from the counters); an expired entry under the same key is overwritten.
+#[inline(always)]
+fn record(key: &FlowKey, entry: &NatEntry) -> bool {
+    match BG_FLOWS_V1.insert(key, entry, BPF_NOEXIST) {
+        Ok(()) => {
+            count_fwd(Fwd::FlowsCreated, 1);
+            true
+        }
+        // The helper returns -errno.
+        Err(e) if e == -EEXIST => BG_FLOWS_V1.insert(key, entry, 0).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// The per-CPU new-flow rate bound: true when this second's budget is spent.
 #[inline(always)]
 fn over_rate(cfg: &DpConfig, now: u64) -> bool {
@@ -168,9 +186,7 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: u32, cfg: &DpConfig, now: u64,
     };
     // Reply entry first: once the forward entry exists, later packets skip this path, and their
     // replies must find the reverse mapping.
-    if BG_FLOWS_V1.insert(&key.reply_key(backend.addr, backend.port), &reply, 0).is_err()
-        || BG_FLOWS_V1.insert(key, &forward, 0).is_err()
-    {
+    if !record(&key.reply_key(backend.addr, backend.port), &reply) || !record(key, &forward) {
         return Verdict::untouched(Reason::DropFlowTableFull);
     }
     rewrite(pkt, End::Dst, &backend.addr, backend.port);

@@ -172,8 +172,8 @@ fn print_status(s: &Status) {
             .unwrap_or_default()
     );
     println!(
-        "live flows: blue {}, green {} ({} of {} table entries in use, {} expired)",
-        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired
+        "live flows: blue {}, green {} (table: {} of {} entries in use, {} expired, {} evicted so far)",
+        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired, s.flows.evicted
     );
     if let Some(d) = &s.drain {
         println!("draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);

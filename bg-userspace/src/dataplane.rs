@@ -156,6 +156,9 @@ pub struct FlowCounts {
     pub entries: u64,
     /// Entries that are over by the idle rules but not yet recycled.
     pub expired: u64,
+    /// Entries the LRU evicted to make room: created − removed − present. An eviction of a
+    /// live flow breaks it (its next packet counts as `lost_flow`).
+    pub evicted: u64,
 }
 
 /// Counters read from the per-CPU maps, summed over CPUs.
@@ -178,6 +181,8 @@ pub struct ColorCounters {
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// Flow entries removed from userspace (drains), for the eviction arithmetic.
+    removed_by_agent: u64,
 }
 
 impl Dataplane {
@@ -197,7 +202,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("the kernel verifier rejected the bg XDP program")?;
-        let mut dp = Dataplane { ebpf };
+        let mut dp = Dataplane { ebpf, removed_by_agent: 0 };
         {
             let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
             cfg.set(0, dp_config(config), 0).context("writing the data path settings")?;
@@ -422,6 +427,9 @@ impl Dataplane {
                 }
             }
         }
+        let created = self.fwd_count(Fwd::FlowsCreated)?;
+        let removed = self.fwd_count(Fwd::FlowsRemoved)? + self.removed_by_agent;
+        counts.evicted = created.saturating_sub(removed).saturating_sub(counts.entries);
         Ok(counts)
     }
 
@@ -443,6 +451,7 @@ impl Dataplane {
                 removed += 1;
             }
         }
+        self.removed_by_agent += removed;
         Ok(removed)
     }
 

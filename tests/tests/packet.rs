@@ -555,3 +555,25 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
     let (_, out) = run(&dp, &Pkt6::tcp(client, vip, TCP_ACK).build());
     check6(&out, client, blue, b"", "old v6 flow after the flip");
 }
+
+/// A table smaller than the live flows: the LRU evicts, the counters say how many, and a
+/// packet of an evicted TCP flow counts as `lost_flow`.
+#[test]
+fn flow_table_pressure_is_counted() {
+    let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nflow_table_size = 1024");
+    let dp = dataplane(&config);
+    for i in 0..2000u32 {
+        let client = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + 2 + (i >> 10)), 10000 + (i & 1023) as u16);
+        run(&dp, &packet::tcp(client, sa(VIP), TCP_SYN, b""));
+    }
+    let f = dp.flow_counts().unwrap();
+    assert_eq!(dp.fwd_count(Fwd::FlowsCreated).unwrap(), 4000, "two entries created per flow");
+    assert!(f.entries <= 1024, "the table holds at most its size: {f:?}");
+    assert_eq!(f.evicted, 4000 - f.entries, "evictions = created - present: {f:?}");
+    assert!(f.evicted >= 2976);
+    // The first flow was evicted long ago: its next packet is a lost flow, re-pinned.
+    let lost = dp.reason_count(Reason::LostFlow).unwrap();
+    let (_, out) = run(&dp, &packet::tcp(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 10000), sa(VIP), TCP_ACK, b""));
+    assert_eq!(dp.reason_count(Reason::LostFlow).unwrap(), lost + 1);
+    assert_rewritten(&out, sa("10.0.0.2:10000"), sa(BLUE), b"", "re-pinned lost flow");
+}
