@@ -23,7 +23,8 @@ pub const MAX_SERVICES: u32 = 256;
 /// Backends per color per service.
 pub const MAX_BACKENDS: usize = 64;
 /// Backend-set slots. A slot is only ever written while no selector points at it; see
-/// [`Selector`]. Two per color, so a color's set can be rebuilt without touching the live copy.
+/// [`Selector`]. Two per color (`c` and `c + 2`), so a color's set can be rebuilt without
+/// touching the live copy.
 pub const SLOTS: u32 = 4;
 /// Default size of the flow table (entries; each flow uses two, one per direction).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
@@ -77,25 +78,55 @@ impl Color {
     }
 }
 
-/// The value of the single-entry `ACTIVE` map: which backend-set slot new flows use.
+/// The value of the single-entry `ACTIVE` map: which backend-set slots new flows use.
+///
+/// Bits 0..8: the primary slot (the active color's current slot). Bits 8..16: the secondary
+/// slot (the idle color's current slot): preview services always use it, and a canary sends
+/// `canary_permille`/1000 of new flows to it. Bits 16..26: that permille (0..=1000).
 ///
 /// Why a flip is atomic: the selector is one naturally aligned `u32`, so the map update that
 /// replaces it is a single 4-byte store; a concurrent XDP reader sees the old value or the new
-/// one, never a mix. The slot it names (its backend set and its Maglev table) was filled
-/// completely *before* the selector was written, and slots a selector may point at are never
-/// rewritten in place, so a packet always reads one color's whole set. (An in-place update of a
-/// multi-field value is a `memcpy` that a reader on another CPU can observe half-done.)
+/// one, never a mix. The slots it names (their backend sets and Maglev tables) were filled
+/// completely *before* the selector was written, and a slot is only rewritten once no selector
+/// has named it for a grace period, so a packet always reads one color's whole set. (An
+/// in-place update of a multi-field value is a `memcpy` that a reader on another CPU can
+/// observe half-done.)
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Selector(pub u32);
 
 impl Selector {
-    pub const fn for_slot(slot: u32) -> Self {
-        Selector(slot)
+    pub const fn new(primary: u32, secondary: u32, canary_permille: u32) -> Self {
+        Selector((primary & 0xff) | (secondary & 0xff) << 8 | (canary_permille & 0x3ff) << 16)
     }
-    pub const fn slot(self) -> u32 {
+    pub const fn primary(self) -> u32 {
         self.0 & 0xff
     }
+    pub const fn secondary(self) -> u32 {
+        (self.0 >> 8) & 0xff
+    }
+    pub const fn canary_permille(self) -> u32 {
+        (self.0 >> 16) & 0x3ff
+    }
+    /// The slot a new flow with `hash` takes; `preview` services always take the secondary.
+    #[inline(always)]
+    pub fn slot_for(self, hash: u32, preview: bool) -> u32 {
+        if preview {
+            return self.secondary();
+        }
+        let permille = self.canary_permille();
+        // A different mix than the Maglev index, so the canary share is independent of it.
+        if permille != 0 && crate::hash::mix32(hash ^ 0x5bd1_e995) % 1000 < permille {
+            self.secondary()
+        } else {
+            self.primary()
+        }
+    }
+}
+
+/// The color whose backends a slot holds: slots `c` and `c + 2` belong to color `c`.
+pub const fn slot_color(slot: u32) -> u8 {
+    (slot & 1) as u8
 }
 
 /// `DpConfig::flags`: forward rewritten packets with `bpf_fib_lookup` + `XDP_REDIRECT`
@@ -131,12 +162,17 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// `ServiceInfo::flags`: a preview service, always routed to the idle color.
+pub const SERVICE_PREVIEW: u32 = 1;
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ServiceInfo {
     /// Index of this service's backend sets: slot `s` lives at `s * MAX_SERVICES + index`.
     pub index: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
 }
 
 /// Key of the `VIP_ADDRS` map: every VIP address, whatever the port. Lets the program tell
@@ -517,6 +553,19 @@ mod tests {
         let reply = k.reply_key([3, 0, 0, 0], 8080);
         assert_eq!((reply.src, reply.dst, reply.sport, reply.dport), ([3, 0, 0, 0], [1, 0, 0, 0], 8080, 10));
         assert_eq!(reply.forward_key(k.dst, k.dport), k);
+    }
+
+    #[test]
+    fn selector_packs_and_splits() {
+        let s = Selector::new(2, 1, 100);
+        assert_eq!((s.primary(), s.secondary(), s.canary_permille()), (2, 1, 100));
+        assert_eq!(slot_color(2), 0);
+        assert_eq!(slot_color(1), 1);
+        assert!((0..1000).all(|h| Selector::new(0, 1, 0).slot_for(h, false) == 0));
+        assert!((0..1000).all(|h| Selector::new(0, 1, 0).slot_for(h, true) == 1));
+        assert!((0..1000).all(|h| Selector::new(0, 1, 1000).slot_for(h, false) == 1));
+        let to_secondary = (0..100_000u32).filter(|h| Selector::new(0, 1, 100).slot_for(crate::hash::mix32(*h), false) == 1).count();
+        assert!((9_000..11_000).contains(&to_secondary), "10% canary gave {to_secondary} of 100000");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use bg_common::{
-    hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, VipKey,
+    hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, ServiceInfo,
+    VipKey, SERVICE_PREVIEW,
     FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
     PROTO_TCP, RING_SIZE,
 };
@@ -76,7 +77,7 @@ pub fn process(pkt: &Packet) -> Verdict {
     if over_rate(cfg, now) {
         return Verdict::untouched(Reason::DropNewFlowRate);
     }
-    new_flow(pkt, &key, service.index, cfg, now, reason)
+    new_flow(pkt, &key, service, cfg, now, reason)
 }
 
 /// A packet of a known flow: rewrite as its entry says.
@@ -148,15 +149,16 @@ fn over_rate(cfg: &DpConfig, now: u64) -> bool {
 
 /// Picks a backend of the active color by Maglev, records both directions, rewrites.
 #[inline(always)]
-fn new_flow(pkt: &Packet, key: &FlowKey, service: u32, cfg: &DpConfig, now: u64, reason: Reason) -> Verdict {
+fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, now: u64, reason: Reason) -> Verdict {
     let Some(selector) = BG_ACTIVE_V1.get(0) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };
-    let slot = selector.slot();
-    let Some(set) = BG_BACKEND_SETS_V1.get(BackendSet::index(slot, service)) else {
+    let hash = flow_hash(key);
+    let slot = selector.slot_for(hash, service.flags & SERVICE_PREVIEW != 0);
+    let Some(set) = BG_BACKEND_SETS_V1.get(BackendSet::index(slot, service.index)) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };
-    let ring_index = ring_base(slot, cfg.services, service) + flow_hash(key) % RING_SIZE;
+    let ring_index = ring_base(slot, cfg.services, service.index) + hash % RING_SIZE;
     let Some(&b) = BG_RINGS_V1.get(ring_index) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };

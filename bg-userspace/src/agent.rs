@@ -1,78 +1,89 @@
-//! `bgctl agent`: owns the data plane and serves the control socket.
+//! `bgctl agent`: owns the control socket, health checks and decisions; the data plane it sets
+//! up outlives it.
 //!
-//! Start-up applies nothing until the whole config is valid and every interface exists; if a
-//! later step fails (load, attach, pin, socket), everything done so far is undone before the
-//! error is returned. On SIGINT/SIGTERM the agent detaches the program, removes its pins and its
-//! socket: in this version the agent owns the data plane for its lifetime.
+//! Start-up applies nothing until the whole config is valid and every interface exists. Maps
+//! and one XDP link per interface are pinned under `pin_dir`: if the agent is killed, traffic
+//! keeps flowing as configured. A restarted agent adopts the pinned state (active color, canary,
+//! flow table) after checking its layout, and swaps its own program in through the pinned links
+//! (`bpf_link_update`: no moment without a program). On SIGINT/SIGTERM the agent removes its
+//! socket and leaves the data plane as it is; `bgctl agent --cleanup` removes it.
 
 use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context};
-use bg_common::Color;
+use bg_common::{slot_color, Color};
+use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     config::{parse_color, Config},
-    control::{FlipResult, Request, Response, ServiceStatus, Status, MAX_LINE},
-    dataplane::{require_embedded_object, Attachment, Dataplane},
+    control::{
+        BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, Request, Response, ServiceStatus, Status,
+        WatchStatus, MAX_LINE,
+    },
+    dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
+    health::{self, State as HState},
+    metrics,
+    state::{Persisted, Store},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-struct State {
-    config: Config,
+/// Who asked for an action.
+#[derive(Clone, Copy, Debug)]
+pub enum Actor {
+    /// A control-socket client with this uid.
+    Uid(u32),
+    /// The agent itself (automatic rollback, drain).
+    Agent,
+}
+
+impl Actor {
+    fn json(self) -> serde_json::Value {
+        match self {
+            Actor::Uid(u) => json!(u),
+            Actor::Agent => json!("agent"),
+        }
+    }
+}
+
+pub struct State {
+    pub config: Config,
+    pub dp: Dataplane,
+    store: Store,
+    pub health: health::Table,
+    attachments: Vec<Attachment>,
+    pub active: Color,
+    previous: Option<Color>,
+    /// Share (per mille) of new flows sent to the other color.
+    pub canary_permille: u32,
+    pub generation: u64,
+    active_since: Instant,
     /// A drain scheduled by the last flip: (color to end, deadline, generation of that flip).
     drain: Option<(Color, Instant, u64)>,
     last_drain_removed: Option<u64>,
-    dp: Dataplane,
-    attachments: Vec<Attachment>,
-    active: Color,
-    previous: Option<Color>,
-    generation: u64,
-    active_since: Instant,
-}
-
-/// Removes the pin directory and the socket when dropped, unless disarmed.
-struct Cleanup {
-    pin_dir: Option<PathBuf>,
-    socket: Option<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(dir) = self.pin_dir.take() {
-            if let Err(e) = remove_pin_dir(&dir) {
-                warn!(dir = %dir.display(), error = %e, "could not remove pinned maps");
-            }
-        }
-        if let Some(sock) = self.socket.take() {
-            let _ = std::fs::remove_file(sock);
-        }
-    }
-}
-
-/// Removes the files in a bg pin directory and the directory itself.
-pub fn remove_pin_dir(dir: &Path) -> std::io::Result<()> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                std::fs::remove_file(e?.path())?;
-            }
-            std::fs::remove_dir(dir)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    /// The automatic-rollback window of the last flip: (color watched, until, generation).
+    watch: Option<(Color, Instant, u64)>,
+    /// Effective weights last published per color.
+    published: [Vec<Vec<u32>>; 2],
+    pub flips_total: u64,
+    pub rollbacks_total: u64,
+    pub auto_rollbacks_total: u64,
+    pub last_flip_ns: u64,
+    /// Colors whose backends are all down (said once per transition).
+    all_down_reported: [bool; 2],
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
@@ -125,62 +136,472 @@ fn claim_socket(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bgctl agent --cleanup`: detaches bg and removes its pinned maps and socket. The state
+/// directory (state file, audit log) is kept.
+pub fn cleanup(config: &Config) -> anyhow::Result<()> {
+    if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        bail!("an agent is still serving {}; stop it first (SIGTERM), then clean up", config.socket.display());
+    }
+    let removed = remove_pinned(&config.pin_dir).with_context(|| format!("removing {}", config.pin_dir.display()))?;
+    let _ = std::fs::remove_file(&config.socket);
+    if removed.is_empty() {
+        println!("nothing pinned in {}", config.pin_dir.display());
+    } else {
+        println!("removed {} (links detached, maps freed): {}", config.pin_dir.display(), removed.join(", "));
+    }
+    Ok(())
+}
+
+/// Every backend address once, with the health settings of the first service listing it.
+fn all_backends(config: &Config) -> Vec<(SocketAddr, crate::config::Health)> {
+    let mut v: Vec<(SocketAddr, crate::config::Health)> = Vec::new();
+    for s in &config.services {
+        for b in s.blue.iter().chain(&s.green) {
+            if !v.iter().any(|(a, _)| *a == b.addr) {
+                v.push((b.addr, s.health.clone()));
+            }
+        }
+    }
+    v
+}
+
+impl State {
+    fn backend_state(&self, addr: &SocketAddr) -> HState {
+        self.health.lock().unwrap().get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
+    }
+
+    /// Weights for `color` as health allows: configured weight, 0 for backends confirmed down.
+    fn effective_weights(&self, color: Color) -> Vec<Vec<u32>> {
+        self.config
+            .services
+            .iter()
+            .map(|s| {
+                s.backends(color)
+                    .iter()
+                    .map(|b| if health::takes_flows(self.backend_state(&b.addr)) { b.weight } else { 0 })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A color is healthy when, in every service, at least `healthy_share` of its backends
+    /// passed their last `rise` checks. Returns the failing backends otherwise.
+    fn color_health(&self, color: Color) -> (bool, Vec<String>) {
+        let table = self.health.lock().unwrap();
+        let mut ok = true;
+        let mut failing = Vec::new();
+        for s in &self.config.services {
+            let list = s.backends(color);
+            let up = list.iter().filter(|b| table.get(&b.addr).map(|h| health::is_up(h.state)).unwrap_or(false)).count();
+            if (up as f64) < s.health.healthy_share * list.len() as f64 {
+                ok = false;
+            }
+            for b in list {
+                let h = table.get(&b.addr).cloned().unwrap_or_default();
+                if !health::is_up(h.state) {
+                    failing.push(format!("{} ({:?}: {})", b.addr, h.state, h.last).to_lowercase());
+                }
+            }
+        }
+        (ok, failing)
+    }
+
+    fn health_snapshot(&self) -> serde_json::Value {
+        let table = self.health.lock().unwrap();
+        let mut out = serde_json::Map::new();
+        for color in Color::ALL {
+            let backends: Vec<serde_json::Value> = self
+                .config
+                .services
+                .iter()
+                .flat_map(|s| s.backends(color).iter().map(move |b| (s, b)))
+                .map(|(s, b)| {
+                    let h = table.get(&b.addr).cloned().unwrap_or_default();
+                    json!({"service": s.name, "backend": b.addr.to_string(), "state": h.state, "last": h.last})
+                })
+                .collect();
+            out.insert(color.name().into(), json!(backends));
+        }
+        serde_json::Value::Object(out)
+    }
+
+    fn audit(&self, mut event: serde_json::Value) {
+        if let Some(o) = event.as_object_mut() {
+            o.insert("health".into(), self.health_snapshot());
+        }
+        if let Err(e) = self.store.audit(event) {
+            error!(error = %e, "could not write the audit log");
+        }
+    }
+
+    fn persist(&self) {
+        let p = Persisted {
+            active: self.active.name().into(),
+            previous: self.previous.map(|c| c.name().into()),
+            generation: self.generation,
+            canary_permille: self.canary_permille,
+        };
+        if let Err(e) = self.store.save(&p) {
+            error!(error = %e, "could not persist the agent state; a reboot may come back on the config's color");
+        }
+    }
+
+    /// Republishes a color whose effective weights changed (a backend went down or came back).
+    fn apply_health(&mut self) {
+        for color in Color::ALL {
+            let w = self.effective_weights(color);
+            let all_down = w.iter().any(|s| s.iter().all(|x| *x == 0));
+            if all_down && !self.all_down_reported[color as usize] {
+                error!(color = color.name(), "ALL backends of a service are down; new flows still go to them (nothing better to do)");
+            }
+            self.all_down_reported[color as usize] = all_down;
+            if w == self.published[color as usize] {
+                continue;
+            }
+            match self.dp.publish(color, &w) {
+                Ok(()) => {
+                    info!(color = color.name(), "backend tables republished after a health change");
+                    self.published[color as usize] = w;
+                }
+                Err(e) => error!(color = color.name(), error = %e, "could not republish backend tables"),
+            }
+        }
+    }
+
+    /// Switches new flows. `percent`: a canary share to `to` (the active color stays); None: a
+    /// full flip. Refused when `to` is not healthy, unless `force`.
+    #[allow(clippy::too_many_arguments)]
+    fn flip(&mut self, to: Color, percent: Option<u32>, drain_secs: Option<u64>, force: bool, who: Actor, reason: &str, event: &str) -> anyhow::Result<FlipResult> {
+        let started = Instant::now();
+        let from = self.active;
+        if percent.is_some() && to == from {
+            bail!("{} is already active; a canary goes to the other color", to.name());
+        }
+        let permille = percent.map(|p| p * 10).unwrap_or(0);
+        let target_active = if percent.is_some() { from } else { to };
+        if target_active == from && permille == self.canary_permille && percent.is_none() {
+            return Ok(FlipResult {
+                from: from.name().into(),
+                to: to.name().into(),
+                generation: self.generation,
+                changed: false,
+                switch_ns: 0,
+                total_ns: started.elapsed().as_nanos() as u64,
+                drain_secs: None,
+                percent: None,
+                forced: false,
+            });
+        }
+        let (healthy, failing) = self.color_health(to);
+        if !healthy && !force {
+            self.audit(json!({"event": "refused", "from": from.name(), "to": to.name(), "generation": self.generation,
+                "uid": who.json(), "reason": format!("{} not healthy", to.name()), "failing": failing}));
+            bail!(
+                "refused: {} is not healthy (each service needs its healthy_share of backends up): {}; fix it, or pass --force",
+                to.name(),
+                failing.join("; ")
+            );
+        }
+        let switch = self.dp.route(target_active, permille)?;
+        if target_active != from {
+            self.previous = Some(from);
+            self.active = target_active;
+            self.active_since = Instant::now();
+        }
+        self.canary_permille = permille;
+        self.generation += 1;
+        self.flips_total += 1;
+        self.last_flip_ns = started.elapsed().as_nanos() as u64;
+        self.drain = drain_secs.map(|s| (from, Instant::now() + Duration::from_secs(s), self.generation));
+        self.watch = (self.config.watch_window_secs > 0)
+            .then(|| (to, Instant::now() + Duration::from_secs(self.config.watch_window_secs), self.generation));
+        self.persist();
+        let event = if percent.is_some() { "canary" } else { event };
+        self.audit(json!({"event": event, "from": from.name(), "to": to.name(), "generation": self.generation,
+            "uid": who.json(), "reason": reason, "forced": force && !healthy, "percent": percent, "drain_secs": drain_secs}));
+        info!(from = from.name(), to = to.name(), generation = self.generation, percent, forced = force && !healthy,
+            switch_ns = switch.as_nanos() as u64, "switched");
+        Ok(FlipResult {
+            from: from.name().into(),
+            to: to.name().into(),
+            generation: self.generation,
+            changed: true,
+            switch_ns: switch.as_nanos() as u64,
+            total_ns: self.last_flip_ns,
+            drain_secs,
+            percent,
+            forced: force && !healthy,
+        })
+    }
+
+    /// Undoes the last switch: cancels a canary, or flips back to the previous color.
+    fn rollback(&mut self, force: bool, who: Actor, reason: &str) -> anyhow::Result<FlipResult> {
+        let from = self.active;
+        let result = if self.canary_permille != 0 {
+            let switch = self.dp.route(self.active, 0)?;
+            self.canary_permille = 0;
+            self.generation += 1;
+            self.persist();
+            self.audit(json!({"event": "rollback", "from": from.name(), "to": from.name(), "generation": self.generation,
+                "uid": who.json(), "reason": format!("{reason}: canary to {} cancelled", from.other().name())}));
+            FlipResult {
+                from: from.name().into(),
+                to: from.name().into(),
+                generation: self.generation,
+                changed: true,
+                switch_ns: switch.as_nanos() as u64,
+                total_ns: switch.as_nanos() as u64,
+                drain_secs: None,
+                percent: Some(0),
+                forced: false,
+            }
+        } else {
+            let Some(prev) = self.previous else {
+                bail!("nothing to roll back: the active color has not changed since this state began");
+            };
+            self.flip(prev, None, None, force, who, reason, "rollback")?
+        };
+        self.rollbacks_total += 1;
+        self.watch = None;
+        Ok(result)
+    }
+
+    /// The automatic rollback: the color flipped to turned unhealthy inside its watch window.
+    /// At most once per flip: the window is closed whatever happens.
+    fn check_watch(&mut self) {
+        let Some((color, until, generation)) = self.watch else { return };
+        if Instant::now() > until || generation != self.generation {
+            self.watch = None;
+            return;
+        }
+        let (healthy, failing) = self.color_health(color);
+        let confirmed_down = self.config.services.iter().any(|s| {
+            s.backends(color).iter().any(|b| self.backend_state(&b.addr) == HState::Down)
+        });
+        if healthy || !confirmed_down {
+            return;
+        }
+        self.watch = None;
+        let why = format!("automatic rollback: {} unhealthy within the watch window: {}", color.name(), failing.join("; "));
+        let back_to = if self.canary_permille != 0 { self.active } else { self.previous.unwrap_or(color.other()) };
+        let (back_ok, _) = self.color_health(back_to);
+        if !back_ok {
+            error!(color = color.name(), "{why}; NOT rolling back: {} is not healthy either", back_to.name());
+            self.audit(json!({"event": "auto_rollback_skipped", "from": self.active.name(), "to": back_to.name(),
+                "generation": self.generation, "uid": "agent", "reason": format!("{why}; {} unhealthy too", back_to.name())}));
+            return;
+        }
+        warn!("{why}");
+        match self.rollback(false, Actor::Agent, &why) {
+            Ok(_) => {
+                self.auto_rollbacks_total += 1;
+                // No back-and-forth: the rollback opens no new watch window.
+                self.watch = None;
+            }
+            Err(e) => error!(error = %e, "automatic rollback failed"),
+        }
+    }
+
+    /// Ends the drained color's remaining flows once its deadline has passed, unless another
+    /// flip happened since.
+    fn run_due_drain(&mut self) {
+        let Some((color, deadline, generation)) = self.drain else { return };
+        if Instant::now() < deadline {
+            return;
+        }
+        self.drain = None;
+        if generation != self.generation {
+            return;
+        }
+        match self.dp.remove_flows_of(color) {
+            Ok(n) => {
+                info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
+                self.last_drain_removed = Some(n);
+                self.audit(json!({"event": "drain", "from": color.name(), "to": self.active.name(), "generation": self.generation,
+                    "uid": "agent", "reason": format!("drain deadline: {n} flow entries of {} removed", color.name())}));
+            }
+            Err(e) => warn!(color = color.name(), error = %e, "drain failed"),
+        }
+    }
+
+    pub fn status(&self) -> anyhow::Result<Status> {
+        let active = self.dp.active()?;
+        let table = self.health.lock().unwrap().clone();
+        let colors = Color::ALL.map(|c| {
+            let (healthy, _) = self.color_health(c);
+            let w = self.effective_weights(c);
+            ColorHealth {
+                color: c.name().into(),
+                healthy,
+                all_down: w.iter().any(|s| s.iter().all(|x| *x == 0)),
+                backends: self
+                    .config
+                    .services
+                    .iter()
+                    .flat_map(|s| s.backends(c).iter().map(move |b| (s, b)))
+                    .map(|(s, b)| {
+                        let h = table.get(&b.addr).cloned().unwrap_or_default();
+                        BackendStatus {
+                            service: s.name.clone(),
+                            backend: b.addr.to_string(),
+                            weight: b.weight,
+                            state: h.state,
+                            last: h.last,
+                        }
+                    })
+                    .collect(),
+            }
+        });
+        Ok(Status {
+            active: active.name().into(),
+            previous: self.previous.map(|c| c.name().into()),
+            generation: self.generation,
+            active_for_secs: self.active_since.elapsed().as_secs(),
+            canary: (self.canary_permille != 0).then(|| CanaryStatus {
+                color: self.active.other().name().into(),
+                percent: self.canary_permille as f64 / 10.0,
+            }),
+            services: self
+                .config
+                .services
+                .iter()
+                .map(|s| ServiceStatus {
+                    name: s.name.clone(),
+                    vip: s.vip.to_string(),
+                    preview_vip: s.preview_vip.map(|p| p.to_string()),
+                    protocol: s.protocol.name().into(),
+                    blue: s.blue.iter().map(|b| b.addr.to_string()).collect(),
+                    green: s.green.iter().map(|b| b.addr.to_string()).collect(),
+                })
+                .collect(),
+            health: colors.to_vec(),
+            interfaces: self.attachments.clone(),
+            flows: self.dp.flow_counts()?,
+            flow_table_size: self.config.flow_table_size,
+            pin_dir: self.config.pin_dir.display().to_string(),
+            drain: self.drain.map(|(color, deadline, _)| DrainStatus {
+                color: color.name().into(),
+                remaining_secs: deadline.saturating_duration_since(Instant::now()).as_secs(),
+            }),
+            last_drain_removed: self.last_drain_removed,
+            watch: self.watch.map(|(color, until, _)| WatchStatus {
+                color: color.name().into(),
+                remaining_secs: until.saturating_duration_since(Instant::now()).as_secs(),
+            }),
+            flips_total: self.flips_total,
+            rollbacks_total: self.rollbacks_total,
+            auto_rollbacks_total: self.auto_rollbacks_total,
+            last_flip_ns: self.last_flip_ns,
+            adopted: self.dp.adopted,
+        })
+    }
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let object = require_embedded_object()?;
     check_interfaces(&config)?;
     claim_socket(&config.socket)?;
     ensure_bpffs(&config.pin_dir)?;
-    if config.pin_dir.exists() {
-        warn!(dir = %config.pin_dir.display(), "removing pinned state left by an agent that is no longer running");
-        remove_pin_dir(&config.pin_dir)
-            .with_context(|| format!("removing stale pins in {}", config.pin_dir.display()))?;
-    }
+    let store = Store::open(&config.state_dir)?;
+    let persisted = store.load()?;
 
-    let mut dp = Dataplane::new(object, &config)?;
-
+    let fresh = !config.pin_dir.exists();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&config.pin_dir)
         .with_context(|| format!("creating pin directory {}", config.pin_dir.display()))?;
-    let mut cleanup = Cleanup {
-        pin_dir: Some(config.pin_dir.clone()),
-        socket: None,
+    std::fs::set_permissions(&config.pin_dir, std::fs::Permissions::from_mode(0o700))?;
+    // Undo a fresh start that fails half-way: nothing pinned stays behind.
+    let undo = |e: anyhow::Error| {
+        if fresh {
+            let _ = remove_pinned(&config.pin_dir);
+        }
+        e
     };
-    dp.pin_maps(&config.pin_dir)?;
-    let attachments = dp.attach(&config.interfaces, config.xdp_mode)?;
+    let initial = persisted
+        .as_ref()
+        .and_then(|p| parse_color(&p.active))
+        .unwrap_or(config.initial_color);
+    let mut dp = Dataplane::open(object, &config, Some(&config.pin_dir), initial).map_err(undo)?;
+    let attachments = dp.attach(&config.interfaces, config.xdp_mode, &config.pin_dir).map_err(undo)?;
     for a in &attachments {
         info!(interface = %a.interface, mode = %a.mode, "XDP program attached");
     }
 
+    // Who is active: the kernel when adopting; the persisted state (or config) when fresh.
+    let selector = dp.selector()?;
+    let active = Color::from_u8(slot_color(selector.primary())).unwrap_or(Color::Blue);
+    let (mut generation, mut previous, mut canary) = (1, None, selector.canary_permille());
+    if let Some(p) = &persisted {
+        generation = p.generation.max(1);
+        previous = p.previous.as_deref().and_then(parse_color);
+        if parse_color(&p.active) != Some(active) {
+            warn!(kernel = active.name(), file = %p.active, "the data plane's active color differs from the state file; the data plane wins");
+            generation += 1;
+            previous = Some(active.other());
+        }
+    }
+    if !dp.adopted && persisted.as_ref().map(|p| p.canary_permille).unwrap_or(0) != 0 {
+        canary = persisted.as_ref().unwrap().canary_permille;
+        dp.route(active, canary)?;
+    }
+
     let listener = UnixListener::bind(&config.socket)
         .with_context(|| format!("binding control socket {}", config.socket.display()))?;
-    cleanup.socket = Some(config.socket.clone());
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
-    info!(
-        socket = %config.socket.display(),
-        active = config.initial_color.name(),
-        services = config.services.len(),
-        "bg agent ready"
-    );
 
-    let state = Arc::new(Mutex::new(State {
-        active: config.initial_color,
-        config,
+    let health_table: health::Table = Arc::new(Mutex::new(BTreeMap::new()));
+    let published = [Color::Blue, Color::Green].map(|c| {
+        config.services.iter().map(|s| s.backends(c).iter().map(|b| b.weight).collect()).collect()
+    });
+    let state = State {
         dp,
+        store,
+        health: health_table.clone(),
         attachments,
-        previous: None,
+        active,
+        previous,
+        canary_permille: canary,
+        generation,
+        active_since: Instant::now(),
         drain: None,
         last_drain_removed: None,
-        generation: 1,
-        active_since: Instant::now(),
-    }));
+        watch: None,
+        published,
+        flips_total: 0,
+        rollbacks_total: 0,
+        auto_rollbacks_total: 0,
+        last_flip_ns: 0,
+        all_down_reported: [false; 2],
+        config,
+    };
+    state.persist();
+    state.audit(json!({"event": "started", "to": active.name(), "generation": generation, "uid": "agent",
+        "reason": if state.dp.adopted { "adopted pinned data plane state" } else { "fresh data plane" }}));
+    info!(socket = %state.config.socket.display(), active = active.name(), generation, adopted = state.dp.adopted,
+        services = state.config.services.len(), "bg agent ready");
+    let state = Arc::new(Mutex::new(state));
+
+    {
+        let backends = all_backends(&state.lock().unwrap().config);
+        health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")));
+    }
+    if let Some(addr) = state.lock().unwrap().config.metrics_listen {
+        metrics::serve(addr, state.clone()).await?;
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => run_due_drain(&state),
+            _ = tick.tick() => {
+                let mut st = state.lock().unwrap();
+                st.apply_health();
+                st.check_watch();
+                st.run_due_drain();
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let state = state.clone();
@@ -192,28 +613,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 Err(e) => warn!(error = %e, "accept on control socket failed"),
             },
-            _ = term.recv() => { info!("SIGTERM: detaching, removing pins and socket"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching, removing pins and socket"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
         }
     }
     drop(listener);
-    // Pins and socket go now; the links are released when the process exits (or the last
-    // in-flight control connection drops its handle), which detaches the program.
-    drop(cleanup);
-    info!("bg agent stopped");
+    let st = state.lock().unwrap();
+    let _ = std::fs::remove_file(&st.config.socket);
+    info!(
+        pin_dir = %st.config.pin_dir.display(),
+        "bg agent stopped; the data plane stays attached and keeps forwarding as configured \
+         (`bgctl agent --cleanup --config ...` removes it)"
+    );
     Ok(())
 }
 
 async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
+    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let (read, mut write) = stream.into_split();
+    if uid != 0 {
+        let r = Response::Error { message: format!("permission denied: uid {uid} is not root; the control socket is root-only") };
+        write.write_all(format!("{}\n", serde_json::to_string(&r)?).as_bytes()).await?;
+        warn!(uid, "refused a control connection from a non-root peer");
+        return Ok(());
+    }
     let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1)).lines();
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(&state, req),
+            Ok(req) => {
+                let state = state.clone();
+                // Map walks and health gates are blocking work: off the async threads.
+                tokio::task::spawn_blocking(move || handle(&state, req, Actor::Uid(uid))).await?
+            }
             Err(e) => Response::Error {
                 message: format!(
                     "bad request ({e}); send one JSON object per line such as {{\"op\":\"status\"}}, \
-                     {{\"op\":\"flip\",\"color\":\"green\"}}, {{\"op\":\"rollback\"}} or {{\"op\":\"stats\"}}"
+                     {{\"op\":\"flip\",\"color\":\"green\"}}, {{\"op\":\"rollback\"}}, {{\"op\":\"stats\"}} or {{\"op\":\"history\"}}"
                 ),
             },
         };
@@ -224,112 +659,21 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
     Ok(())
 }
 
-fn handle(state: &Mutex<State>, req: Request) -> Response {
+/// One request. The state lock serializes flips: each gets its own generation.
+fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     let result = match req {
-        Request::Status => status(&st).map(Response::Status),
+        Request::Status => st.status().map(Response::Status),
         Request::Stats => st.dp.counters().map(Response::Stats),
-        Request::Flip { color, drain_secs } => match parse_color(&color) {
-            Some(c) => flip(&mut st, c, drain_secs).map(Response::Flipped),
-            None => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
+        Request::History { limit } => st.store.history(limit.unwrap_or(50)).map(|events| Response::History { events }),
+        Request::Flip { color, drain_secs, percent, force } => match (parse_color(&color), percent) {
+            (None, _) => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
+            (_, Some(p)) if !(1..=99).contains(&p) => {
+                Err(anyhow!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)"))
+            }
+            (Some(c), _) => st.flip(c, percent, drain_secs, force, who, "requested", "flip").map(Response::Flipped),
         },
-        Request::Rollback => match st.previous {
-            Some(prev) => flip(&mut st, prev, None).map(Response::Flipped),
-            None => Err(anyhow!("nothing to roll back: the active color has not changed since the agent started")),
-        },
+        Request::Rollback { force } => st.rollback(force, who, "requested").map(Response::Flipped),
     };
-    result.unwrap_or_else(|e| Response::Error {
-        message: format!("{e:#}"),
-    })
-}
-
-/// Ends the drained color's remaining flows once its deadline has passed, unless another flip
-/// happened since (then that flip's own drain setting rules).
-fn run_due_drain(state: &Mutex<State>) {
-    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((color, deadline, generation)) = st.drain else { return };
-    if Instant::now() < deadline {
-        return;
-    }
-    st.drain = None;
-    if generation != st.generation {
-        return;
-    }
-    match st.dp.remove_flows_of(color) {
-        Ok(n) => {
-            info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
-            st.last_drain_removed = Some(n);
-        }
-        Err(e) => warn!(color = color.name(), error = %e, "drain failed"),
-    }
-}
-
-fn flip(st: &mut State, to: Color, drain_secs: Option<u64>) -> anyhow::Result<FlipResult> {
-    let from = st.active;
-    if from == to {
-        return Ok(FlipResult {
-            from: from.name().into(),
-            to: to.name().into(),
-            generation: st.generation,
-            changed: false,
-            switch_ns: 0,
-            drain_secs: None,
-        });
-    }
-    let t = Instant::now();
-    st.dp.select(to)?;
-    let switch_ns = t.elapsed().as_nanos() as u64;
-    st.previous = Some(from);
-    st.active = to;
-    st.generation += 1;
-    st.active_since = Instant::now();
-    st.drain = drain_secs.map(|s| (from, Instant::now() + Duration::from_secs(s), st.generation));
-    info!(from = from.name(), to = to.name(), generation = st.generation, switch_ns, drain_secs, "flipped");
-    Ok(FlipResult {
-        from: from.name().into(),
-        to: to.name().into(),
-        generation: st.generation,
-        changed: true,
-        switch_ns,
-        drain_secs,
-    })
-}
-
-fn backend_text(b: &crate::config::BackendAddr) -> String {
-    if b.weight == 1 {
-        b.addr.to_string()
-    } else {
-        format!("{} (weight {})", b.addr, b.weight)
-    }
-}
-
-fn status(st: &State) -> anyhow::Result<Status> {
-    let active = st.dp.active()?;
-    Ok(Status {
-        active: active.name().into(),
-        previous: st.previous.map(|c| c.name().into()),
-        generation: st.generation,
-        active_for_secs: st.active_since.elapsed().as_secs(),
-        services: st
-            .config
-            .services
-            .iter()
-            .map(|s| ServiceStatus {
-                name: s.name.clone(),
-                vip: s.vip.to_string(),
-                protocol: s.protocol.name().into(),
-                blue: s.blue.iter().map(backend_text).collect(),
-                green: s.green.iter().map(backend_text).collect(),
-            })
-            .collect(),
-        interfaces: st.attachments.clone(),
-        flows: st.dp.flow_counts()?,
-        flow_table_size: st.config.flow_table_size,
-        pin_dir: st.config.pin_dir.display().to_string(),
-        drain: st.drain.map(|(color, deadline, _)| crate::control::DrainStatus {
-            color: color.name().into(),
-            remaining_secs: deadline.saturating_duration_since(Instant::now()).as_secs(),
-        }),
-        last_drain_removed: st.last_drain_removed,
-    })
+    result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") })
 }

@@ -1,6 +1,6 @@
 //! Command-line interface: parsing and the output of each command.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     config::Config,
     control::{call, FlipResult, Request, Response, Status},
+    dataplane::Counters,
 };
 
 #[derive(Debug, Parser)]
@@ -22,58 +23,94 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the XDP program and serve the control socket (runs until SIGTERM).
+    /// Load and attach the XDP program (or adopt the pinned one) and serve the control socket
+    /// until SIGTERM; the data plane stays when the agent stops.
     Agent {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Instead of running: detach bg and remove its pinned maps and links (live flows'
+        /// state is lost; the state directory with the audit log is kept).
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Validate a config file and print what it would apply, without touching the kernel.
     CheckConfig {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Show the active color, generation, backends, attachments and live flows.
+    /// Show the active color, generation, health, canary, backends, attachments and live flows.
     Status {
         #[arg(long)]
         json: bool,
     },
-    /// Send new flows to COLOR (live flows stay where they are).
+    /// Send new flows to COLOR (live flows stay where they are). Refused if COLOR is unhealthy.
     Flip {
         /// `blue` or `green`.
         color: String,
+        /// A canary: send only this share (1..99) of new flows to COLOR; `flip COLOR` without
+        /// it completes the move, `rollback` undoes it.
+        #[arg(long, value_name = "PERCENT")]
+        percent: Option<u32>,
         /// End the previous color's remaining flows after SECS seconds: their entries are
         /// removed, and their next packet is answered with a TCP RST by the active color.
         #[arg(long, value_name = "SECS")]
         drain: Option<u64>,
+        /// Flip even though COLOR fails its health checks (recorded as forced).
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Undo the last flip.
+    /// Undo the last switch: cancel a canary, or flip back to the previous color.
     Rollback {
+        /// Roll back even though the previous color fails its health checks.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Packet counters of the XDP program, per reason.
+    /// Packet counters of the XDP program: per color, per reason, per forwarding outcome.
     Stats {
         #[arg(long)]
         json: bool,
     },
+    /// The audit log: every flip, rollback, refusal and automatic action.
+    History {
+        /// How many of the latest events.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view during a cutover: new flows/s and live flows per color, health, generation.
+    Watch {
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 fn socket_or_default(cli: &Option<PathBuf>) -> PathBuf {
-    cli.clone()
-        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
+    cli.clone().unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let socket = socket_or_default(&cli.socket);
     match cli.command {
-        Command::Agent { config } => {
+        Command::Agent { config, cleanup } => {
             let mut config = Config::load(&config)?;
             if let Some(s) = cli.socket {
                 config.socket = s;
             }
-            let rt = tokio::runtime::Builder::new_current_thread()
+            if cleanup {
+                return crate::agent::cleanup(&config);
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
@@ -90,25 +127,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { json } => {
-            let r = call(&socket_or_default(&cli.socket), &Request::Status)?;
-            output(r, json)
-        }
-        Command::Flip { color, drain, json } => {
+        Command::Status { json } => output(call(&socket, &Request::Status)?, json),
+        Command::Flip { color, percent, drain, force, json } => {
             if color != "blue" && color != "green" {
                 bail!("unknown color `{color}`; use `blue` or `green`");
             }
-            let r = call(&socket_or_default(&cli.socket), &Request::Flip { color, drain_secs: drain })?;
-            output(r, json)
+            if let Some(p) = percent {
+                if !(1..=99).contains(&p) {
+                    bail!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)");
+                }
+            }
+            output(call(&socket, &Request::Flip { color, drain_secs: drain, percent, force })?, json)
         }
-        Command::Rollback { json } => {
-            let r = call(&socket_or_default(&cli.socket), &Request::Rollback)?;
-            output(r, json)
-        }
-        Command::Stats { json } => {
-            let r = call(&socket_or_default(&cli.socket), &Request::Stats)?;
-            output(r, json)
-        }
+        Command::Rollback { force, json } => output(call(&socket, &Request::Rollback { force })?, json),
+        Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
+        Command::History { limit, json } => output(call(&socket, &Request::History { limit: Some(limit) })?, json),
+        Command::Watch { interval_ms, count } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count),
     }
 }
 
@@ -127,36 +161,61 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     match r {
         Response::Status(s) => print_status(&s),
         Response::Flipped(f) => print_flip(&f),
-        Response::Stats(c) => {
-            println!("{:<24} {:>14} {:>16} {:>10}", "color", "packets", "bytes", "new flows");
-            for (name, s) in ["blue", "green"].iter().zip(c.colors) {
-                println!("{name:<24} {:>14} {:>16} {:>10}", s.packets, s.bytes, s.new_flows);
-            }
-            println!();
-            for (name, n) in c.reasons.iter().chain(&c.forwarding) {
-                println!("{name:<24} {n:>14}");
-            }
-        }
+        Response::Stats(c) => print_stats(&c),
+        Response::History { events } => print_history(&events),
         Response::Error { .. } => unreachable!(),
     }
     Ok(())
 }
 
-fn print_flip(f: &FlipResult) {
-    if f.changed {
+fn print_stats(c: &Counters) {
+    println!("{:<24} {:>14} {:>16} {:>10}", "color", "packets", "bytes", "new flows");
+    for (name, s) in ["blue", "green"].iter().zip(c.colors) {
+        println!("{name:<24} {:>14} {:>16} {:>10}", s.packets, s.bytes, s.new_flows);
+    }
+    println!();
+    for (name, n) in c.reasons.iter().chain(&c.forwarding) {
+        println!("{name:<24} {n:>14}");
+    }
+}
+
+fn print_history(events: &[serde_json::Value]) {
+    for e in events {
+        let s = |k: &str| e[k].as_str().map(str::to_owned).unwrap_or_else(|| if e[k].is_null() { "-".into() } else { e[k].to_string() });
         println!(
-            "flipped {} -> {}: new flows go to {} (generation {}, switch took {:.1} us)",
-            f.from,
-            f.to,
-            f.to,
-            f.generation,
-            f.switch_ns as f64 / 1000.0
+            "{}  {:<22} {:>5} -> {:<5} gen {:<4} by {:<6} {}",
+            s("time"),
+            s("event"),
+            s("from"),
+            s("to"),
+            s("generation"),
+            s("uid"),
+            s("reason")
         );
-        if let Some(s) = f.drain_secs {
-            println!("{}'s remaining flows will be ended in {s} s", f.from);
-        }
-    } else {
+    }
+}
+
+fn print_flip(f: &FlipResult) {
+    if !f.changed {
         println!("{} is already active (generation {}); nothing changed", f.to, f.generation);
+        return;
+    }
+    let took = format!(
+        "generation {}, switched in {:.1} us, {:.2} ms from request incl. health gate",
+        f.generation,
+        f.switch_ns as f64 / 1000.0,
+        f.total_ns as f64 / 1e6
+    );
+    match f.percent {
+        Some(0) => println!("canary cancelled: all new flows go to {} ({took})", f.to),
+        Some(p) => println!("canary: {p}% of new flows go to {}, the rest stays on {} ({took})", f.to, f.from),
+        None => println!("flipped {} -> {}: new flows go to {} ({took})", f.from, f.to, f.to),
+    }
+    if f.forced {
+        println!("FORCED past a failing health gate (recorded in the audit log)");
+    }
+    if let Some(s) = f.drain_secs {
+        println!("{}'s remaining flows will be ended in {s} s", f.from);
     }
 }
 
@@ -166,11 +225,14 @@ fn print_status(s: &Status) {
         s.active,
         s.generation,
         s.active_for_secs,
-        s.previous
-            .as_ref()
-            .map(|p| format!("; rollback goes to {p}"))
-            .unwrap_or_default()
+        s.previous.as_ref().map(|p| format!("; rollback goes to {p}")).unwrap_or_default()
     );
+    if let Some(c) = &s.canary {
+        println!("canary: {:.1}% of new flows go to {}", c.percent, c.color);
+    }
+    if let Some(w) = &s.watch {
+        println!("watching {}: automatic rollback if it turns unhealthy in the next {} s", w.color, w.remaining_secs);
+    }
     println!(
         "live flows: blue {}, green {} (table: {} of {} entries in use, {} expired, {} evicted so far)",
         s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired, s.flows.evicted
@@ -181,18 +243,73 @@ fn print_status(s: &Status) {
     if let Some(n) = s.last_drain_removed {
         println!("last drain removed {n} flow entries");
     }
-    for svc in &s.services {
-        println!("service {} {}/{}", svc.name, svc.vip, svc.protocol);
-        for (color, list) in [("blue", &svc.blue), ("green", &svc.green)] {
-            let mark = if color == s.active { "*" } else { " " };
-            println!("  {mark} {color:<5} {}", list.join(", "));
+    for h in &s.health {
+        let mark = if h.color == s.active { "*" } else { " " };
+        let verdict = if h.all_down {
+            "ALL BACKENDS OF A SERVICE DOWN"
+        } else if h.healthy {
+            "healthy"
+        } else {
+            "NOT healthy"
+        };
+        println!("{mark} {} ({verdict})", h.color);
+        for b in &h.backends {
+            println!("    {:<10} {:<28} {:<8} {}", b.service, b.backend, format!("{:?}", b.state).to_lowercase(), b.last);
         }
     }
-    let ifs: Vec<String> = s
-        .interfaces
-        .iter()
-        .map(|a| format!("{} ({})", a.interface, a.mode))
-        .collect();
+    for svc in &s.services {
+        let preview = svc.preview_vip.as_ref().map(|p| format!(" (preview {p} -> idle color)")).unwrap_or_default();
+        println!("service {} {}/{}{preview}", svc.name, svc.vip, svc.protocol);
+    }
+    let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
     println!("interfaces: {}", ifs.join(", "));
-    println!("pinned maps: {}", s.pin_dir);
+    println!("pinned: {}{}", s.pin_dir, if s.adopted { " (adopted from an earlier agent)" } else { "" });
+}
+
+/// Redraws a small dashboard in place until Ctrl-C (or `count` refreshes).
+fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>) -> anyhow::Result<()> {
+    let mut last: Option<(std::time::Instant, [u64; 2])> = None;
+    let mut n = 0;
+    loop {
+        let Response::Status(s) = call(socket, &Request::Status)? else { bail!("the agent did not answer status") };
+        let Response::Stats(c) = call(socket, &Request::Stats)? else { bail!("the agent did not answer stats") };
+        let now = std::time::Instant::now();
+        let new = [c.colors[0].new_flows, c.colors[1].new_flows];
+        let rate = |i: usize| match last {
+            Some((t, prev)) => (new[i] - prev[i]) as f64 / now.duration_since(t).as_secs_f64(),
+            None => 0.0,
+        };
+        let mut screen = String::from("\x1b[H\x1b[2J");
+        screen += &format!("bg watch  (every {} ms, Ctrl-C to stop)\n\n", every.as_millis());
+        screen += &format!("active {}  generation {}", s.active, s.generation);
+        if let Some(cn) = &s.canary {
+            screen += &format!("  canary {:.1}% -> {}", cn.percent, cn.color);
+        }
+        if let Some(w) = &s.watch {
+            screen += &format!("  watching {} ({} s left)", w.color, w.remaining_secs);
+        }
+        screen += "\n\n";
+        screen += &format!("{:<7} {:>12} {:>12} {:>10}  health\n", "color", "new flows/s", "live flows", "packets");
+        for (i, h) in s.health.iter().enumerate() {
+            let up = h.backends.iter().filter(|b| b.state == crate::health::State::Up).count();
+            screen += &format!(
+                "{:<7} {:>12.1} {:>12} {:>10}  {} ({up}/{} up)\n",
+                h.color,
+                rate(i),
+                s.flows.flows[i],
+                c.colors[i].packets,
+                if h.healthy { "healthy" } else { "NOT healthy" },
+                h.backends.len()
+            );
+        }
+        print!("{screen}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        last = Some((now, new));
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(every);
+    }
 }

@@ -20,6 +20,9 @@ const MAX_WEIGHT: u32 = 1000;
 pub const DEFAULT_UDP_IDLE_SECS: u64 = 30;
 pub const DEFAULT_CLOSING_SECS: u64 = 10;
 pub const DEFAULT_NEW_FLOWS_PER_SEC: u32 = 50_000;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bg";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9477";
+pub const DEFAULT_WATCH_WINDOW_SECS: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +53,33 @@ pub enum XdpModeSetting {
     Auto,
     Native,
     Generic,
+}
+
+/// How a backend is checked.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect to the backend's address and port.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 GET of `path` that must answer `expect_status`.
+    Http,
+}
+
+/// Health checking of every backend of both colors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub kind: HealthKind,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    /// Successes in a row that make a backend healthy.
+    pub rise: u32,
+    /// Failures in a row that make a backend unhealthy.
+    pub fall: u32,
+    /// A color is healthy when at least this share of its backends is.
+    pub healthy_share: f64,
 }
 
 /// How rewritten packets leave the gateway.
@@ -102,8 +132,26 @@ struct RawConfig {
     udp_idle_timeout_secs: Option<u64>,
     closing_timeout_secs: Option<u64>,
     max_new_flows_per_sec: Option<u32>,
+    state_dir: Option<PathBuf>,
+    metrics_listen: Option<String>,
+    watch_window_secs: Option<u64>,
+    #[serde(default)]
+    health: RawHealth,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<HealthKind>,
+    path: Option<String>,
+    expect_status: Option<u16>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    healthy_share: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +161,9 @@ struct RawService {
     vip: String,
     #[serde(default = "default_protocol")]
     protocol: Protocol,
+    preview_vip: Option<String>,
+    /// Overrides of the global `[health]` settings for this service's backends.
+    health: Option<RawHealth>,
     blue: Vec<toml::Value>,
     green: Vec<toml::Value>,
 }
@@ -135,6 +186,14 @@ pub struct Config {
     pub closing_timeout_secs: u64,
     /// New flows per second per CPU before SYNs are dropped; 0 = unlimited.
     pub max_new_flows_per_sec: u32,
+    /// Where the persisted state (`state.json`) and the audit log (`audit.jsonl`) live.
+    pub state_dir: PathBuf,
+    /// The Prometheus endpoint, or None when disabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// After a flip, how long the agent watches the new color and rolls back (once) if it turns
+    /// unhealthy; 0 disables.
+    pub watch_window_secs: u64,
+    pub health: Health,
     pub services: Vec<Service>,
 }
 
@@ -150,7 +209,12 @@ pub struct BackendAddr {
 pub struct Service {
     pub name: String,
     pub vip: SocketAddr,
+    /// A second VIP:port that always routes to the idle color (test green before the flip).
+    pub preview_vip: Option<SocketAddr>,
     pub protocol: Protocol,
+    /// How this service's backends are checked (global `[health]` with the service's
+    /// overrides).
+    pub health: Health,
     pub blue: Vec<BackendAddr>,
     pub green: Vec<BackendAddr>,
 }
@@ -295,6 +359,7 @@ impl RawConfig {
             ));
         }
 
+        let global_health = self.health.clone();
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         let mut services = Vec::with_capacity(self.services.len());
@@ -316,6 +381,22 @@ impl RawConfig {
                     format!("{vip}/{} is already served by another service", s.protocol.name()),
                 ));
             }
+            let preview_vip = match &s.preview_vip {
+                None => None,
+                Some(p) => {
+                    let p = parse_addr(&at("preview_vip"), p)?;
+                    if p.is_ipv6() != vip.is_ipv6() {
+                        return Err(field_err(at("preview_vip"), "must be of the same IP version as the vip"));
+                    }
+                    if !vips.insert((p, s.protocol)) {
+                        return Err(field_err(
+                            at("preview_vip"),
+                            format!("{p}/{} is already served by another service", s.protocol.name()),
+                        ));
+                    }
+                    Some(p)
+                }
+            };
             let mut colors = Vec::new();
             for (color, list) in [("blue", &s.blue), ("green", &s.green)] {
                 if list.is_empty() {
@@ -359,9 +440,29 @@ impl RawConfig {
             }
             let green = colors.pop().unwrap_or_default();
             let blue = colors.pop().unwrap_or_default();
+            let health = match s.health {
+                None => global_health.clone().validate(),
+                Some(o) => RawHealth {
+                    kind: o.kind.or(global_health.kind),
+                    path: o.path.or(global_health.path.clone()),
+                    expect_status: o.expect_status.or(global_health.expect_status),
+                    interval_ms: o.interval_ms.or(global_health.interval_ms),
+                    timeout_ms: o.timeout_ms.or(global_health.timeout_ms),
+                    rise: o.rise.or(global_health.rise),
+                    fall: o.fall.or(global_health.fall),
+                    healthy_share: o.healthy_share.or(global_health.healthy_share),
+                }
+                .validate()
+                .map_err(|e| match e {
+                    ConfigError::Field { field, message } => field_err(format!("service[{i}].{field}"), message),
+                    other => other,
+                }),
+            }?;
             services.push(Service {
                 name: s.name,
                 vip,
+                preview_vip,
+                health,
                 protocol: s.protocol,
                 blue,
                 green,
@@ -376,7 +477,19 @@ impl RawConfig {
         if !(1..=3_600).contains(&closing_timeout_secs) {
             return Err(field_err("closing_timeout_secs", "use 1 to 3600 seconds"));
         }
+        let metrics_listen = match self.metrics_listen.as_deref() {
+            Some("off") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                field_err("metrics_listen", format!("`{a}` is not address:port (or \"off\"); e.g. \"127.0.0.1:9477\""))
+            })?),
+            None => Some(DEFAULT_METRICS.parse().expect("valid default")),
+        };
+        let health = self.health.validate()?;
         Ok(Config {
+            state_dir: self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            metrics_listen,
+            watch_window_secs: self.watch_window_secs.unwrap_or(DEFAULT_WATCH_WINDOW_SECS),
+            health,
             interfaces: self.interfaces,
             forwarding: self.forwarding,
             udp_idle_timeout_secs,
@@ -388,6 +501,49 @@ impl RawConfig {
             flow_table_size,
             initial_color,
             services,
+        })
+    }
+}
+
+impl RawHealth {
+    fn validate(self) -> Result<Health, ConfigError> {
+        let kind = self.kind.unwrap_or_default();
+        let path = self.path.unwrap_or_else(|| "/".to_owned());
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
+            return Err(field_err("health.path", format!("`{path}` must start with '/' and contain no spaces")));
+        }
+        let expect_status = self.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            return Err(field_err("health.expect_status", "use an HTTP status from 100 to 599"));
+        }
+        let interval_ms = self.interval_ms.unwrap_or(1000);
+        if !(50..=600_000).contains(&interval_ms) {
+            return Err(field_err("health.interval_ms", "use 50 to 600000 ms"));
+        }
+        let timeout_ms = self.timeout_ms.unwrap_or(interval_ms.min(1000));
+        if timeout_ms == 0 || timeout_ms > interval_ms {
+            return Err(field_err("health.timeout_ms", format!("use 1 to interval_ms ({interval_ms}) ms")));
+        }
+        let rise = self.rise.unwrap_or(2);
+        let fall = self.fall.unwrap_or(3);
+        for (f, v) in [("health.rise", rise), ("health.fall", fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(field_err(f, "use 1 to 100 checks in a row"));
+            }
+        }
+        let healthy_share = self.healthy_share.unwrap_or(1.0);
+        if !(healthy_share > 0.0 && healthy_share <= 1.0) {
+            return Err(field_err("health.healthy_share", "use a share above 0 and at most 1, e.g. 0.5"));
+        }
+        Ok(Health {
+            kind,
+            path,
+            expect_status,
+            interval: std::time::Duration::from_millis(interval_ms),
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            rise,
+            fall,
+            healthy_share,
         })
     }
 }
@@ -422,6 +578,42 @@ green = ["10.2.0.2:8080"]
         assert_eq!(c.services[0].green[0].weight, 1);
         assert_eq!(c.forwarding, Forwarding::Redirect);
         assert_eq!(c.max_new_flows_per_sec, DEFAULT_NEW_FLOWS_PER_SEC);
+    }
+
+    #[test]
+    fn health_preview_and_agent_settings() {
+        let c = Config::parse(&format!(
+            "state_dir = \"/tmp/bgs\"\nmetrics_listen = \"off\"\nwatch_window_secs = 5\n{}\n[health]\nkind = \"http\"\npath = \"/healthz\"\ninterval_ms = 200\nrise = 1\nfall = 2\n",
+            GOOD.replace("vip = \"10.100.0.1:80\"", "vip = \"10.100.0.1:80\"\npreview_vip = \"10.100.0.1:8080\"")
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.watch_window_secs, 5);
+        assert_eq!(c.services[0].preview_vip, Some("10.100.0.1:8080".parse().unwrap()));
+        assert_eq!((c.health.kind, c.health.path.as_str(), c.health.rise, c.health.fall), (HealthKind::Http, "/healthz", 1, 2));
+        assert_eq!(c.health.timeout, std::time::Duration::from_millis(200));
+        assert_eq!(c.services[0].health, c.health, "services inherit the global settings");
+        let o = Config::parse(&GOOD.replace("name = \"web\"", "name = \"web\"\nhealth = { kind = \"tcp\", fall = 5 }")).unwrap();
+        assert_eq!((o.services[0].health.kind, o.services[0].health.fall, o.services[0].health.rise), (HealthKind::Tcp, 5, 2));
+        let e = err_of(&GOOD.replace("name = \"web\"", "name = \"web\"\nhealth = { rise = 0 }"));
+        assert!(e.contains("service[0].health.rise"), "{e}");
+        let defaults = Config::parse(GOOD).unwrap();
+        assert_eq!(defaults.metrics_listen, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(defaults.health.kind, HealthKind::Tcp);
+        for (extra, field) in [
+            ("[health]\nfall = 0\n", "health.fall"),
+            ("[health]\ninterval_ms = 100\ntimeout_ms = 500\n", "health.timeout_ms"),
+            ("[health]\nhealthy_share = 1.5\n", "health.healthy_share"),
+            ("[health]\npath = \"healthz\"\n", "health.path"),
+            ("[health]\nkind = \"icmp\"\n", "kind"),
+        ] {
+            let e = err_of(&format!("{GOOD}\n{extra}"));
+            assert!(e.contains(field), "expected `{field}` in: {e}");
+        }
+        let e = err_of(&format!("metrics_listen = \"localhost\"\n{GOOD}"));
+        assert!(e.contains("metrics_listen"), "{e}");
+        let e = err_of(&GOOD.replace("vip = \"10.100.0.1:80\"", "vip = \"10.100.0.1:80\"\npreview_vip = \"10.100.0.1:80\""));
+        assert!(e.contains("service[0].preview_vip"), "{e}");
     }
 
     #[test]

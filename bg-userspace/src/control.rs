@@ -10,10 +10,13 @@ use std::{
 use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::{Attachment, Counters, FlowCounts};
+use crate::{
+    dataplane::{Attachment, Counters, FlowCounts},
+    health::State as HealthState,
+};
 
 /// Largest request or response line accepted.
-pub const MAX_LINE: usize = 1 << 20;
+pub const MAX_LINE: usize = 4 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -24,9 +27,22 @@ pub enum Request {
         /// Seconds after which the previous color's remaining flows are ended (see README).
         #[serde(default)]
         drain_secs: Option<u64>,
+        /// A canary: this share of new flows to `color`, the rest stays where it is.
+        #[serde(default)]
+        percent: Option<u32>,
+        /// Flip even when `color` is not healthy (recorded as forced).
+        #[serde(default)]
+        force: bool,
     },
-    Rollback,
+    Rollback {
+        #[serde(default)]
+        force: bool,
+    },
     Stats,
+    History {
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,6 +51,7 @@ pub enum Response {
     Status(Status),
     Flipped(FlipResult),
     Stats(Counters),
+    History { events: Vec<serde_json::Value> },
     Error { message: String },
 }
 
@@ -42,22 +59,65 @@ pub enum Response {
 pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
+    pub preview_vip: Option<String>,
     pub protocol: String,
     pub blue: Vec<String>,
     pub green: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub service: String,
+    pub backend: String,
+    pub weight: u32,
+    pub state: HealthState,
+    pub last: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ColorHealth {
+    pub color: String,
+    /// Whether a flip to this color would pass the health gate.
+    pub healthy: bool,
+    /// Some service has every backend of this color down.
+    pub all_down: bool,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub color: String,
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub color: String,
+    /// Seconds until its remaining flows are ended.
+    pub remaining_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchStatus {
+    /// The color the last flip went to; if it turns unhealthy now, the agent rolls back.
+    pub color: String,
+    pub remaining_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     /// The color new flows go to, as read back from the kernel map.
     pub active: String,
-    /// The color a rollback returns to, if there was a flip since the agent started.
+    /// The color a rollback returns to.
     pub previous: Option<String>,
-    /// Increments with every switch of the active color.
+    /// Increments with every switch.
     pub generation: u64,
     /// Seconds since the active color last changed (or since the agent started).
     pub active_for_secs: u64,
+    pub canary: Option<CanaryStatus>,
     pub services: Vec<ServiceStatus>,
+    /// [blue, green].
+    pub health: Vec<ColorHealth>,
     pub interfaces: Vec<Attachment>,
     pub flows: FlowCounts,
     pub flow_table_size: u32,
@@ -66,6 +126,15 @@ pub struct Status {
     pub drain: Option<DrainStatus>,
     /// Flow entries removed by the last completed drain.
     pub last_drain_removed: Option<u64>,
+    /// The open automatic-rollback window, if any.
+    pub watch: Option<WatchStatus>,
+    pub flips_total: u64,
+    pub rollbacks_total: u64,
+    pub auto_rollbacks_total: u64,
+    /// How long the last switch took from request to data plane switched, health gate included.
+    pub last_flip_ns: u64,
+    /// Whether this agent adopted a data plane an earlier agent left pinned.
+    pub adopted: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -73,19 +142,18 @@ pub struct FlipResult {
     pub from: String,
     pub to: String,
     pub generation: u64,
-    /// False when the requested color was already active (nothing was written).
+    /// False when the requested state was already in place (nothing was written).
     pub changed: bool,
     /// Time the selector map write took, in nanoseconds.
     pub switch_ns: u64,
+    /// Time from the request to the data plane switched, health gate included.
+    pub total_ns: u64,
     /// When set, the previous color's remaining flows are ended this many seconds from now.
     pub drain_secs: Option<u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DrainStatus {
-    pub color: String,
-    /// Seconds until its remaining flows are ended.
-    pub remaining_secs: u64,
+    /// A canary's share; None for a full flip.
+    pub percent: Option<u32>,
+    /// Flipped with --force past a failing health gate.
+    pub forced: bool,
 }
 
 /// Sends one request to the agent and waits for its answer.

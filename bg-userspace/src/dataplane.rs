@@ -1,28 +1,31 @@
-//! The kernel side as the agent sees it: load the XDP object, fill its maps, attach, pin, flip.
+//! The kernel side as the agent sees it: load the XDP object, create or adopt its pinned maps,
+//! attach through pinned links (or upgrade the program behind them), publish backend tables,
+//! flip.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuArray},
+    programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use bg_common::{
     maglev,
     pin::{
         ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_FLOWS, MAP_FWD_STATS,
-        MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
+        MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
     },
-    ring_base, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, Reason,
-    Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6, NAT_TO_BACKEND, RING_SIZE,
-    SLOTS,
+    ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry,
+    RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
+    MAX_SERVICES, NAT_TO_BACKEND, RING_SIZE, SERVICE_PREVIEW, SLOTS,
 };
 use bytemuck::Zeroable;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{BackendAddr, Config, Forwarding, Service, XdpModeSetting};
 
@@ -47,11 +50,9 @@ pub fn require_embedded_object() -> anyhow::Result<&'static [u8]> {
     })
 }
 
-/// The backend-set slot that holds a color's set. Slots 2 and 3 are spares for rebuilding a
-/// color's set without writing the live copy.
-pub fn slot_of(color: Color) -> u32 {
-    color as u32
-}
+/// How long a slot that stopped being selectable waits before it is rewritten. XDP programs
+/// run for microseconds under RCU; a packet that read the old selector is long done by then.
+pub const SLOT_GRACE: Duration = Duration::from_millis(50);
 
 /// An address as map keys hold it: network order words, IPv4 in word 0.
 pub fn raw_addr(ip: IpAddr) -> [u32; 4] {
@@ -73,12 +74,12 @@ pub fn family(ip: IpAddr) -> u8 {
     }
 }
 
-pub fn vip_key(service: &Service) -> VipKey {
+fn vip_key(vip: &SocketAddr, service: &Service) -> VipKey {
     VipKey {
-        addr: raw_addr(service.vip.ip()),
-        port: service.vip.port().to_be(),
+        addr: raw_addr(vip.ip()),
+        port: vip.port().to_be(),
         proto: service.protocol.number(),
-        family: family(service.vip.ip()),
+        family: family(vip.ip()),
     }
 }
 
@@ -87,11 +88,7 @@ fn backend_set(color: Color, backends: &[BackendAddr]) -> BackendSet {
     set.count = backends.len() as u32;
     set.color = color as u32;
     for (slot, b) in set.backends.iter_mut().zip(backends) {
-        *slot = Backend {
-            addr: raw_addr(b.addr.ip()),
-            port: b.addr.port().to_be(),
-            _pad: 0,
-        };
+        *slot = Backend { addr: raw_addr(b.addr.ip()), port: b.addr.port().to_be(), _pad: 0 };
     }
     set
 }
@@ -107,15 +104,19 @@ fn maglev_id(addr: &SocketAddr) -> Vec<u8> {
     id
 }
 
-/// The Maglev table of one color's backends of one service.
-pub fn maglev_table(backends: &[BackendAddr]) -> anyhow::Result<Vec<u32>> {
+/// The Maglev table of one color's backends of one service, with these weights (the
+/// configured ones, or 0 for backends health checks took out).
+pub fn maglev_table_weighted(backends: &[BackendAddr], weights: &[u32]) -> anyhow::Result<Vec<u32>> {
     let ids: Vec<Vec<u8>> = backends.iter().map(|b| maglev_id(&b.addr)).collect();
-    let members: Vec<maglev::Member<'_>> = ids
-        .iter()
-        .zip(backends)
-        .map(|(id, b)| maglev::Member { id, weight: b.weight })
-        .collect();
+    let members: Vec<maglev::Member<'_>> =
+        ids.iter().zip(weights).map(|(id, w)| maglev::Member { id, weight: *w }).collect();
     maglev::build(&members, RING_SIZE).ok_or_else(|| anyhow!("no backend has a positive weight"))
+}
+
+/// The Maglev table with the configured weights.
+pub fn maglev_table(backends: &[BackendAddr]) -> anyhow::Result<Vec<u32>> {
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    maglev_table_weighted(backends, &weights)
 }
 
 /// The data path's settings from the config.
@@ -137,11 +138,79 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-/// How the program ended up attached to one interface.
+/// The layout a pinned map must have to be adopted.
+fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
+    use std::mem::size_of;
+    let n = config.services.len() as u32;
+    match name {
+        MAP_CONFIG => (MapType::Array, 4, size_of::<DpConfig>() as u32, 1),
+        MAP_ACTIVE => (MapType::Array, 4, 4, 1),
+        MAP_SERVICES => (MapType::Hash, size_of::<VipKey>() as u32, size_of::<ServiceInfo>() as u32, MAX_SERVICES),
+        MAP_VIP_ADDRS => (MapType::Hash, size_of::<VipAddr>() as u32, 4, MAX_SERVICES),
+        MAP_BACKEND_SETS => (MapType::Array, 4, size_of::<BackendSet>() as u32, SLOTS * MAX_SERVICES),
+        MAP_RINGS => (MapType::Array, 4, 4, SLOTS * n * RING_SIZE),
+        MAP_FLOWS => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<NatEntry>() as u32, config.flow_table_size),
+        MAP_STATS => (MapType::PerCpuArray, 4, 8, Reason::COUNT),
+        MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, Fwd::COUNT),
+        MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
+        MAP_RATE => (MapType::PerCpuArray, 4, size_of::<RateWindow>() as u32, 1),
+        other => unreachable!("unknown map {other}"),
+    }
+}
+
+/// Whether `dir` holds pinned bg state; if so, checks that every map has the layout this
+/// version and config expect, and says precisely what does not match.
+pub fn check_pinned_layout(dir: &Path, config: &Config) -> anyhow::Result<bool> {
+    let present: Vec<&str> = ALL_MAPS.iter().copied().filter(|m| dir.join(m).exists()).collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let cleanup = format!(
+        "keep the settings the pinned state was made with, or remove it with `bgctl agent --cleanup --config ...` \
+         (this detaches bg and drops the live flows' state)"
+    );
+    if present.len() != ALL_MAPS.len() {
+        let missing: Vec<&str> = ALL_MAPS.iter().copied().filter(|m| !present.contains(m)).collect();
+        bail!(
+            "pinned state in {} is incomplete or from another bg version (missing {}); {cleanup}",
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+    for name in ALL_MAPS {
+        let info = MapInfo::from_pin(dir.join(name)).with_context(|| format!("reading pinned map {name}"))?;
+        let (ty, key, value, entries) = expected_layout(name, config);
+        let got_ty = info.map_type().with_context(|| format!("type of pinned map {name}"))?;
+        if got_ty != ty || info.key_size() != key || info.value_size() != value {
+            bail!(
+                "pinned map {} has a layout this bgctl does not know ({got_ty:?}, key {} B, value {} B; \
+                 expected {ty:?}, key {key} B, value {value} B): it was made by another bg version; {cleanup}",
+                dir.join(name).display(),
+                info.key_size(),
+                info.value_size()
+            );
+        }
+        if info.max_entries() != entries {
+            let hint = match name {
+                MAP_FLOWS => "flow_table_size differs from the config",
+                MAP_RINGS => "the number of services differs from the config",
+                _ => "it was made by another bg version",
+            };
+            bail!(
+                "pinned map {} has {} entries, the config needs {entries} ({hint}); {cleanup}",
+                dir.join(name).display(),
+                info.max_entries()
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// How the program is attached to one interface.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub interface: String,
-    /// "native" or "generic".
+    /// "native" or "generic", or "pinned" for a link adopted from an earlier agent.
     pub mode: String,
 }
 
@@ -166,7 +235,7 @@ pub struct FlowCounts {
 pub struct Counters {
     /// Packets per `Reason` name.
     pub reasons: Vec<(String, u64)>,
-    /// Rewritten packets per forwarding outcome, and flow entries removed by the data path.
+    /// Rewritten packets per forwarding outcome, and flow entries created/removed.
     pub forwarding: Vec<(String, u64)>,
     /// [blue, green].
     pub colors: [ColorCounters; 2],
@@ -179,118 +248,256 @@ pub struct ColorCounters {
     pub new_flows: u64,
 }
 
+pub fn link_pin_path(pin_dir: &Path, interface: &str) -> PathBuf {
+    pin_dir.join(format!("link_{interface}"))
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    services: Vec<Service>,
+    /// The selector last written.
+    selector: Selector,
+    /// When each slot stopped being named by the selector (None: never named, or named now).
+    released: [Option<Instant>; SLOTS as usize],
+    /// Pinned links, one per interface, held open for the agent's lifetime (the pins keep them
+    /// after it exits).
+    links: Vec<FdLink>,
     /// Flow entries removed from userspace (drains), for the eviction arithmetic.
     removed_by_agent: u64,
+    /// Whether the maps were adopted from pinned state.
+    pub adopted: bool,
 }
 
 impl Dataplane {
-    /// Loads the object and its program into the kernel and fills every map from `config`
-    /// (services, both colors' backend sets and Maglev tables, settings, active color). Not
-    /// attached anywhere yet: dropping the result leaves nothing behind.
-    pub fn new(object: &[u8], config: &Config) -> anyhow::Result<Dataplane> {
+    /// Loads the object and its program. With `pin_dir`, the maps are pinned there: adopted
+    /// when pinned state exists (checked first, see `check_pinned_layout`), created and pinned
+    /// otherwise. Services and both colors' full tables are published; when fresh, `initial` is
+    /// the active color, when adopted the kernel's selector decides.
+    pub fn open(object: &[u8], config: &Config, pin_dir: Option<&Path>, initial: Color) -> anyhow::Result<Dataplane> {
+        let adopted = match pin_dir {
+            Some(dir) => check_pinned_layout(dir, config)?,
+            None => false,
+        };
         let rings = SLOTS * config.services.len() as u32 * RING_SIZE;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_FLOWS, config.flow_table_size)
-            .map_max_entries(MAP_RINGS, rings)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_FLOWS, config.flow_table_size).map_max_entries(MAP_RINGS, rings);
+        let paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(object)
             .context("loading the bg XDP object into the kernel (are you root, with BPF enabled?)")?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("the XDP object has no program `{PROGRAM}`"))?
             .try_into()?;
-        prog.load()
-            .context("the kernel verifier rejected the bg XDP program")?;
-        let mut dp = Dataplane { ebpf, removed_by_agent: 0 };
+        prog.load().context("the kernel verifier rejected the bg XDP program")?;
+        let mut dp = Dataplane {
+            ebpf,
+            services: config.services.clone(),
+            selector: Selector::new(0, 1, 0),
+            released: [None; SLOTS as usize],
+            links: Vec::new(),
+            removed_by_agent: 0,
+            adopted,
+        };
         {
             let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
             cfg.set(0, dp_config(config), 0).context("writing the data path settings")?;
         }
-        dp.install_services(&config.services)?;
-        dp.select(config.initial_color)?;
+        if adopted {
+            dp.selector = dp.read_selector()?;
+            let now = Instant::now();
+            // Slots no longer named may still be read by a packet that began a moment ago.
+            for s in 0..SLOTS {
+                if s != dp.selector.primary() && s != dp.selector.secondary() {
+                    dp.released[s as usize] = Some(now);
+                }
+            }
+            let active = Color::from_u8(slot_color(dp.selector.primary())).unwrap_or(Color::Blue);
+            info!(active = active.name(), selector = dp.selector.0, "adopted pinned data plane state");
+        } else {
+            // Fresh: blue in slot 0, green in slot 1, written before anything can read them.
+            let (primary, secondary) = (initial as u32, initial.other() as u32);
+            dp.selector = Selector::new(primary, secondary, 0);
+        }
+        dp.install_services()?;
+        let full: Vec<Vec<u32>> = config.services.iter().map(|s| s.blue.iter().map(|b| b.weight).collect()).collect();
+        let full_green: Vec<Vec<u32>> = config.services.iter().map(|s| s.green.iter().map(|b| b.weight).collect()).collect();
+        if adopted {
+            // Rebuild both colors from this config in their spare slots, then switch to them in
+            // one selector write (same active color, same canary share).
+            dp.publish(Color::Blue, &full)?;
+            dp.publish(Color::Green, &full_green)?;
+        } else {
+            for color in Color::ALL {
+                let w = if color == Color::Blue { &full } else { &full_green };
+                dp.write_slot(color as u32, color, w)?;
+            }
+            dp.write_selector(dp.selector)?;
+        }
         Ok(dp)
     }
 
     pub fn program(&self) -> &Xdp {
-        self.ebpf
-            .program(PROGRAM)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load")
+        self.ebpf.program(PROGRAM).expect("checked at load").try_into().expect("checked at load")
     }
 
     fn program_mut(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(PROGRAM)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load")
+        self.ebpf.program_mut(PROGRAM).expect("checked at load").try_into().expect("checked at load")
     }
 
     fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("the XDP object has no map `{name}`"))
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the XDP object has no map `{name}`"))
     }
 
     fn map(&self, name: &str) -> anyhow::Result<&aya::maps::Map> {
-        self.ebpf
-            .map(name)
-            .ok_or_else(|| anyhow!("the XDP object has no map `{name}`"))
+        self.ebpf.map(name).ok_or_else(|| anyhow!("the XDP object has no map `{name}`"))
     }
 
-    /// Writes every service, both colors' backend sets and Maglev tables, and the VIP address
-    /// list. Only at load: slots are never rewritten while a selector may point at them.
-    fn install_services(&mut self, services: &[Service]) -> anyhow::Result<()> {
-        let n = services.len() as u32;
-        {
-            let mut rings: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_RINGS)?)?;
-            for (i, s) in services.iter().enumerate() {
-                for color in Color::ALL {
-                    let table = maglev_table(s.backends(color))
-                        .with_context(|| format!("service {}: {}", s.name, color.name()))?;
-                    let base = ring_base(slot_of(color), n, i as u32);
-                    for (j, b) in table.iter().enumerate() {
-                        rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
-                    }
-                }
-            }
-        }
-        {
-            let mut sets: Array<&mut MapData, BackendSet> =
-                Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
-            for (i, s) in services.iter().enumerate() {
-                for color in Color::ALL {
-                    let set = backend_set(color, s.backends(color));
-                    sets.set(BackendSet::index(slot_of(color), i as u32), set, 0)
-                        .with_context(|| format!("writing {} backends of service {}", color.name(), s.name))?;
-                }
-            }
-        }
-        {
-            let mut addrs: HashMap<&mut MapData, VipAddr, u32> =
-                HashMap::try_from(self.map_mut(MAP_VIP_ADDRS)?)?;
-            for s in services {
-                let key = VipAddr { addr: raw_addr(s.vip.ip()), family: family(s.vip.ip()) as u32 };
-                addrs.insert(key, 1, 0).context("writing a VIP address")?;
-            }
-        }
-        let mut map: HashMap<&mut MapData, VipKey, ServiceInfo> =
-            HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
+    /// Writes the services (and their preview VIPs) and the VIP address list; removes entries
+    /// an adopted table has for services no longer configured.
+    fn install_services(&mut self) -> anyhow::Result<()> {
+        let services = self.services.clone();
+        let mut wanted = Vec::new();
         for (i, s) in services.iter().enumerate() {
-            map.insert(vip_key(s), ServiceInfo { index: i as u32 }, 0)
-                .with_context(|| format!("writing service {}", s.name))?;
+            wanted.push((vip_key(&s.vip, s), ServiceInfo { index: i as u32, flags: 0 }));
+            if let Some(p) = &s.preview_vip {
+                wanted.push((vip_key(p, s), ServiceInfo { index: i as u32, flags: SERVICE_PREVIEW }));
+            }
+        }
+        {
+            let mut map: HashMap<&mut MapData, VipKey, ServiceInfo> = HashMap::try_from(self.map_mut(MAP_SERVICES)?)?;
+            let stale: Vec<VipKey> =
+                map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.iter().any(|(w, _)| w == k)).collect();
+            for (k, v) in &wanted {
+                map.insert(*k, *v, 0).context("writing a service")?;
+            }
+            for k in stale {
+                map.remove(&k).context("removing a service no longer configured")?;
+            }
+        }
+        let mut addrs: HashMap<&mut MapData, VipAddr, u32> = HashMap::try_from(self.map_mut(MAP_VIP_ADDRS)?)?;
+        let wanted_addrs: Vec<VipAddr> = wanted
+            .iter()
+            .map(|(k, _)| VipAddr { addr: k.addr, family: k.family as u32 })
+            .collect();
+        let stale: Vec<VipAddr> =
+            addrs.keys().filter_map(|k| k.ok()).filter(|k| !wanted_addrs.contains(k)).collect();
+        for a in &wanted_addrs {
+            addrs.insert(*a, 1, 0).context("writing a VIP address")?;
+        }
+        for a in stale {
+            addrs.remove(&a).context("removing a VIP address no longer configured")?;
         }
         Ok(())
     }
 
-    /// Points new flows at `color`'s backend sets: one 4-byte map write (see `Selector`).
-    pub fn select(&mut self, color: Color) -> anyhow::Result<()> {
+    /// Fills `slot` with `color`'s backends and Maglev tables for every service. The caller
+    /// guarantees no selector names the slot (and none did during the grace period).
+    fn write_slot(&mut self, slot: u32, color: Color, weights: &[Vec<u32>]) -> anyhow::Result<()> {
+        let services = self.services.clone();
+        let n = services.len() as u32;
+        {
+            let mut rings: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_RINGS)?)?;
+            for (i, s) in services.iter().enumerate() {
+                let backends = s.backends(color);
+                let w = &weights[i];
+                // All out (every backend failed its checks): keep them all rather than drop the
+                // service; the agent says so loudly.
+                let table = if w.iter().all(|w| *w == 0) {
+                    maglev_table(backends)
+                } else {
+                    maglev_table_weighted(backends, w)
+                }
+                .with_context(|| format!("service {}: {}", s.name, color.name()))?;
+                let base = ring_base(slot, n, i as u32);
+                for (j, b) in table.iter().enumerate() {
+                    rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
+                }
+            }
+        }
+        let mut sets: Array<&mut MapData, BackendSet> = Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
+        for (i, s) in services.iter().enumerate() {
+            sets.set(BackendSet::index(slot, i as u32), backend_set(color, s.backends(color)), 0)
+                .with_context(|| format!("writing {} backends of service {}", color.name(), s.name))?;
+        }
+        Ok(())
+    }
+
+    /// The slot `color` currently uses (named by the selector).
+    fn current_slot(&self, color: Color) -> u32 {
+        let s = self.selector;
+        if slot_color(s.primary()) == color as u8 {
+            s.primary()
+        } else {
+            s.secondary()
+        }
+    }
+
+    /// Rebuilds `color`'s tables with `weights` (per service, per backend) in its spare slot
+    /// and switches the selector to it; the rest of the selector is unchanged.
+    pub fn publish(&mut self, color: Color, weights: &[Vec<u32>]) -> anyhow::Result<()> {
+        let current = self.current_slot(color);
+        let spare = current ^ 2;
+        if let Some(t) = self.released[spare as usize] {
+            let since = t.elapsed();
+            if since < SLOT_GRACE {
+                std::thread::sleep(SLOT_GRACE - since);
+            }
+        }
+        self.write_slot(spare, color, weights)?;
+        let s = self.selector;
+        let next = if s.primary() == current {
+            Selector::new(spare, s.secondary(), s.canary_permille())
+        } else {
+            Selector::new(s.primary(), spare, s.canary_permille())
+        };
+        self.write_selector(next)?;
+        self.released[current as usize] = Some(Instant::now());
+        self.released[spare as usize] = None;
+        Ok(())
+    }
+
+    fn write_selector(&mut self, s: Selector) -> anyhow::Result<()> {
         let mut active: Array<&mut MapData, Selector> = Array::try_from(self.map_mut(MAP_ACTIVE)?)?;
-        active
-            .set(0, Selector::for_slot(slot_of(color)), 0)
-            .context("writing the active selector")
+        active.set(0, s, 0).context("writing the active selector")?;
+        self.selector = s;
+        Ok(())
+    }
+
+    fn read_selector(&self) -> anyhow::Result<Selector> {
+        let active: Array<&MapData, Selector> = Array::try_from(self.map(MAP_ACTIVE)?)?;
+        Ok(active.get(&0, 0)?)
+    }
+
+    /// Points new flows at `active` (and `canary_permille`/1000 of them at the other color):
+    /// one 4-byte map write (see `Selector`). Returns how long the write took.
+    pub fn route(&mut self, active: Color, canary_permille: u32) -> anyhow::Result<Duration> {
+        let (a, b) = (self.current_slot(active), self.current_slot(active.other()));
+        let t = Instant::now();
+        self.write_selector(Selector::new(a, b, canary_permille))?;
+        Ok(t.elapsed())
+    }
+
+    /// Shorthand for `route(color, 0)`.
+    pub fn select(&mut self, color: Color) -> anyhow::Result<()> {
+        self.route(color, 0).map(|_| ())
+    }
+
+    /// The selector as the kernel has it.
+    pub fn selector(&self) -> anyhow::Result<Selector> {
+        self.read_selector()
+    }
+
+    /// The color new flows currently go to, read back from the kernel.
+    pub fn active(&self) -> anyhow::Result<Color> {
+        let s = self.read_selector()?;
+        Color::from_u8(slot_color(s.primary())).ok_or_else(|| anyhow!("bad selector {s:?}"))
     }
 
     /// A second, independent handle on the selector map (for tools and tests that flip from
@@ -303,77 +510,91 @@ impl Dataplane {
         Ok(Array::try_from(aya::maps::Map::Array(MapData::from_id(id)?))?)
     }
 
-    /// The color new flows currently go to, read back from the kernel.
-    pub fn active(&self) -> anyhow::Result<Color> {
-        let active: Array<&MapData, Selector> = Array::try_from(self.map(MAP_ACTIVE)?)?;
-        let sel = active.get(&0, 0)?;
-        Color::from_u8(sel.slot() as u8 & 1).ok_or_else(|| anyhow!("bad selector {sel:?}"))
-    }
-
-    /// Attaches to every interface, or to none: on any failure the ones already attached are
-    /// detached again before the error is returned.
-    pub fn attach(&mut self, interfaces: &[String], mode: XdpModeSetting) -> anyhow::Result<Vec<Attachment>> {
-        let mut done = Vec::new();
-        let mut ids = Vec::new();
-        for iface in interfaces {
-            match self.attach_one(iface, mode) {
-                Ok((id, attachment)) => {
-                    ids.push(id);
-                    done.push(attachment);
+    /// Attaches to every interface through a link pinned at `pin_dir/link_<iface>`, so the
+    /// program stays attached when the agent exits. An interface that already has a pinned
+    /// link (an earlier agent's) gets this program swapped in atomically (`bpf_link_update`):
+    /// no moment without a program. All or nothing: on failure, links created here are removed.
+    pub fn attach(&mut self, interfaces: &[String], mode: XdpModeSetting, pin_dir: &Path) -> anyhow::Result<Vec<Attachment>> {
+        let mut done: Vec<(PathBuf, bool)> = Vec::new();
+        let mut out = Vec::new();
+        let result = (|| -> anyhow::Result<()> {
+            for iface in interfaces {
+                let path = link_pin_path(pin_dir, iface);
+                if path.exists() {
+                    self.upgrade_link(iface, &path)?;
+                    out.push(Attachment { interface: iface.clone(), mode: "pinned".into() });
+                    done.push((path, false));
+                } else {
+                    let (id, attachment) = self.attach_one(iface, mode)?;
+                    let link: XdpLink = self.program_mut().take_link(id)?;
+                    let fd = FdLink::try_from(link).context("the kernel attached XDP without a bpf_link (kernel < 5.9?)")?;
+                    let pinned = fd.pin(&path).with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+                    self.links.push(FdLink::from(pinned));
+                    out.push(attachment);
+                    done.push((path, true));
                 }
-                Err(e) => {
-                    for id in ids {
-                        let _ = self.program_mut().detach(id);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (path, created) in done {
+                if created {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            // Dropping the links detaches the ones created here (their pins are gone).
+            self.links.clear();
+            return Err(e);
+        }
+        // Pinned links of interfaces no longer configured are detached.
+        if let Ok(entries) = std::fs::read_dir(pin_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(iface) = name.strip_prefix("link_") {
+                    if !interfaces.iter().any(|i| i == iface) {
+                        warn!(interface = iface, "interface no longer configured: detaching bg from it");
+                        let _ = std::fs::remove_file(e.path());
                     }
-                    return Err(e);
                 }
             }
         }
-        Ok(done)
+        Ok(out)
     }
 
-    fn attach_one(
-        &mut self,
-        iface: &str,
-        mode: XdpModeSetting,
-    ) -> anyhow::Result<(aya::programs::xdp::XdpLinkId, Attachment)> {
+    /// Swaps this program into the pinned link of `iface` (atomic for packets).
+    fn upgrade_link(&mut self, iface: &str, path: &Path) -> anyhow::Result<()> {
+        let pinned = PinnedLink::from_pin(path).with_context(|| format!("opening the pinned link {}", path.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("{} is not an XDP link", path.display()))?;
+        let id = self
+            .program_mut()
+            .attach_to_link(link)
+            .with_context(|| format!("replacing the program on `{iface}` through its pinned link"))?;
+        let link = self.program_mut().take_link(id)?;
+        self.links.push(FdLink::try_from(link)?);
+        info!(interface = iface, "program replaced through the pinned link");
+        Ok(())
+    }
+
+    fn attach_one(&mut self, iface: &str, mode: XdpModeSetting) -> anyhow::Result<(aya::programs::xdp::XdpLinkId, Attachment)> {
         let prog = self.program_mut();
-        let attached = |mode: &str| Attachment {
-            interface: iface.to_owned(),
-            mode: mode.to_owned(),
-        };
+        let attached = |mode: &str| Attachment { interface: iface.to_owned(), mode: mode.to_owned() };
         let what = |m| format!("attaching XDP ({m}) to interface `{iface}` (does it exist in this network namespace?)");
         match mode {
-            XdpModeSetting::Native => Ok((
-                prog.attach(iface, XdpMode::Driver).with_context(|| what("native"))?,
-                attached("native"),
-            )),
-            XdpModeSetting::Generic => Ok((
-                prog.attach(iface, XdpMode::Skb).with_context(|| what("generic"))?,
-                attached("generic"),
-            )),
+            XdpModeSetting::Native => {
+                Ok((prog.attach(iface, XdpMode::Driver).with_context(|| what("native"))?, attached("native")))
+            }
+            XdpModeSetting::Generic => {
+                Ok((prog.attach(iface, XdpMode::Skb).with_context(|| what("generic"))?, attached("generic")))
+            }
             XdpModeSetting::Auto => match prog.attach(iface, XdpMode::Driver) {
                 Ok(id) => Ok((id, attached("native"))),
                 Err(e) => {
                     warn!(interface = iface, error = %e, "native XDP attach failed; falling back to generic (skb) mode, which is slower");
-                    Ok((
-                        prog.attach(iface, XdpMode::Skb).with_context(|| what("generic"))?,
-                        attached("generic"),
-                    ))
+                    Ok((prog.attach(iface, XdpMode::Skb).with_context(|| what("generic"))?, attached("generic")))
                 }
             },
         }
-    }
-
-    /// Pins every map under `dir` (which must exist on a bpffs).
-    pub fn pin_maps(&self, dir: &Path) -> anyhow::Result<()> {
-        for name in ALL_MAPS {
-            let path = dir.join(name);
-            self.map(name)?
-                .pin(&path)
-                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
-        }
-        Ok(())
     }
 
     /// Packet count of one reason, summed over CPUs.
@@ -438,12 +659,8 @@ impl Dataplane {
     /// answers with a RST that the client sees from the VIP; UDP starts a new flow.
     pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
         let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
-        let doomed: Vec<FlowKey> = flows
-            .iter()
-            .filter_map(|item| item.ok())
-            .filter(|(_, e)| e.color == color as u8)
-            .map(|(k, _)| k)
-            .collect();
+        let doomed: Vec<FlowKey> =
+            flows.iter().filter_map(|item| item.ok()).filter(|(_, e)| e.color == color as u8).map(|(k, _)| k).collect();
         let mut removed = 0;
         for k in doomed {
             // An entry may already be gone (RST, LRU): not an error.
@@ -454,9 +671,23 @@ impl Dataplane {
         self.removed_by_agent += removed;
         Ok(removed)
     }
+}
 
-    /// Direct access for tests and tools that need a map the methods above do not cover.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+/// Removes a bg pin directory: links (which detaches the program once no process holds them)
+/// and maps. Returns what was removed.
+pub fn remove_pinned(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let e = e?;
+                std::fs::remove_file(e.path())?;
+                removed.push(e.file_name().to_string_lossy().into_owned());
+            }
+            std::fs::remove_dir(dir)?;
+            Ok(removed)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) => Err(e),
     }
 }

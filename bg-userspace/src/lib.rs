@@ -5,3 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod health;
+pub mod metrics;
+pub mod state;

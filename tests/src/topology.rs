@@ -104,7 +104,17 @@ impl Topology {
 interfaces = ["gw-c", "gw-b", "gw-g"]
 pin_dir = "{pin}"
 socket = "{sock}"
+state_dir = "{state}"
 flow_table_size = 16384
+watch_window_secs = 30
+
+[health]
+kind = "http"
+path = "/"
+interval_ms = 200
+timeout_ms = 200
+rise = 2
+fall = 2
 
 [[service]]
 name = "web"
@@ -124,12 +134,14 @@ green = ["[{GREEN6}]:{BACKEND_PORT}"]
 name = "stream"
 vip = "{VIP}:{ECHO_PORT}"
 protocol = "tcp"
+health = {{ kind = "tcp" }}
 blue = ["{BLUE}:{ECHO_PORT}"]
 green = ["{GREEN}:{ECHO_PORT}"]
 "#,
             tag = self.tag,
             pin = self.pin_dir().display(),
             sock = self.socket().display(),
+            state = self.run_dir.join("state").display(),
         )
     }
 
@@ -150,11 +162,18 @@ green = ["{GREEN}:{ECHO_PORT}"]
         Ok(procs)
     }
 
+    /// The agent config's path (written by `start_agent`).
+    pub fn config_path(&self) -> PathBuf {
+        self.run_dir.join("bg.toml")
+    }
+
     /// Writes the config and starts `bgctl agent` in the gateway namespace; returns once the
     /// agent answers `status`.
     pub fn start_agent(&self) -> anyhow::Result<Proc> {
-        let cfg = self.run_dir.join("bg.toml");
-        std::fs::write(&cfg, self.config()).with_context(|| format!("writing {}", cfg.display()))?;
+        let cfg = self.config_path();
+        if !cfg.exists() {
+            std::fs::write(&cfg, self.config()).with_context(|| format!("writing {}", cfg.display()))?;
+        }
         let mut cmd = self.gw.nsenter(paths::bgctl().to_str().unwrap());
         cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
         let agent = Proc::spawn("bgctl agent", &mut cmd)?;
@@ -168,6 +187,27 @@ green = ["{GREEN}:{ECHO_PORT}"]
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the agent reports both colors healthy (their checks passed `rise` times).
+    pub fn wait_healthy(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = self.bgctl(&["status", "--json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            if v["health"].as_array().is_some_and(|h| h.iter().all(|c| c["healthy"] == true)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("blue and green did not both become healthy within 15 s: {}", v["health"]);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `bgctl agent --cleanup` for this topology: detach and remove the pins.
+    pub fn cleanup(&self) -> anyhow::Result<Output> {
+        run(self.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--cleanup", "--config", self.config_path().to_str().unwrap()]))
     }
 
     /// Runs `bgctl --socket <this topology's socket> ARGS`, failing on a non-zero exit.
@@ -216,10 +256,10 @@ green = ["{GREEN}:{ECHO_PORT}"]
 }
 
 impl Drop for Topology {
-    /// The agent removes its pins and socket on SIGTERM; this is the backstop for an agent that
-    /// had to be killed. The namespaces go with their own guards.
+    /// The data plane outlives its agent by design: remove the pins (which detaches it) and
+    /// the run directory. The namespaces go with their own guards.
     fn drop(&mut self) {
-        let _ = bg_userspace::agent::remove_pin_dir(&self.pin_dir());
+        let _ = bg_userspace::dataplane::remove_pinned(&self.pin_dir());
         let _ = std::fs::remove_dir_all(&self.run_dir);
         // The shared parent goes too once the last topology is gone (fails harmlessly before).
         if let Some(parent) = self.run_dir.parent() {

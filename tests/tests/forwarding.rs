@@ -70,7 +70,7 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
 
     let _inside = InNetns::enter(&ns).unwrap();
     let object = std::fs::read(paths::ebpf_object()).unwrap();
-    let dp = Dataplane::new(&object, &Config::parse(CONFIG).unwrap()).unwrap();
+    let dp = Dataplane::open(&object, &Config::parse(CONFIG).unwrap(), None, bg_common::Color::Blue).unwrap();
 
     // Route and neighbour known: redirected, MACs from the FIB, TTL decremented.
     let syn = Pkt::tcp(sa("10.0.0.2:40000"), sa("10.100.0.1:80"), TCP_SYN).build();

@@ -34,6 +34,7 @@ fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
     let t = Topology::create(&tag()).expect("topology");
     let _backends = t.start_backends().expect("backends");
     let mut agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
     for iface in ["gw-c", "gw-b", "gw-g"] {
         assert!(xdp_attached(&t, iface), "XDP attached to {iface}");
     }
@@ -62,9 +63,15 @@ fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
 
     assert_eq!(t.csum_errors().unwrap(), 0, "receiving kernels counted checksum errors");
 
+    // SIGTERM: the socket goes, the data plane stays and keeps serving.
     assert!(agent.stop(Duration::from_secs(5)), "agent exits on SIGTERM");
-    assert!(!t.pin_dir().exists(), "agent removed its pins");
     assert!(!t.socket().exists(), "agent removed its socket");
+    assert!(t.pin_dir().join("link_gw-c").exists(), "links stay pinned");
+    assert_eq!(t.get_vip().expect("GET via VIP with no agent"), "blue", "traffic flows without the agent");
+    // --cleanup removes it all.
+    let out = t.cleanup().expect("bgctl agent --cleanup");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("links detached"));
+    assert!(!t.pin_dir().exists(), "pins removed");
     for iface in ["gw-c", "gw-b", "gw-g"] {
         assert!(!xdp_attached(&t, iface), "XDP detached from {iface}");
     }
@@ -119,6 +126,7 @@ fn a_config_that_fails_half_way_leaves_nothing_applied() {
         .config()
         .replace(r#"interfaces = ["gw-c", "gw-b", "gw-g"]"#, "xdp_mode = \"native\"\ninterfaces = [\"gw-c\", \"lo\"]");
     let cfg = t.run_dir.join("bad.toml");
+    assert!(!t.pin_dir().exists());
     std::fs::write(&cfg, config).unwrap();
     let out = t.gw.nsenter(paths::bgctl().to_str().unwrap())
         .args(["agent", "--config", cfg.to_str().unwrap()]).output().unwrap();
@@ -151,7 +159,7 @@ fn a_second_agent_on_the_same_socket_is_refused() {
     let t = Topology::create(&tag()).expect("topology");
     let _agent = t.start_agent().expect("agent");
     let mut cmd = t.gw.nsenter(paths::bgctl().to_str().unwrap());
-    cmd.args(["agent", "--config", t.run_dir.join("bg.toml").to_str().unwrap()]);
+    cmd.args(["agent", "--config", t.config_path().to_str().unwrap()]);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
@@ -198,6 +206,7 @@ fn live_connections_stay_on_their_color_through_ten_flips_while_new_ones_follow(
     let t = Topology::create(&tag()).expect("topology");
     let _backends = t.start_backends().expect("backends");
     let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
     let resets = |t: &Topology| -> [u64; 3] {
         [&t.client, &t.blue, &t.green].map(|ns| Topology::tcp_counter(ns, "EstabResets").unwrap())
     };
@@ -292,6 +301,7 @@ fn drain_ends_the_old_colors_flows_with_a_reset_at_the_deadline() {
     let t = Topology::create(&tag()).expect("topology");
     let _backends = t.start_backends().expect("backends");
     let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
     std::thread::scope(|s| {
         s.spawn(|| {
             let _inside = InNetns::enter(&t.client).unwrap();

@@ -55,7 +55,7 @@ const GREEN: &str = "10.2.0.2:9090";
 fn dataplane(config: &str) -> Dataplane {
     let object = std::fs::read(paths::ebpf_object()).expect("reading the XDP object");
     let config = Config::parse(config).expect("test config is valid");
-    Dataplane::new(&object, &config).expect("loading the XDP program (are you root?)")
+    Dataplane::open(&object, &config, None, Color::Blue).expect("loading the XDP program (are you root?)")
 }
 
 /// Runs the program once on `input`; returns the action and the output frame.
@@ -357,7 +357,7 @@ fn a_flip_is_atomic_under_concurrent_packets() {
         s.spawn(|| {
             let mut n = 0u64;
             while n < 100_000 || seen.iter().any(|c| c.load(Ordering::Relaxed) < 1000) {
-                selector.set(0, Selector::for_slot((n & 1) as u32), 0).unwrap();
+                selector.set(0, Selector::new((n & 1) as u32, 1 - (n & 1) as u32, 0), 0).unwrap();
                 n += 1;
                 if n > 2_000_000 {
                     break;

@@ -50,7 +50,7 @@ pub fn run() -> anyhow::Result<()> {
     step("starting the agent on the gateway: bgctl agent --config bg.toml");
     println!("{}", t.config().lines().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n"));
     let mut agent = t.start_agent()?;
-    std::thread::sleep(Duration::from_millis(100));
+    t.wait_healthy()?;
 
     step("bgctl status");
     show(t.bgctl(&["status"])?);
@@ -77,10 +77,16 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the kernels counted {errors} checksum errors: a rewrite produced a bad checksum");
     }
 
-    step("stopping the agent (SIGTERM) and removing namespaces, pins and processes");
+    step("bgctl history");
+    show(t.bgctl(&["history"])?);
+
+    step("stopping the agent (SIGTERM): the data plane stays and keeps serving");
     if !agent.stop(Duration::from_secs(5)) {
         bail!("the agent did not stop within 5 s of SIGTERM");
     }
+    requests(&t, 1, "blue", &stop)?;
+    step("bgctl agent --cleanup, then removing namespaces and processes");
+    show(t.cleanup()?);
     println!("    done: blue answered, the flip moved new connections to green, rollback moved them back");
     Ok(())
 }

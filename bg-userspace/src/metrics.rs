@@ -1,0 +1,130 @@
+//! The Prometheus endpoint (text exposition format 0.0.4), loopback by default. Every scrape
+//! reads the kernel maps and the agent's state fresh.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use bg_common::Color;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::{info, warn};
+
+use crate::{agent::State, health::State as HState};
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One metric family: HELP, TYPE and its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Vec<(&str, String)>, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+            let _ = writeln!(out, "{name}{{{}}} {v}", l.join(","));
+        }
+    }
+}
+
+/// The whole exposition.
+pub fn render(st: &State) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let counters = st.dp.counters()?;
+    let flows = st.dp.flow_counts()?;
+    let color = |c: Color| vec![("color", c.name().to_owned())];
+    let per_color = |f: &dyn Fn(usize) -> f64| -> Vec<(Vec<(&str, String)>, f64)> {
+        Color::ALL.iter().map(|c| (color(*c), f(*c as usize))).collect()
+    };
+    family(&mut out, "bg_packets_total", "counter", "Packets rewritten for flows of each color.", &per_color(&|i| counters.colors[i].packets as f64));
+    family(&mut out, "bg_bytes_total", "counter", "Bytes rewritten for flows of each color.", &per_color(&|i| counters.colors[i].bytes as f64));
+    family(&mut out, "bg_new_flows_total", "counter", "New flows started on each color.", &per_color(&|i| counters.colors[i].new_flows as f64));
+    family(&mut out, "bg_live_flows", "gauge", "Live (not expired) flows pinned to each color.", &per_color(&|i| flows.flows[i] as f64));
+    family(&mut out, "bg_active_color", "gauge", "1 for the color new flows go to.", &per_color(&|i| (st.active as usize == i) as u8 as f64));
+    family(&mut out, "bg_canary_ratio", "gauge", "Share of new flows sent to the other color by a canary.", &[(vec![], st.canary_permille as f64 / 1000.0)]);
+    family(&mut out, "bg_generation", "gauge", "Switch generation.", &[(vec![], st.generation as f64)]);
+    family(&mut out, "bg_flips_total", "counter", "Switches done by this agent (flips, canaries, rollbacks).", &[(vec![], st.flips_total as f64)]);
+    family(
+        &mut out,
+        "bg_rollbacks_total",
+        "counter",
+        "Rollbacks done by this agent.",
+        &[
+            (vec![("kind", "manual".into())], (st.rollbacks_total - st.auto_rollbacks_total) as f64),
+            (vec![("kind", "automatic".into())], st.auto_rollbacks_total as f64),
+        ],
+    );
+    family(&mut out, "bg_last_flip_duration_seconds", "gauge", "Last switch, request to data plane switched.", &[(vec![], st.last_flip_ns as f64 / 1e9)]);
+    family(&mut out, "bg_flow_table_entries", "gauge", "Flow table entries in use (two per flow).", &[(vec![], flows.entries as f64)]);
+    family(&mut out, "bg_flow_table_size", "gauge", "Flow table capacity in entries.", &[(vec![], st.config.flow_table_size as f64)]);
+    family(&mut out, "bg_flow_table_evictions_total", "counter", "Entries the LRU evicted (created - removed - present).", &[(vec![], flows.evicted as f64)]);
+    let reasons: Vec<_> = counters.reasons.iter().map(|(r, n)| (vec![("reason", r.clone())], *n as f64)).collect();
+    family(&mut out, "bg_xdp_packets_total", "counter", "Packets by the XDP program's reason.", &reasons);
+    let fwd: Vec<_> = counters.forwarding.iter().map(|(r, n)| (vec![("outcome", r.clone())], *n as f64)).collect();
+    family(&mut out, "bg_forwarding_total", "counter", "Rewritten packets by forwarding outcome; flow entries created/removed.", &fwd);
+    let table = st.health.lock().unwrap().clone();
+    let mut up = Vec::new();
+    for s in &st.config.services {
+        for c in Color::ALL {
+            for b in s.backends(c) {
+                let state = table.get(&b.addr).map(|h| h.state).unwrap_or(HState::Unknown);
+                let v = match state {
+                    HState::Up => 1.0,
+                    HState::Down => 0.0,
+                    HState::Unknown => -1.0,
+                };
+                up.push((vec![("service", s.name.clone()), ("color", c.name().into()), ("backend", b.addr.to_string())], v));
+            }
+        }
+    }
+    family(&mut out, "bg_backend_up", "gauge", "Backend health: 1 up, 0 down, -1 not yet known.", &up);
+    Ok(out)
+}
+
+/// Serves GET /metrics on `addr` until the process exits.
+pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr} (config `metrics_listen`, or \"off\")"))?;
+    info!(%addr, "metrics at http://{addr}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let response = if req.starts_with("GET /metrics ") {
+                    match tokio::task::spawn_blocking(move || render(&state.lock().unwrap())).await {
+                        Ok(Ok(body)) => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "metrics scrape failed");
+                            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+                        }
+                        Err(_) => return,
+                    }
+                } else {
+                    let body = "try GET /metrics\n";
+                    format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                };
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
