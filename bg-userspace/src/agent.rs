@@ -313,7 +313,10 @@ impl State {
         self.flips_total += 1;
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
         self.drain = drain_secs.map(|s| (from, Instant::now() + Duration::from_secs(s), self.generation));
-        self.watch = (self.config.watch_window_secs > 0)
+        // A flip forced past a failing gate opens no watch window: the operator overrode the
+        // health verdict, and rolling back on that same verdict would undo the override.
+        let forced = force && !healthy;
+        self.watch = (self.config.watch_window_secs > 0 && !forced)
             .then(|| (to, Instant::now() + Duration::from_secs(self.config.watch_window_secs), self.generation));
         self.persist();
         let event = if percent.is_some() { "canary" } else { event };
@@ -631,13 +634,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1)).lines();
     if uid != 0 {
+        // Take the request first, so the refusal is what the client reads (not a broken pipe).
+        let _ = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
         let r = Response::Error { message: format!("permission denied: uid {uid} is not root; the control socket is root-only") };
         write.write_all(format!("{}\n", serde_json::to_string(&r)?).as_bytes()).await?;
         warn!(uid, "refused a control connection from a non-root peer");
         return Ok(());
     }
-    let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1)).lines();
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(req) => {

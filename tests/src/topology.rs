@@ -31,8 +31,57 @@ pub const VIP6: &str = "fd00:100::1";
 pub const CLIENT6: &str = "fd00:c::2";
 pub const BLUE6: &str = "fd00:b::2";
 pub const GREEN6: &str = "fd00:a::2";
+/// The web service's preview port: always the idle color.
+pub const PREVIEW_PORT: u16 = 8081;
 /// A long-lived line-stream service (`bg-testsrv --echo`), same port on VIP and backends.
 pub const ECHO_PORT: u16 = 7000;
+
+/// The backend servers, by color.
+pub struct Backends {
+    pub blue: Vec<Proc>,
+    pub green: Vec<Proc>,
+}
+
+/// One HTTP/1.1 GET on a new connection (`Connection: close`); returns the body.
+pub fn http_get(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).with_context(|| format!("read from {addr}"))?;
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else { bail!("no HTTP answer from {addr}: {answer:?}") };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr} answered {head:?}");
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Answers per body ("blue", "green").
+    pub answers: std::collections::BTreeMap<String, u64>,
+    pub failures: Vec<String>,
+}
+
+/// New-connection HTTP GETs from the client namespace to `addr`, one every `gap`, until `stop`
+/// is set or `max` requests are done (bounded either way).
+pub fn load(t: &Topology, addr: std::net::SocketAddr, gap: Duration, max: u64, stop: &std::sync::atomic::AtomicBool) -> LoadResult {
+    let _inside = crate::netns::InNetns::enter(&t.client).expect("enter the client namespace");
+    let mut r = LoadResult::default();
+    for i in 0..max {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        match http_get(addr) {
+            Ok(body) => *r.answers.entry(body).or_default() += 1,
+            Err(e) => r.failures.push(format!("request {i}: {e:#}")),
+        }
+        std::thread::sleep(gap);
+    }
+    r
+}
 
 pub struct Topology {
     /// Holds the agent config; the socket lives here too. Removed on drop.
@@ -119,6 +168,7 @@ fall = 2
 [[service]]
 name = "web"
 vip = "{VIP}:{VIP_PORT}"
+preview_vip = "{VIP}:{PREVIEW_PORT}"
 protocol = "tcp"
 blue = ["{BLUE}:{BACKEND_PORT}"]
 green = ["{GREEN}:{BACKEND_PORT}"]
@@ -147,10 +197,16 @@ green = ["{GREEN}:{ECHO_PORT}"]
 
     /// Starts the backends: on each color an HTTP server (port 8080, IPv4 and IPv6) and a
     /// line-stream echo server (port 7000), answering with the color's name.
-    pub fn start_backends(&self) -> anyhow::Result<Vec<Proc>> {
+    pub fn start_backends(&self) -> anyhow::Result<Backends> {
+        Ok(Backends { blue: self.start_color("blue")?, green: self.start_color("green")? })
+    }
+
+    /// Starts one color's servers.
+    pub fn start_color(&self, color: &str) -> anyhow::Result<Vec<Proc>> {
         let srv = paths::testsrv();
         let mut procs = Vec::new();
-        for (ns, addr, color) in [(&self.blue, BLUE, "blue"), (&self.green, GREEN, "green")] {
+        let all = [(&self.blue, BLUE, "blue"), (&self.green, GREEN, "green")];
+        for (ns, addr, color) in all.into_iter().filter(|c| c.2 == color) {
             let mut cmd = ns.command(srv.to_str().unwrap());
             // [::] takes IPv4 too (IPV6_V6ONLY is off by default on Linux).
             cmd.args(["--listen", &format!("[::]:{BACKEND_PORT}"), "--body", color]);
