@@ -232,6 +232,8 @@ green = ["{GREEN}:{ECHO_PORT}"]
         }
         let mut cmd = self.gw.nsenter(paths::bgctl().to_str().unwrap());
         cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
+        // Quiet by default; BG_LOG=info (or debug) shows the agents' logs in test output.
+        cmd.env("BG_LOG", std::env::var("BG_LOG").unwrap_or_else(|_| "warn".into()));
         let agent = Proc::spawn("bgctl agent", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

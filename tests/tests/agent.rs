@@ -303,3 +303,105 @@ fn metrics_are_served_on_loopback() {
     }
     assert!(text.contains("# TYPE bg_packets_total counter"));
 }
+
+#[test]
+fn a_reboot_comes_back_on_the_persisted_color_and_a_foreign_layout_is_refused() {
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let mut agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    t.bgctl(&["flip", "green"]).unwrap();
+    let generation = status(&t)["generation"].as_u64().unwrap();
+
+    // A pinned state this config does not fit is refused, and the running data plane stays.
+    assert!(agent.stop(Duration::from_secs(5)));
+    let config = std::fs::read_to_string(t.config_path()).unwrap();
+    std::fs::write(t.config_path(), config.replace("flow_table_size = 16384", "flow_table_size = 32768")).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap())
+        .args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BG_FLOWS_V1") && err.contains("flow_table_size differs") && err.contains("--cleanup"), "{err}");
+    assert_eq!(t.get_vip().unwrap(), "green", "the refused start changed nothing");
+
+    // "Reboot": bpffs is gone (cleanup), the state directory stays.
+    std::fs::write(t.config_path(), config).unwrap();
+    t.cleanup().unwrap();
+    assert!(!t.pin_dir().exists());
+    let _agent = t.start_agent().unwrap();
+    let s = status(&t);
+    assert_eq!((s["active"].as_str(), s["adopted"].as_bool()), (Some("green"), Some(false)), "back on green after the reboot");
+    assert!(s["generation"].as_u64().unwrap() >= generation);
+    t.wait_healthy().unwrap();
+    assert_eq!(t.get_vip().unwrap(), "green");
+}
+
+#[test]
+fn concurrent_flips_are_serialized_each_with_its_own_generation() {
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let t = &t;
+            s.spawn(move || t.bgctl(&["flip", if i % 2 == 0 { "green" } else { "blue" }]).unwrap());
+        }
+    });
+    let gens: Vec<u64> = history(&t)
+        .iter()
+        .filter(|e| e["event"] == "flip")
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    let mut sorted = gens.clone();
+    sorted.dedup();
+    assert_eq!(gens, sorted, "strictly increasing, no generation twice: {gens:?}");
+    assert_eq!(status(&t)["generation"].as_u64().unwrap(), 1 + gens.len() as u64);
+}
+
+#[test]
+fn unhealthy_backends_of_the_active_color_get_no_new_flows() {
+    let t = Topology::create(&tag()).unwrap();
+    // Blue's web service gets a second backend (port 8082, answering "blue2").
+    let config = t.config().replace(
+        &format!("blue = [\"{}:8080\"]", bg_tests::topology::BLUE),
+        &format!("blue = [\"{0}:8080\", \"{0}:8082\"]", bg_tests::topology::BLUE),
+    );
+    assert!(config.contains(":8082"));
+    std::fs::write(t.config_path(), config).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let mut second = bg_tests::netns::Proc::spawn_ready(
+        "blue2",
+        t.blue.command(paths::testsrv().to_str().unwrap()).args(["--listen", "[::]:8082", "--body", "blue2"]),
+        "listening",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    let never = AtomicBool::new(false);
+    let r = load(&t, vip(VIP_PORT), Duration::ZERO, 100, &never);
+    assert!(r.answers.get("blue2").copied().unwrap_or(0) > 20, "both blue backends take flows: {r:?}");
+
+    second.stop(Duration::from_secs(3));
+    wait_for(&t, "blue2 down", Duration::from_secs(5), |s| {
+        s["health"][0]["backends"].as_array().unwrap().iter().any(|b| b["backend"] == "10.1.0.2:8082" && b["state"] == "down")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = load(&t, vip(VIP_PORT), Duration::ZERO, 100, &never);
+    assert_eq!(r.answers.get("blue"), Some(&100), "the down backend gets no new flows: {r:?}");
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(status(&t)["active"], "blue", "one bad backend of two does not move the color");
+}
+
+#[test]
+fn watch_draws_a_live_view() {
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    let out = t.bgctl(&["watch", "--count", "2", "--interval-ms", "200"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("\x1b[H\x1b[2J").count(), 2, "redraws in place");
+    assert!(text.contains("active blue  generation 1") && text.contains("new flows/s") && text.contains("healthy (3/3 up)"), "{text}");
+}
