@@ -19,9 +19,9 @@ pub mod pin;
 use bytemuck::{Pod, Zeroable};
 
 /// How many services (VIP, port, protocol) one agent serves.
-pub const MAX_SERVICES: u32 = 256;
+pub const MAX_SERVICES: u32 = 64;
 /// Backends per color per service.
-pub const MAX_BACKENDS: usize = 64;
+pub const MAX_BACKENDS: usize = 256;
 /// Backend-set slots. A slot is only ever written while no selector points at it; see
 /// [`Selector`]. Two per color (`c` and `c + 2`), so a color's set can be rebuilt without
 /// touching the live copy.

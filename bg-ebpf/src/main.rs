@@ -54,6 +54,13 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// The benchmark floor: returns XDP_PASS and nothing else (`cargo xtask bench` reports bg's
+/// costs as this plus X). Never attached.
+#[xdp]
+pub fn bg_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Counts the reason of a packet that was not rewritten and returns its action: drop for the
 /// drop reasons (only ever for packets addressed to a VIP), pass untouched for the rest.
 #[inline(always)]

@@ -673,6 +673,28 @@ impl Dataplane {
     }
 }
 
+/// Hooks for `cargo xtask bench`: the floor program and direct flow-table writes.
+impl Dataplane {
+    /// The trivial XDP_PASS program of the same object, loaded on first use.
+    pub fn floor_program(&mut self) -> anyhow::Result<&Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut("bg_floor")
+            .ok_or_else(|| anyhow!("the XDP object has no program `bg_floor`"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(self.ebpf.program("bg_floor").expect("just loaded").try_into()?)
+    }
+
+    /// Writes one flow-table entry directly.
+    pub fn insert_flow(&mut self, key: &FlowKey, entry: &NatEntry) -> anyhow::Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
+        flows.insert(key, entry, 0).context("writing a flow entry")
+    }
+}
+
 /// Removes a bg pin directory: links (which detaches the program once no process holds them)
 /// and maps. Returns what was removed.
 pub fn remove_pinned(dir: &Path) -> std::io::Result<Vec<String>> {
