@@ -35,6 +35,17 @@ pub const RING_SIZE: u32 = 16_381;
 /// instead of one per packet).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
+/// Words of the address filter (64 bits each): 65,536 bits, one per 16-bit address hash.
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+
+/// The bit of an address in the `ADDR_FILTER` array: a packet whose destination is a VIP or
+/// whose source is a backend has its bit set; one with neither bit set cannot belong to a VIP
+/// flow and is passed without a hash-map lookup. False positives only cost the lookups.
+#[inline(always)]
+pub fn addr_filter_bit(addr: &[u32; 4]) -> u32 {
+    hash::mix32(addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24)) & 0xffff
+}
+
 /// Address family tag carried in keys.
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -282,7 +293,8 @@ pub struct NatEntry {
     /// network byte order.
     pub addr: [u32; 4],
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet, refreshed at most every
-    /// `LAST_SEEN_GRANULARITY_NS`.
+    /// `LAST_SEEN_GRANULARITY_NS`; for TCP only from the FIN on (open TCP flows do not age,
+    /// and their packets skip the clock read).
     pub last_seen_ns: u64,
     /// The port to write, network byte order.
     pub port: u16,

@@ -15,8 +15,9 @@ pub const MAP_STATS: &str = "BG_STATS_V1";
 pub const MAP_FWD_STATS: &str = "BG_FWD_STATS_V1";
 pub const MAP_COLOR_STATS: &str = "BG_COLOR_STATS_V1";
 pub const MAP_RATE: &str = "BG_RATE_V1";
+pub const MAP_ADDR_FILTER: &str = "BG_ADDR_FILTER_V1";
 /// Every map, in pin order.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_SERVICES,
@@ -28,6 +29,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_FWD_STATS,
     MAP_COLOR_STATS,
     MAP_RATE,
+    MAP_ADDR_FILTER,
 ];
 /// The XDP program's name in the object.
 pub const PROGRAM: &str = "bg_xdp";

@@ -11,14 +11,17 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use bg_common::{
-    hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, ServiceInfo,
+    addr_filter_bit, hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, ServiceInfo,
     VipKey, SERVICE_PREVIEW,
     FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
     PROTO_TCP, RING_SIZE,
 };
 
 use crate::{
-    maps::{BG_ACTIVE_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V1, BG_RINGS_V1, BG_SERVICES_V1},
+    maps::{
+        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V1, BG_RINGS_V1,
+        BG_SERVICES_V1,
+    },
     parse::{End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rewrite::rewrite,
     count_fwd,
@@ -40,23 +43,40 @@ impl Verdict {
     }
 }
 
+/// Whether `addr`'s bit is set in the address filter.
+#[inline(always)]
+pub fn maybe_ours(addr: &[u32; 4]) -> bool {
+    let bit = addr_filter_bit(addr);
+    match BG_ADDR_FILTER_V1.get(bit >> 6) {
+        Some(w) => *w & (1u64 << (bit & 63)) != 0,
+        None => true,
+    }
+}
+
 /// Decides and applies the rewrite for a parsed TCP/UDP packet.
 #[inline(always)]
 pub fn process(pkt: &Packet) -> Verdict {
+    let key = pkt.key();
+    // Neither to a VIP nor from a backend: cannot be a VIP flow; no hash lookups.
+    if !maybe_ours(&key.dst) && !maybe_ours(&key.src) {
+        return Verdict::untouched(Reason::PassNotOurs);
+    }
     let Some(cfg) = BG_CONFIG_V1.get(0) else {
         return Verdict::untouched(Reason::PassNotOurs);
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = pkt.key();
     // One lookup serves both directions of a known flow.
     if let Some(entry) = BG_FLOWS_V1.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
+        // Only UDP and closing TCP entries age; an open TCP flow needs no clock read.
+        let ages = pkt.proto != PROTO_TCP || entry.flags & FLOW_CLOSING != 0;
+        let now = if ages { unsafe { bpf_ktime_get_ns() } } else { 0 };
         let reopened = pkt.has(TCP_SYN) && !pkt.has(TCP_ACK) && entry.flags & FLOW_CLOSING != 0;
-        if !entry.expired(pkt.proto, now, cfg) && !reopened {
+        if !(ages && entry.expired(pkt.proto, now, cfg)) && !reopened {
             return follow(pkt, &key, entry, now);
         }
         // Over: the packet is handled as if no entry existed; a new flow overwrites it.
     }
+    let now = unsafe { bpf_ktime_get_ns() };
 
     let vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
     let Some(service) = (unsafe { BG_SERVICES_V1.get(&vip) }) else {
@@ -80,15 +100,17 @@ pub fn process(pkt: &Packet) -> Verdict {
     new_flow(pkt, &key, service, cfg, now, reason)
 }
 
-/// A packet of a known flow: rewrite as its entry says.
+/// A packet of a known flow: rewrite as its entry says. `now` is 0 for open TCP flows, whose
+/// `last_seen_ns` is only kept from their FIN on.
 #[inline(always)]
 fn follow(pkt: &Packet, key: &FlowKey, entry: &mut NatEntry, now: u64) -> Verdict {
-    if now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+    if now != 0 && now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         entry.last_seen_ns = now;
     }
     let (addr, port, kind, color) = (entry.addr, entry.port, entry.kind, entry.color);
-    if pkt.has(TCP_FIN) {
+    if pkt.has(TCP_FIN) && entry.flags & FLOW_CLOSING == 0 {
         entry.flags |= FLOW_CLOSING;
+        entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     }
     let reason = if kind == NAT_TO_BACKEND {
         rewrite(pkt, End::Dst, &addr, port);

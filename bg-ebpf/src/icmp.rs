@@ -15,6 +15,9 @@ use crate::{
 pub fn process(e: &IcmpError) -> Verdict {
     let inner_src = read_addr(e.inner_l3, e.family, End::Src);
     let inner_dst = read_addr(e.inner_l3, e.family, End::Dst);
+    if !crate::decide::maybe_ours(&inner_src) && !crate::decide::maybe_ours(&inner_dst) {
+        return Verdict { reason: Reason::PassNotOurs, color: NO_COLOR };
+    }
     let ports = unsafe { *e.inner_ports };
     // The packet that would answer the quoted one.
     let key = FlowKey {

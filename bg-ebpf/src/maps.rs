@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    BackendSet, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, RateWindow, Reason, Selector,
+    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, RateWindow, Reason, Selector,
     ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_SERVICES, RING_SIZE, SLOTS,
 };
 
@@ -57,3 +57,8 @@ pub static BG_COLOR_STATS_V1: PerCpuArray<ColorStats> = PerCpuArray::with_max_en
 /// Per-CPU window of the new-flow rate bound.
 #[map]
 pub static BG_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bit filter over VIP and backend addresses (`bg_common::addr_filter_bit`): packets that hit
+/// neither bit skip the flow and service lookups.
+#[map]
+pub static BG_ADDR_FILTER_V1: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);

@@ -241,9 +241,7 @@ impl State {
             generation: self.generation,
             canary_permille: self.canary_permille,
         };
-        if let Err(e) = self.store.save(&p) {
-            error!(error = %e, "could not persist the agent state; a reboot may come back on the config's color");
-        }
+        self.store.save_in_background(p);
     }
 
     /// Republishes a color whose effective weights changed (a backend went down or came back).
@@ -622,6 +620,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     drop(listener);
     let st = state.lock().unwrap();
+    st.store.flush();
     let _ = std::fs::remove_file(&st.config.socket);
     info!(
         pin_dir = %st.config.pin_dir.display(),

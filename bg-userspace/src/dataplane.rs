@@ -18,8 +18,9 @@ use bg_common::{
     maglev,
     pin::{
         ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_FLOWS, MAP_FWD_STATS,
-        MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
+        MAP_ADDR_FILTER, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
     },
+    addr_filter_bit, ADDR_FILTER_WORDS,
     ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
     MAX_SERVICES, NAT_TO_BACKEND, RING_SIZE, SERVICE_PREVIEW, SLOTS,
@@ -154,6 +155,7 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, Fwd::COUNT),
         MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
         MAP_RATE => (MapType::PerCpuArray, 4, size_of::<RateWindow>() as u32, 1),
+        MAP_ADDR_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),
         other => unreachable!("unknown map {other}"),
     }
 }
@@ -379,6 +381,25 @@ impl Dataplane {
             }
             for k in stale {
                 map.remove(&k).context("removing a service no longer configured")?;
+            }
+        }
+        // The address filter: every VIP and every backend of both colors. Bits are only ever
+        // added while the program runs (a stale bit costs a lookup, a missing one loses flows).
+        {
+            let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+            let addrs = services.iter().flat_map(|s| {
+                std::iter::once(s.vip.ip())
+                    .chain(s.preview_vip.map(|p| p.ip()))
+                    .chain(s.blue.iter().chain(&s.green).map(|b| b.addr.ip()))
+            });
+            for a in addrs {
+                let bit = addr_filter_bit(&raw_addr(a));
+                *words.entry(bit >> 6).or_default() |= 1u64 << (bit & 63);
+            }
+            let mut filter: Array<&mut MapData, u64> = Array::try_from(self.map_mut(MAP_ADDR_FILTER)?)?;
+            for (w, bits) in words {
+                let old = filter.get(&w, 0)?;
+                filter.set(w, old | bits, 0).context("writing the address filter")?;
             }
         }
         let mut addrs: HashMap<&mut MapData, VipAddr, u32> = HashMap::try_from(self.map_mut(MAP_VIP_ADDRS)?)?;

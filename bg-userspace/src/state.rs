@@ -23,6 +23,8 @@ pub struct Persisted {
 
 pub struct Store {
     dir: PathBuf,
+    /// The background writer of `state.json` (see `save_in_background`).
+    writer: std::sync::Mutex<Option<(std::sync::mpsc::Sender<Persisted>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Store {
@@ -34,7 +36,39 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating state directory {} (config `state_dir`)", dir.display()))?;
-        Ok(Store { dir: dir.to_owned() })
+        Ok(Store { dir: dir.to_owned(), writer: std::sync::Mutex::new(None) })
+    }
+
+    /// Hands the state to a background writer that always writes the latest one: a flip does
+    /// not wait for the file (a create-write-rename costs a few hundred µs). The file matters
+    /// after a reboot; an agent crash leaves the pinned data plane, which a restarted agent
+    /// reads instead. `flush` waits for the writer.
+    pub fn save_in_background(&self, state: Persisted) {
+        let mut w = self.writer.lock().unwrap();
+        if w.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Persisted>();
+            let store = Store { dir: self.dir.clone(), writer: std::sync::Mutex::new(None) };
+            let handle = std::thread::spawn(move || {
+                while let Ok(mut latest) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        latest = newer;
+                    }
+                    if let Err(e) = store.save(&latest) {
+                        tracing::error!(error = %e, "could not persist the agent state; a reboot may come back on an older color");
+                    }
+                }
+            });
+            *w = Some((tx, handle));
+        }
+        let _ = w.as_ref().unwrap().0.send(state);
+    }
+
+    /// Waits until the background writer has written everything handed to it.
+    pub fn flush(&self) {
+        if let Some((tx, handle)) = self.writer.lock().unwrap().take() {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
 
     fn state_path(&self) -> PathBuf {
@@ -56,10 +90,9 @@ impl Store {
         }
     }
 
-    /// Writes the state atomically (temporary file, rename). Not fsynced on every flip: a flip
-    /// must return in well under a millisecond; an agent crash loses nothing (the data is in
-    /// the page cache), a power loss may lose the latest flips (the data plane is gone then too,
-    /// and the agent comes back on the color last written).
+    /// Writes the state atomically (temporary file, rename); not fsynced (a power loss may lose
+    /// the latest flips: the data plane is gone then too, and the agent comes back on the color
+    /// last written).
     pub fn save(&self, state: &Persisted) -> anyhow::Result<()> {
         let path = self.state_path();
         let tmp = self.dir.join("state.json.tmp");
@@ -119,7 +152,12 @@ mod tests {
         assert_eq!(store.load().unwrap(), None);
         let s = Persisted { active: "green".into(), previous: Some("blue".into()), generation: 7, canary_permille: 0 };
         store.save(&s).unwrap();
-        assert_eq!(store.load().unwrap(), Some(s));
+        assert_eq!(store.load().unwrap(), Some(s.clone()));
+        for generation in 8..20 {
+            store.save_in_background(Persisted { generation, ..s.clone() });
+        }
+        store.flush();
+        assert_eq!(store.load().unwrap().unwrap().generation, 19, "the latest state is written");
         for i in 0..5 {
             store.audit(serde_json::json!({"event": "flip", "generation": i})).unwrap();
         }

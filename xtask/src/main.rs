@@ -32,6 +32,13 @@ enum Cmd {
     /// A self-contained demo in network namespaces: blue answers, flip, green answers, rollback.
     /// Needs root.
     Demo,
+    /// Benchmarks: packet cost (test_run), cutover, and requests/s against direct routing,
+    /// nftables DNAT and HAProxy; writes BENCHMARKS.md and its charts. Needs root.
+    Bench {
+        /// Seconds instead of minutes; results go to target/bench-smoke, not BENCHMARKS.md.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -78,6 +85,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root("test")?;
     prereq::system_packages()?;
+    prereq::bench_packages()?;
     build()?;
     eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
     let mut child = Command::new("cargo")
@@ -107,7 +115,11 @@ fn test() -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // The benchmarks' smoke run: every benchmark for seconds, no thresholds (the machine is
+    // noisy); it fails only if a benchmark cannot run.
+    let smoke = bench(true);
     println!("all tests: {passed} passed, {failed} failed");
+    smoke.context("the benchmark smoke run failed")?;
     if !status.success() || failed > 0 {
         bail!("tests failed ({status})");
     }
@@ -117,11 +129,38 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench(smoke: bool) -> anyhow::Result<()> {
+    prereq::bench_packages()?;
+    let out = root().join(if smoke { "target/bench-smoke" } else { "target/bench" });
+    eprintln!("xtask: running the benchmarks{} (results in {})", if smoke { " (smoke)" } else { "" }, out.display());
+    let mut cmd = Command::new(root().join("target/release/bg-bench"));
+    cmd.arg("--out").arg(&out);
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    run(&mut cmd)?;
+    if smoke {
+        return Ok(());
+    }
+    prereq::matplotlib()?;
+    run(Command::new("python3").arg(root().join("xtask/charts.py")).arg(out.join("results.json")).arg(root()))?;
+    std::fs::copy(out.join("BENCHMARKS.md"), root().join("BENCHMARKS.md"))?;
+    std::fs::copy(out.join("results.json"), root().join("bench-results.json"))?;
+    eprintln!("xtask: BENCHMARKS.md, bench-results.json and the charts are updated");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test => test(),
+        Cmd::Bench { smoke } => {
+            require_root("bench")?;
+            prereq::system_packages()?;
+            build()?;
+            bench(smoke)
+        }
         Cmd::Demo => {
             require_root("demo")?;
             prereq::system_packages()?;

@@ -52,12 +52,41 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
 ];
 
+/// What the benchmarks drive and compare against: (command, package).
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+    ("haproxy", "haproxy"),
+    ("nft", "nftables"),
+    ("socat", "socat"),
+    ("nstat", "iproute2"),
+    ("setpriv", "util-linux"),
+];
+
 pub fn system_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install_missing(PACKAGES)
+}
+
+pub fn bench_packages() -> anyhow::Result<()> {
+    install_missing(BENCH_PACKAGES)
+}
+
+/// matplotlib for the charts (PyPI), into the user site of the machine's python3.
+pub fn matplotlib() -> anyhow::Result<()> {
+    if quiet_ok(Command::new("python3").args(["-c", "import matplotlib"])) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing matplotlib (pip) for the benchmark charts");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "matplotlib"]))
+}
+
+fn install_missing(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(cmd, _)| !quiet_ok(Command::new("sh").args(["-c", &format!("command -v {cmd}")])))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

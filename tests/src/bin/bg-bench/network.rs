@@ -162,6 +162,9 @@ fn setup<'a>(t: &'a Topology, which: &str) -> anyhow::Result<Switcher<'a>> {
             Switcher::Nft(t)
         }
         "haproxy" => {
+            // A proxy opens its own connections to the backends; with new connections at this
+            // rate its ephemeral ports sit in TIME_WAIT unless reuse is on, as on tuned proxies.
+            t.gw.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
             t.gw.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let map = t.run_dir.join("haproxy.map");
             std::fs::write(&map, "active be_blue\n")?;
@@ -434,6 +437,53 @@ pub fn throughput(smoke: bool) -> anyhow::Result<Value> {
     }))
 }
 
+/// Every target of the benchmark brief against this run, met or missed by how much.
+fn targets(all: &Value) -> String {
+    let r = &all["results"];
+    let p = &r["packet"];
+    let n = &r["network"]["summary"];
+    let c = &r["cutover"];
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let floor = num(&p["floor_ns"]);
+    let floor1 = num(&p["floor_single_ns"]);
+    let spread = |arr: &Value, key: &str| -> f64 {
+        let v: Vec<f64> = arr.as_array().into_iter().flatten().map(|e| num(&e[key])).collect();
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        hi / lo
+    };
+    let mut rows: Vec<(String, String, String, bool)> = Vec::new();
+    let mut row = |what: &str, target: String, got: String, ok: bool| rows.push((what.into(), target, got, ok));
+    row("non-VIP pass", "floor + 5 ns".into(), format!("floor + {:.0} ns", num(&p["non_vip_ns"]) - floor), num(&p["non_vip_ns"]) - floor <= 5.0);
+    row("established flow", "floor + 30 ns".into(), format!("floor + {:.0} ns", num(&p["established_ns"]) - floor), num(&p["established_ns"]) - floor <= 30.0);
+    row("new flow", "floor + 150 ns".into(), format!("floor + {:.0} ns", num(&p["new_flow_ns"]) - floor1), num(&p["new_flow_ns"]) - floor1 <= 150.0);
+    let st = spread(&p["by_table_size"], "established_ns");
+    row("flat over flow-table size", "≤ 1.3×".into(), format!("{st:.2}×"), st <= 1.3);
+    let sb = spread(&p["by_backends"], "new_flow_ns");
+    row("flat over 1..256 backends", "≤ 1.3×".into(), format!("{sb:.2}×"), sb <= 1.3);
+    for mode in ["keepalive", "new_connection"] {
+        let bg = num(&n[mode]["bg"]["ratio_to_direct"]);
+        let nft = num(&n[mode]["nftables"]["ratio_to_direct"]);
+        row(&format!("{} req/s vs direct", mode.replace('_', " ")), "≥ 0.98×".into(), format!("{bg:.3}×"), bg >= 0.98);
+        row(&format!("{} req/s vs nftables", mode.replace('_', " ")), "≥ nftables".into(), format!("{bg:.3}× vs {nft:.3}×"), bg >= nft);
+    }
+    let ka = num(&n["keepalive"]["bg"]["rps"]) / num(&n["keepalive"]["haproxy"]["rps"]);
+    row("keep-alive vs HAProxy", "≥ 1.5×".into(), format!("{ka:.2}×"), ka >= 1.5);
+    let mw = num(&c["map_write_ns"]["p50"]) / 1000.0;
+    row("map write", "≤ 5 µs".into(), format!("{mw:.1} µs (p50)"), mw <= 5.0);
+    let rt = num(&c["flip_round_trip_ns"]["p50"]) / 1e6;
+    row("`bgctl flip` round trip incl. health gate", "≤ 1 ms".into(), format!("{rt:.2} ms (p50, socket)"), rt <= 1.0);
+    let fg = num(&c["first_new_connection_after_return_ns"]["p50"]) / 1e6;
+    row("first new connection on green after return", "≤ 1 ms".into(), format!("{fg:.2} ms (p50)"), fg <= 1.0);
+    let bad = num(&c["errors"]) + num(&c["resets"]) + num(&c["moved_connections"]);
+    row(&format!("errors/resets/moved over {} flips under load", c["flips_under_load"]), "0".into(), format!("{}/{}/{}", c["errors"], c["resets"], c["moved_connections"]), bad == 0.0);
+    let mut s = String::from("## Targets\n\n| target | wanted | this run | |\n|---|---|---|---|\n");
+    for (what, want, got, ok) in rows {
+        s += &format!("| {what} | {want} | {got} | {} |\n", if ok { "met" } else { "**missed**" });
+    }
+    s += "\n";
+    s
+}
+
 fn f(v: &Value, digits: usize) -> String {
     v.as_f64().map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
 }
@@ -453,6 +503,7 @@ pub fn markdown(all: &Value) -> String {
         all["meta"]["kernel"].as_str().unwrap_or("?"),
         if all["meta"]["smoke"] == true { " (SMOKE run: seconds, not meaningful)" } else { "" }
     );
+    s += &targets(all);
     s += "## Packet cost (BPF_PROG_TEST_RUN)\n\n";
     s += &format!("Method: {}.\n\n", p["method"].as_str().unwrap_or(""));
     s += "| path | ns/packet | floor + X | target |\n|---|---|---|---|\n";
