@@ -63,33 +63,33 @@ impl Netns {
         run(self.command(argv[0]).args(&argv[1..]))
     }
 
+    /// A counter from /proc/net/snmp or /proc/net/netstat in this namespace: `group` is the
+    /// line prefix (`Tcp`, `Udp`, `TcpExt`), `name` the column (`EstabResets`).
+    pub fn counter(&self, file: &str, group: &str, name: &str) -> anyhow::Result<u64> {
+        let out = self.exec(&["cat", &format!("/proc/net/{file}")])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let prefix = format!("{group}:");
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+        let (Some(names), Some(values)) = (lines.first(), lines.get(1)) else {
+            bail!("no {group} lines in /proc/net/{file}");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .with_context(|| format!("no {group} counter {name} in /proc/net/{file}"))
+    }
+
     /// The kernel's checksum-error counters in this namespace: TCP (both families) and UDP
     /// `InCsumErrors`, and `Udp6InCsumErrors`/`Icmp6InCsumErrors`.
     pub fn csum_errors(&self) -> anyhow::Result<u64> {
-        let out = self.exec(&["cat", "/proc/net/snmp"])?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let mut total = self.counter("snmp", "Tcp", "InCsumErrors")? + self.counter("snmp", "Udp", "InCsumErrors")?;
         let six = self.exec(&["cat", "/proc/net/snmp6"])?;
-        let mut total = 0;
         for line in String::from_utf8_lossy(&six.stdout).lines() {
             let mut words = line.split_whitespace();
-            if let (Some(name), Some(v)) = (words.next(), words.next()) {
-                if name == "Udp6InCsumErrors" || name == "Icmp6InCsumErrors" {
-                    total += v.parse::<u64>().with_context(|| format!("{name}"))?;
-                }
-            }
-        }
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [head, vals] = pair else { continue };
-            let (Some(proto), true) = (head.split(':').next(), head.starts_with("Tcp:") || head.starts_with("Udp:")) else {
-                continue;
-            };
-            let names: Vec<&str> = head.split_whitespace().skip(1).collect();
-            let values: Vec<&str> = vals.split_whitespace().skip(1).collect();
-            for (n, v) in names.iter().zip(values) {
-                if *n == "InCsumErrors" {
-                    total += v.parse::<u64>().with_context(|| format!("{proto} InCsumErrors"))?;
-                }
+            if let (Some(name @ ("Udp6InCsumErrors" | "Icmp6InCsumErrors")), Some(v)) = (words.next(), words.next()) {
+                total += v.parse::<u64>().with_context(|| name.to_owned())?;
             }
         }
         Ok(total)

@@ -266,6 +266,11 @@ pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, rest: u32, quo
     let mut icmp = vec![ty, code, 0, 0];
     icmp.extend_from_slice(&rest.to_be_bytes());
     icmp.extend_from_slice(quote);
+    icmp_frame(from, to, icmp)
+}
+
+/// An IPv4 frame carrying the ICMP message `icmp` (its checksum is filled here).
+fn icmp_frame(from: Ipv4Addr, to: Ipv4Addr, mut icmp: Vec<u8>) -> Vec<u8> {
     let c = checksum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_ne_bytes());
     let mut h = vec![0u8; 20];
@@ -283,20 +288,7 @@ pub fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, ty: u8, code: u8, rest: u32, quo
 
 /// An ICMP echo request.
 pub fn icmp_echo(from: Ipv4Addr, to: Ipv4Addr) -> Vec<u8> {
-    let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
-    let c = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
-    let mut h = vec![0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    h[8] = 64;
-    h[9] = 1;
-    h[12..16].copy_from_slice(&from.octets());
-    h[16..20].copy_from_slice(&to.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_ne_bytes());
-    h.extend_from_slice(&icmp);
-    ethernet(0x0800, None, &h)
+    icmp_frame(from, to, vec![8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'])
 }
 
 /// An ICMPv4 error as parsed back, every checksum recomputed.
@@ -537,4 +529,17 @@ pub fn parse_icmp6(frame: &[u8]) -> ParsedIcmp6 {
         inner_src: SocketAddrV6::new(v6(&inner[8..24]), port(0), 0, 0),
         inner_dst: SocketAddrV6::new(v6(&inner[24..40]), port(2), 0, 0),
     }
+}
+
+/// Runs an XDP program once on `input` under BPF_PROG_TEST_RUN; returns the action and the
+/// output frame.
+pub fn test_run(prog: &aya::programs::Xdp, input: &[u8]) -> (u32, Vec<u8>) {
+    use aya::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; input.len() + 512];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut out);
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }

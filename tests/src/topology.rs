@@ -293,18 +293,7 @@ green = ["{GREEN}:{ECHO_PORT}"]
 
     /// A counter from the `Tcp:` line of /proc/net/snmp in `ns` (e.g. `EstabResets`).
     pub fn tcp_counter(ns: &Netns, name: &str) -> anyhow::Result<u64> {
-        let out = ns.exec(&["cat", "/proc/net/snmp"])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
-        let (Some(names), Some(values)) = (tcp.first(), tcp.get(1)) else {
-            bail!("no Tcp lines in /proc/net/snmp");
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no Tcp counter {name}"))
+        ns.counter("snmp", "Tcp", name)
     }
 
     /// Sum of TCP/UDP checksum errors seen by the client and both backends.

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddrV4;
 
-use aya::{TestRun, TestRunOptions};
 use bg_common::Fwd;
 use bg_tests::{
     netns::{InNetns, Netns},
@@ -42,13 +41,7 @@ green = ["10.77.0.2:8080"]
 "#;
 
 fn run(dp: &Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 512];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(input);
-    opts.data_out = Some(&mut out);
-    let r = dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    packet::test_run(dp.program(), input)
 }
 
 #[test]

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use aya::{TestRun, TestRunOptions};
 use bg_common::{Color, Fwd, Reason, Selector};
 use bg_tests::{
     packet::{self, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -60,13 +59,7 @@ fn dataplane(config: &str) -> Dataplane {
 
 /// Runs the program once on `input`; returns the action and the output frame.
 fn run(dp: &Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 512];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(input);
-    opts.data_out = Some(&mut out);
-    let r = dp.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    packet::test_run(dp.program(), input)
 }
 
 /// Asserts `frame` is a valid IPv4 packet from `src` to `dst` carrying `payload`.

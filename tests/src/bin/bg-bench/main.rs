@@ -269,7 +269,16 @@ fn main() -> anyhow::Result<()> {
             "--smoke" => o.smoke = true,
             "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
             "--only" => o.only = Some(args.next().context("--only needs a section: packet, cutover, cutover_others, network")?),
-            other => anyhow::bail!("unknown argument `{other}`; usage: bg-bench [--smoke] [--out DIR] [--only SECTION]"),
+            // Rewrites the report from a results.json without measuring anything.
+            "--report" => {
+                let path = PathBuf::from(args.next().context("--report needs a results.json")?);
+                let all: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+                std::fs::create_dir_all(&o.out)?;
+                std::fs::write(o.out.join("BENCHMARKS.md"), network::markdown(&all))?;
+                println!("bench: report written to {}", o.out.join("BENCHMARKS.md").display());
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument `{other}`; usage: bg-bench [--smoke] [--out DIR] [--only SECTION] [--report results.json]"),
         }
     }
     std::fs::create_dir_all(&o.out)?;
