@@ -38,6 +38,8 @@ pub enum Command {
     CheckConfig {
         /// The TOML config file.
         config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Show the active color, generation, health, canary, backends, attachments and live flows.
     Status {
@@ -91,6 +93,9 @@ pub enum Command {
         /// Stop after this many refreshes (default: until Ctrl-C).
         #[arg(long)]
         count: Option<u64>,
+        /// One JSON object per refresh (status and counters) instead of the screen.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -116,8 +121,20 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(crate::agent::run(config))
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, json } => {
             let c = Config::load(&config)?;
+            if json {
+                let services: Vec<_> = c
+                    .services
+                    .iter()
+                    .map(|s| serde_json::json!({"name": s.name, "vip": s.vip.to_string(), "protocol": s.protocol.name(),
+                        "preview_vip": s.preview_vip.map(|p| p.to_string()),
+                        "blue": s.blue.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
+                        "green": s.green.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>()}))
+                    .collect();
+                println!("{}", serde_json::json!({"ok": true, "interfaces": c.interfaces, "initial_color": c.initial_color.name(), "services": services}));
+                return Ok(());
+            }
             println!(
                 "{}: ok: {} service(s) on {}; starts on {}",
                 config.display(),
@@ -142,7 +159,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback { force, json } => output(call(&socket, &Request::Rollback { force })?, json),
         Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
         Command::History { limit, json } => output(call(&socket, &Request::History { limit: Some(limit) })?, json),
-        Command::Watch { interval_ms, count } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count),
+        Command::Watch { interval_ms, count, json } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count, json),
     }
 }
 
@@ -267,7 +284,7 @@ fn print_status(s: &Status) {
 }
 
 /// Redraws a small dashboard in place until Ctrl-C (or `count` refreshes).
-fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>) -> anyhow::Result<()> {
+fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bool) -> anyhow::Result<()> {
     let mut last: Option<(std::time::Instant, [u64; 2])> = None;
     let mut n = 0;
     loop {
@@ -279,6 +296,16 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>) -> anyho
             Some((t, prev)) => (new[i] - prev[i]) as f64 / now.duration_since(t).as_secs_f64(),
             None => 0.0,
         };
+        if json {
+            println!("{}", serde_json::json!({"status": s, "stats": c, "new_flows_per_sec": [rate(0), rate(1)]}));
+            last = Some((now, new));
+            n += 1;
+            if count.is_some_and(|c| n >= c) {
+                return Ok(());
+            }
+            std::thread::sleep(every);
+            continue;
+        }
         let mut screen = String::from("\x1b[H\x1b[2J");
         screen += &format!("bg watch  (every {} ms, Ctrl-C to stop)\n\n", every.as_millis());
         screen += &format!("active {}  generation {}", s.active, s.generation);
