@@ -65,10 +65,9 @@ pub struct State {
     store: Store,
     pub health: health::Table,
     attachments: Vec<Attachment>,
-    pub active: Color,
+    /// The color a rollback returns to. (The active color and the canary share are not kept
+    /// here: the selector in `dp` is their one source.)
     previous: Option<Color>,
-    /// Share (per mille) of new flows sent to the other color.
-    pub canary_permille: u32,
     pub generation: u64,
     active_since: Instant,
     /// A drain scheduled by the last flip: (color to end, deadline, generation of that flip).
@@ -166,6 +165,16 @@ fn all_backends(config: &Config) -> Vec<(SocketAddr, crate::config::Health)> {
 }
 
 impl State {
+    /// The color new flows go to, from the selector.
+    pub fn active(&self) -> Color {
+        Color::from_u8(slot_color(self.dp.current().primary())).unwrap_or(Color::Blue)
+    }
+
+    /// Share (per mille) of new flows sent to the other color by a canary.
+    pub fn canary_permille(&self) -> u32 {
+        self.dp.current().canary_permille()
+    }
+
     fn backend_state(&self, addr: &SocketAddr) -> HState {
         self.health.lock().unwrap().get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
     }
@@ -236,10 +245,10 @@ impl State {
 
     fn persist(&self) {
         let p = Persisted {
-            active: self.active.name().into(),
+            active: self.active().name().into(),
             previous: self.previous.map(|c| c.name().into()),
             generation: self.generation,
-            canary_permille: self.canary_permille,
+            canary_permille: self.canary_permille(),
         };
         self.store.save_in_background(p);
     }
@@ -271,13 +280,13 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     fn flip(&mut self, to: Color, percent: Option<u32>, drain_secs: Option<u64>, force: bool, who: Actor, reason: &str, event: &str) -> anyhow::Result<FlipResult> {
         let started = Instant::now();
-        let from = self.active;
+        let from = self.active();
         if percent.is_some() && to == from {
             bail!("{} is already active; a canary goes to the other color", to.name());
         }
         let permille = percent.map(|p| p * 10).unwrap_or(0);
         let target_active = if percent.is_some() { from } else { to };
-        if target_active == from && permille == self.canary_permille && percent.is_none() {
+        if target_active == from && permille == self.canary_permille() && percent.is_none() {
             return Ok(FlipResult {
                 from: from.name().into(),
                 to: to.name().into(),
@@ -303,10 +312,8 @@ impl State {
         let switch = self.dp.route(target_active, permille)?;
         if target_active != from {
             self.previous = Some(from);
-            self.active = target_active;
             self.active_since = Instant::now();
         }
-        self.canary_permille = permille;
         self.generation += 1;
         self.flips_total += 1;
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
@@ -337,10 +344,9 @@ impl State {
 
     /// Undoes the last switch: cancels a canary, or flips back to the previous color.
     fn rollback(&mut self, force: bool, who: Actor, reason: &str) -> anyhow::Result<FlipResult> {
-        let from = self.active;
-        let result = if self.canary_permille != 0 {
-            let switch = self.dp.route(self.active, 0)?;
-            self.canary_permille = 0;
+        let from = self.active();
+        let result = if self.canary_permille() != 0 {
+            let switch = self.dp.route(from, 0)?;
             self.generation += 1;
             self.persist();
             self.audit(json!({"event": "rollback", "from": from.name(), "to": from.name(), "generation": self.generation,
@@ -384,11 +390,11 @@ impl State {
         }
         self.watch = None;
         let why = format!("automatic rollback: {} unhealthy within the watch window: {}", color.name(), failing.join("; "));
-        let back_to = if self.canary_permille != 0 { self.active } else { self.previous.unwrap_or(color.other()) };
+        let back_to = if self.canary_permille() != 0 { self.active() } else { self.previous.unwrap_or(color.other()) };
         let (back_ok, _) = self.color_health(back_to);
         if !back_ok {
             error!(color = color.name(), "{why}; NOT rolling back: {} is not healthy either", back_to.name());
-            self.audit(json!({"event": "auto_rollback_skipped", "from": self.active.name(), "to": back_to.name(),
+            self.audit(json!({"event": "auto_rollback_skipped", "from": self.active().name(), "to": back_to.name(),
                 "generation": self.generation, "uid": "agent", "reason": format!("{why}; {} unhealthy too", back_to.name())}));
             return;
         }
@@ -418,7 +424,7 @@ impl State {
             Ok(n) => {
                 info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
                 self.last_drain_removed = Some(n);
-                self.audit(json!({"event": "drain", "from": color.name(), "to": self.active.name(), "generation": self.generation,
+                self.audit(json!({"event": "drain", "from": color.name(), "to": self.active().name(), "generation": self.generation,
                     "uid": "agent", "reason": format!("drain deadline: {n} flow entries of {} removed", color.name())}));
             }
             Err(e) => warn!(color = color.name(), error = %e, "drain failed"),
@@ -458,9 +464,9 @@ impl State {
             previous: self.previous.map(|c| c.name().into()),
             generation: self.generation,
             active_for_secs: self.active_since.elapsed().as_secs(),
-            canary: (self.canary_permille != 0).then(|| CanaryStatus {
-                color: self.active.other().name().into(),
-                percent: self.canary_permille as f64 / 10.0,
+            canary: (self.canary_permille() != 0).then(|| CanaryStatus {
+                color: self.active().other().name().into(),
+                percent: self.canary_permille() as f64 / 10.0,
             }),
             services: self
                 .config
@@ -533,7 +539,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Who is active: the kernel when adopting; the persisted state (or config) when fresh.
     let selector = dp.selector()?;
     let active = Color::from_u8(slot_color(selector.primary())).unwrap_or(Color::Blue);
-    let (mut generation, mut previous, mut canary) = (1, None, selector.canary_permille());
+    let (mut generation, mut previous) = (1, None);
     if let Some(p) = &persisted {
         generation = p.generation.max(1);
         previous = p.previous.as_deref().and_then(parse_color);
@@ -543,9 +549,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             previous = Some(active.other());
         }
     }
-    if !dp.adopted && persisted.as_ref().map(|p| p.canary_permille).unwrap_or(0) != 0 {
-        canary = persisted.as_ref().unwrap().canary_permille;
-        dp.route(active, canary)?;
+    // After a reboot, a canary that was running resumes.
+    if let Some(p) = persisted.as_ref().filter(|p| !dp.adopted && p.canary_permille != 0) {
+        dp.route(active, p.canary_permille)?;
     }
 
     let listener = UnixListener::bind(&config.socket)
@@ -561,9 +567,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store,
         health: health_table.clone(),
         attachments,
-        active,
         previous,
-        canary_permille: canary,
         generation,
         active_since: Instant::now(),
         drain: None,
@@ -588,7 +592,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let backends = all_backends(&state.lock().unwrap().config);
         health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")));
     }
-    if let Some(addr) = state.lock().unwrap().config.metrics_listen {
+    // Read out first: the lock must not be held across the await.
+    let metrics_listen = state.lock().unwrap().config.metrics_listen;
+    if let Some(addr) = metrics_listen {
         metrics::serve(addr, state.clone()).await?;
     }
 

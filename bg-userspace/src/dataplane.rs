@@ -167,10 +167,8 @@ pub fn check_pinned_layout(dir: &Path, config: &Config) -> anyhow::Result<bool> 
     if present.is_empty() {
         return Ok(false);
     }
-    let cleanup = format!(
-        "keep the settings the pinned state was made with, or remove it with `bgctl agent --cleanup --config ...` \
-         (this detaches bg and drops the live flows' state)"
-    );
+    let cleanup = "keep the settings the pinned state was made with, or remove it with `bgctl agent --cleanup --config ...` \
+         (this detaches bg and drops the live flows' state)";
     if present.len() != ALL_MAPS.len() {
         let missing: Vec<&str> = ALL_MAPS.iter().copied().filter(|m| !present.contains(m)).collect();
         bail!(
@@ -508,6 +506,12 @@ impl Dataplane {
     /// Shorthand for `route(color, 0)`.
     pub fn select(&mut self, color: Color) -> anyhow::Result<()> {
         self.route(color, 0).map(|_| ())
+    }
+
+    /// The selector this process last wrote (or adopted): what new flows use, without a
+    /// syscall.
+    pub fn current(&self) -> Selector {
+        self.selector
     }
 
     /// The selector as the kernel has it.

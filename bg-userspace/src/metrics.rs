@@ -48,8 +48,8 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     family(&mut out, "bg_bytes_total", "counter", "Bytes rewritten for flows of each color.", &per_color(&|i| counters.colors[i].bytes as f64));
     family(&mut out, "bg_new_flows_total", "counter", "New flows started on each color.", &per_color(&|i| counters.colors[i].new_flows as f64));
     family(&mut out, "bg_live_flows", "gauge", "Live (not expired) flows pinned to each color.", &per_color(&|i| flows.flows[i] as f64));
-    family(&mut out, "bg_active_color", "gauge", "1 for the color new flows go to.", &per_color(&|i| (st.active as usize == i) as u8 as f64));
-    family(&mut out, "bg_canary_ratio", "gauge", "Share of new flows sent to the other color by a canary.", &[(vec![], st.canary_permille as f64 / 1000.0)]);
+    family(&mut out, "bg_active_color", "gauge", "1 for the color new flows go to.", &per_color(&|i| (st.active() as usize == i) as u8 as f64));
+    family(&mut out, "bg_canary_ratio", "gauge", "Share of new flows sent to the other color by a canary.", &[(vec![], st.canary_permille() as f64 / 1000.0)]);
     family(&mut out, "bg_generation", "gauge", "Switch generation.", &[(vec![], st.generation as f64)]);
     family(&mut out, "bg_flips_total", "counter", "Switches done by this agent (flips, canaries, rollbacks).", &[(vec![], st.flips_total as f64)]);
     family(

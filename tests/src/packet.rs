@@ -95,22 +95,7 @@ impl Pkt {
 
     /// The L4 segment (header + payload) with its checksum.
     fn l4(&self) -> Vec<u8> {
-        let mut l4 = if self.proto == 6 {
-            let mut t = vec![0u8; 20];
-            t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = self.tcp_flags;
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            t
-        } else {
-            let mut u = vec![0u8; 8];
-            u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-            u
-        };
-        l4[0..2].copy_from_slice(&self.src.port().to_be_bytes());
-        l4[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
-        l4.extend_from_slice(&self.payload);
-        let check_at = if self.proto == 6 { 16 } else { 6 };
+        let (mut l4, check_at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), &self.payload);
         if !(self.proto == 17 && self.udp_no_checksum) {
             let mut c = l4_checksum_v4(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
             if self.proto == 17 && c == 0 {
@@ -124,7 +109,7 @@ impl Pkt {
     pub fn build(&self) -> Vec<u8> {
         let body = if self.frag_offset == 0 { self.l4() } else { self.payload.clone() };
         let mut opts = self.options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let hlen = 20 + opts.len();
@@ -149,6 +134,27 @@ impl Pkt {
         h.extend_from_slice(&body);
         ethernet(0x0800, self.vlan, &h)
     }
+}
+
+/// A TCP (20-byte header) or UDP segment without its checksum; returns it and where the
+/// checksum goes.
+fn segment(proto: u8, tcp_flags: u8, sport: u16, dport: u16, payload: &[u8]) -> (Vec<u8>, usize) {
+    let mut l4 = if proto == 6 {
+        let mut t = vec![0u8; 20];
+        t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = tcp_flags;
+        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        t
+    } else {
+        let mut u = vec![0u8; 8];
+        u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u
+    };
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(payload);
+    (l4, if proto == 6 { 16 } else { 6 })
 }
 
 pub fn ethernet(ethertype: u16, vlan: Option<u16>, payload: &[u8]) -> Vec<u8> {
@@ -385,25 +391,11 @@ impl Pkt6 {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = if self.proto == 6 {
-            let mut t = vec![0u8; 20];
-            t[12] = 5 << 4;
-            t[13] = self.tcp_flags;
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            t
-        } else {
-            let mut u = vec![0u8; 8];
-            u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
-            u
-        };
-        l4[0..2].copy_from_slice(&self.src.port().to_be_bytes());
-        l4[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
-        l4.extend_from_slice(&self.payload);
+        let (mut l4, at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), &self.payload);
         let mut c = l4_checksum_v6(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
         if self.proto == 17 && c == 0 {
             c = 0xffff;
         }
-        let at = if self.proto == 6 { 16 } else { 6 };
         l4[at..at + 2].copy_from_slice(&c.to_ne_bytes());
         // Extension headers, chained.
         let mut body = Vec::new();
