@@ -12,7 +12,7 @@ extern crate std;
 
 pub mod csum;
 pub mod hash;
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 pub mod maglev;
 pub mod pin;
 

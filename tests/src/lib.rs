@@ -5,4 +5,5 @@
 pub mod netns;
 pub mod packet;
 pub mod paths;
+pub mod run;
 pub mod topology;

@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     process::Command,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -16,8 +16,7 @@ use bg_tests::{
 };
 
 fn tag() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("bga{}n{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    bg_tests::run::tag("a")
 }
 
 fn vip(port: u16) -> SocketAddr {

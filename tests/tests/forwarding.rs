@@ -46,7 +46,7 @@ fn run(dp: &Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
 
 #[test]
 fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
-    let ns = Netns::new(&format!("bgfwd{}", std::process::id())).unwrap();
+    let ns = Netns::new(&bg_tests::run::tag("fwd")).unwrap();
     ns.exec(&["ip", "link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1"]).unwrap();
     ns.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", "fwd0"]).unwrap();
     ns.exec(&["ip", "link", "set", "fwd0", "mtu", "1400", "up"]).unwrap();

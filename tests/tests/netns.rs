@@ -4,7 +4,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     process::Command,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -15,8 +15,7 @@ use bg_tests::{
 };
 
 fn tag() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("bgt{}n{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    bg_tests::run::tag("t")
 }
 
 fn xdp_attached(t: &Topology, iface: &str) -> bool {

@@ -1,14 +1,8 @@
 //! `cargo xtask demo`: the whole story in network namespaces, then everything removed again.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bg_tests::topology::{Topology, BLUE, CLIENT, GREEN, VIP, VIP_PORT};
 
 fn step(title: &str) {
@@ -19,9 +13,9 @@ fn show(out: std::process::Output) {
     print!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
-fn requests(t: &Topology, n: usize, expect: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+fn requests(t: &Topology, n: usize, expect: &str) -> anyhow::Result<()> {
     for i in 1..=n {
-        if stop.load(Ordering::Relaxed) {
+        if crate::interrupted() {
             bail!("interrupted");
         }
         let body = t.get_vip()?;
@@ -34,12 +28,7 @@ fn requests(t: &Topology, n: usize, expect: &str, stop: &AtomicBool) -> anyhow::
 }
 
 pub fn run() -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
-    }
-    let tag = format!("bgdemo{}", std::process::id());
+    let tag = bg_tests::run::tag("demo");
     step(&format!(
         "creating namespaces {tag}-{{cl,gw,bl,gr}}: client {CLIENT}, gateway, blue {BLUE}, green {GREEN}; VIP {VIP}:{VIP_PORT}"
     ));
@@ -56,15 +45,15 @@ pub fn run() -> anyhow::Result<()> {
     show(t.bgctl(&["status"])?);
 
     step("requests to the VIP are answered by blue");
-    requests(&t, 3, "blue", &stop)?;
+    requests(&t, 3, "blue")?;
 
     step("bgctl flip green");
     show(t.bgctl(&["flip", "green"])?);
-    requests(&t, 3, "green", &stop)?;
+    requests(&t, 3, "green")?;
 
     step("bgctl rollback");
     show(t.bgctl(&["rollback"])?);
-    requests(&t, 3, "blue", &stop)?;
+    requests(&t, 3, "blue")?;
 
     step("bgctl status");
     show(t.bgctl(&["status"])?);
@@ -84,7 +73,7 @@ pub fn run() -> anyhow::Result<()> {
     if !agent.stop(Duration::from_secs(5)) {
         bail!("the agent did not stop within 5 s of SIGTERM");
     }
-    requests(&t, 1, "blue", &stop)?;
+    requests(&t, 1, "blue")?;
     step("bgctl agent --cleanup, then removing namespaces and processes");
     show(t.cleanup()?);
     println!("    done: blue answered, the flip moved new connections to green, rollback moved them back");

@@ -6,8 +6,10 @@ mod prereq;
 
 use std::{
     io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, AtomicI32, Ordering},
 };
 
 use anyhow::{bail, Context};
@@ -45,12 +47,79 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` if set (made absolute against the directory
+/// xtask was started in, as cargo itself reads it), else `target/` in the workspace. `main`
+/// exports the absolute path, so every cargo, test and build script below agrees on it.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                std::env::current_dir().expect("current directory").join(d)
+            }
+        }
+        _ => root().join("target"),
+    }
+}
+
+/// The XDP object `build-ebpf` produces.
+pub fn ebpf_object() -> PathBuf {
+    target_dir().join("bpfel-unknown-none/release/bg-ebpf")
+}
+
+/// Set by the Ctrl-C/SIGTERM handler.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process group of the child that is running now (0: none); the handler kills it.
+static CHILD_GROUP: AtomicI32 = AtomicI32::new(0);
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Starts `cmd` in its own process group, registered so that Ctrl-C kills the whole group
+/// (cargo, the test binaries and everything they started), not just xtask.
+pub fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    let child = cmd.process_group(0).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    CHILD_GROUP.store(child.id() as i32, Ordering::SeqCst);
+    Ok(child)
+}
+
+fn wait(mut child: Child) -> anyhow::Result<ExitStatus> {
+    let status = child.wait();
+    CHILD_GROUP.store(0, Ordering::SeqCst);
+    Ok(status?)
+}
+
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    let status = wait(spawn(cmd)?)?;
+    if interrupted() {
+        bail!("interrupted");
+    }
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
+}
+
+fn on_interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let group = CHILD_GROUP.load(Ordering::SeqCst);
+    eprintln!("\nxtask: interrupted; stopping {} and removing what this run created", if group != 0 { "the running command" } else { "" });
+    if group != 0 {
+        // SAFETY: kill has no memory preconditions; a negative pid names the process group.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+}
+
+/// Removes every namespace, pin and process this xtask run's prefix names. Returns what was
+/// left (nothing, when every guard did its job).
+fn sweep() -> Vec<String> {
+    bg_tests::run::sweep(&bg_tests::run::prefix())
 }
 
 fn build_ebpf() -> anyhow::Result<()> {
@@ -69,8 +138,10 @@ fn build_ebpf() -> anyhow::Result<()> {
 fn build() -> anyhow::Result<()> {
     build_ebpf()?;
     eprintln!("xtask: building bgctl and the test helpers (release)");
+    // The object's path is given explicitly: bgctl's build script refuses to build without it.
     run(Command::new("cargo")
         .current_dir(root())
+        .env("BG_EBPF_OBJECT", ebpf_object())
         .args(["build", "--release", "-p", "bg-userspace", "-p", "bg-tests", "--bins"]))
 }
 
@@ -82,76 +153,154 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the test harnesses reported, summed over every `test result:` line.
+#[derive(Default, Debug)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    measured: u64,
+    filtered: u64,
+    harnesses: u64,
+}
+
+impl Tally {
+    /// Adds one libtest summary line: `test result: ok. 14 passed; 0 failed; 0 ignored;
+    /// 0 measured; 0 filtered out; finished in 0.01s`.
+    fn add(&mut self, line: &str) -> bool {
+        let Some(rest) = line.strip_prefix("test result: ") else { return false };
+        self.harnesses += 1;
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().filter(|w| *w != "ok." && *w != "FAILED.").collect();
+            let (Some(n), Some(what)) = (words.first().and_then(|n| n.parse::<u64>().ok()), words.get(1)) else { continue };
+            match *what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                "measured" => self.measured += n,
+                "filtered" => self.filtered += n,
+                _ => {}
+            }
+        }
+        true
+    }
+}
+
 fn test() -> anyhow::Result<()> {
     require_root("test")?;
     prereq::system_packages()?;
     prereq::bench_packages()?;
     build()?;
     eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
-    let mut child = Command::new("cargo")
-        .current_dir(root())
-        .args([
-            "test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
+    let mut child = spawn(
+        Command::new("cargo")
+            .current_dir(root())
+            .env("BG_EBPF_OBJECT", ebpf_object())
+            .args(["test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests"])
+            .stdout(Stdio::piped()),
+    )?;
     // Pass the output through and add up the harnesses' summary lines.
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut tally = Tally::default();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().filter(|w| *w != "ok." && *w != "FAILED.");
-                if let (Some(n), Some(what)) = (words.next(), words.next()) {
-                    match what {
-                        "passed" => passed += n.parse::<u64>().unwrap_or(0),
-                        "failed" => failed += n.parse::<u64>().unwrap_or(0),
-                        _ => {}
-                    }
-                }
-            }
+        tally.add(&line);
+    }
+    let status = wait(child)?;
+    let left_by_tests = sweep();
+    // The benchmarks' smoke run: every benchmark for seconds. Timings have no thresholds (the
+    // machine is noisy), but an error, a reset or a moved connection is a correctness failure.
+    let smoke = if interrupted() { Err(anyhow::anyhow!("interrupted")) } else { bench(true) };
+    let left_by_bench = sweep();
+
+    let mut problems = Vec::new();
+    if interrupted() {
+        problems.push("interrupted".to_owned());
+    }
+    if !status.success() {
+        problems.push(format!("cargo test exited with {status}"));
+    }
+    if tally.failed > 0 {
+        problems.push(format!("{} failed", tally.failed));
+    }
+    if tally.ignored > 0 || tally.filtered > 0 {
+        problems.push(format!("{} ignored and {} filtered out: every test must run", tally.ignored, tally.filtered));
+    }
+    if tally.passed == 0 {
+        problems.push("no test ran".into());
+    }
+    for (who, left) in [("the tests", &left_by_tests), ("the benchmarks", &left_by_bench)] {
+        if !left.is_empty() && !interrupted() {
+            problems.push(format!("{who} left behind (now removed): {}", left.join(", ")));
         }
     }
-    let status = child.wait()?;
-    // The benchmarks' smoke run: every benchmark for seconds, no thresholds (the machine is
-    // noisy); it fails only if a benchmark cannot run.
-    let smoke = bench(true);
-    println!("all tests: {passed} passed, {failed} failed");
-    smoke.context("the benchmark smoke run failed")?;
-    if !status.success() || failed > 0 {
-        bail!("tests failed ({status})");
-    }
-    if passed == 0 {
-        bail!("no test ran");
+    let smoke_line = match &smoke {
+        Ok(s) => s.clone(),
+        Err(e) => {
+            problems.push(format!("benchmark smoke run: {e:#}"));
+            "FAILED".to_owned()
+        }
+    };
+    // The closing line comes last, after everything that can change the verdict.
+    println!(
+        "all tests: {} passed, {} failed, {} ignored, {} filtered out ({} harnesses); benchmark smoke: {smoke_line}; {}",
+        tally.passed,
+        tally.failed,
+        tally.ignored,
+        tally.filtered,
+        tally.harnesses,
+        if problems.is_empty() { "PASSED".to_owned() } else { format!("FAILED: {}", problems.join("; ")) }
+    );
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     Ok(())
 }
 
-fn bench(smoke: bool) -> anyhow::Result<()> {
+/// Runs the benchmarks; returns a one-line verdict of the correctness counters they saw.
+fn bench(smoke: bool) -> anyhow::Result<String> {
     prereq::bench_packages()?;
-    let out = root().join(if smoke { "target/bench-smoke" } else { "target/bench" });
+    let out = target_dir().join(if smoke { "bench-smoke" } else { "bench" });
     eprintln!("xtask: running the benchmarks{} (results in {})", if smoke { " (smoke)" } else { "" }, out.display());
-    let mut cmd = Command::new(root().join("target/release/bg-bench"));
+    let mut cmd = Command::new(target_dir().join("release/bg-bench"));
     cmd.arg("--out").arg(&out);
     if smoke {
         cmd.arg("--smoke");
     }
+    // bg-bench exits non-zero when a section fails or counts an error, reset, moved
+    // connection or SYN retransmit; its last line says which.
     run(&mut cmd)?;
+    let verdict = std::fs::read_to_string(out.join("verdict.txt")).unwrap_or_default().trim().to_owned();
     if smoke {
-        return Ok(());
+        return Ok(verdict);
     }
     prereq::matplotlib()?;
     run(Command::new("python3").arg(root().join("xtask/charts.py")).arg(out.join("results.json")).arg(root()))?;
     std::fs::copy(out.join("BENCHMARKS.md"), root().join("BENCHMARKS.md"))?;
     std::fs::copy(out.join("results.json"), root().join("bench-results.json"))?;
     eprintln!("xtask: BENCHMARKS.md, bench-results.json and the charts are updated");
-    Ok(())
+    Ok(verdict)
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // One prefix for everything this invocation creates, so a sweep can find it all.
+    if std::env::var_os("BG_TEST_RUN").is_none() {
+        std::env::set_var("BG_TEST_RUN", format!("bgx{}-", std::process::id()));
+    }
+    std::env::set_var("CARGO_TARGET_DIR", target_dir());
+    ctrlc::set_handler(on_interrupt).context("installing the Ctrl-C handler")?;
+    let result = dispatch(cli);
+    if interrupted() {
+        let left = sweep();
+        eprintln!("xtask: interrupted; removed {}", if left.is_empty() { "nothing (all clean)".to_owned() } else { left.join(", ") });
+        std::process::exit(130);
+    }
+    result
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test => test(),
@@ -159,13 +308,21 @@ fn main() -> anyhow::Result<()> {
             require_root("bench")?;
             prereq::system_packages()?;
             build()?;
-            bench(smoke)
+            let verdict = bench(smoke);
+            let left = sweep();
+            if !left.is_empty() {
+                eprintln!("xtask: the benchmarks left behind (now removed): {}", left.join(", "));
+            }
+            println!("benchmarks: {}", verdict?);
+            Ok(())
         }
         Cmd::Demo => {
             require_root("demo")?;
             prereq::system_packages()?;
             build()?;
-            demo::run()
+            let r = demo::run();
+            sweep();
+            r
         }
     }
 }

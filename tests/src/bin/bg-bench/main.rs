@@ -178,7 +178,7 @@ fn cutover(o: &Opts) -> anyhow::Result<Value> {
     writes.sort();
     drop(dp);
 
-    let t = Topology::create(&format!("bgbench{}", std::process::id()))?;
+    let t = Topology::create(&bg_tests::run::tag("bench"))?;
     let _backends = t.start_backends()?;
     let _agent = t.start_agent()?;
     t.wait_healthy()?;
@@ -314,8 +314,23 @@ fn main() -> anyhow::Result<()> {
     println!("bench: results in {}", path.display());
     let md = network::markdown(&all);
     std::fs::write(o.out.join("BENCHMARKS.md"), md)?;
+    // Errors, resets, moved connections and SYN retransmits are correctness, not noise: the
+    // smoke run (CI) fails on any of them; a full run reports them next to the figures.
+    let violations = network::violations(&all);
+    let verdict = if failed.is_empty() && violations.is_empty() {
+        "every section ran; 0 errors, 0 resets, 0 moved connections, 0 SYN retransmits".to_owned()
+    } else {
+        let mut v = violations.clone();
+        v.extend(failed.iter().map(|f| format!("section {f} failed")));
+        v.join("; ")
+    };
+    std::fs::write(o.out.join("verdict.txt"), format!("{verdict}\n"))?;
+    println!("bench: {verdict}");
     if !failed.is_empty() {
         anyhow::bail!("benchmark sections failed: {}", failed.join(", "));
+    }
+    if o.smoke && !violations.is_empty() {
+        anyhow::bail!("the smoke run counted what must never happen: {}", violations.join("; "));
     }
     Ok(())
 }

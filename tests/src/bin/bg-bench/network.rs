@@ -252,7 +252,7 @@ fn bench_topology(tag: &str) -> anyhow::Result<(Topology, Vec<Proc>)> {
 
 /// Cutover of nftables and HAProxy under the same load as bg's cutover benchmark.
 pub fn cutover_others(smoke: bool) -> anyhow::Result<Value> {
-    let (t, _servers) = bench_topology(&format!("bgcut{}", std::process::id()))?;
+    let (t, _servers) = bench_topology(&bg_tests::run::tag("cut"))?;
     let flips = if smoke { 6 } else { 100 };
     let mut out = serde_json::Map::new();
     for which in ["nftables", "haproxy"] {
@@ -373,7 +373,7 @@ fn cpu_ticks() -> anyhow::Result<u64> {
 
 /// Requests/s and latency for each contender, rounds interleaved.
 pub fn throughput(smoke: bool) -> anyhow::Result<Value> {
-    let (t, _servers) = bench_topology(&format!("bgnet{}", std::process::id()))?;
+    let (t, _servers) = bench_topology(&bg_tests::run::tag("net"))?;
     let (rounds, secs) = if smoke { (1, 2) } else { (3, 10) };
     let contenders = ["direct", "bg", "nftables", "haproxy"];
     let mut runs: Vec<(String, String, Value)> = Vec::new();
@@ -426,6 +426,37 @@ pub fn throughput(smoke: bool) -> anyhow::Result<Value> {
         "summary": summary,
         "runs": runs.iter().map(|(w, m, r)| json!({"contender": w, "mode": m, "result": r})).collect::<Vec<_>>(),
     }))
+}
+
+/// Every error, reset, moved connection and SYN retransmit any contender counted, one line
+/// each (empty when there was none).
+pub fn violations(all: &Value) -> Vec<String> {
+    let r = &all["results"];
+    let mut v = Vec::new();
+    let mut check = |who: &str, o: &Value| {
+        for key in ["errors", "resets", "moved_connections", "syn_retransmits"] {
+            if let Some(n) = o[key].as_u64().filter(|n| *n > 0) {
+                v.push(format!("{who}: {n} {}", key.replace('_', " ")));
+            }
+        }
+    };
+    check("bg cutover", &r["cutover"]);
+    for which in ["nftables", "haproxy"] {
+        check(&format!("{which} cutover"), &r["cutover_others"][which]);
+    }
+    for run in r["network"]["runs"].as_array().into_iter().flatten() {
+        let res = &run["result"];
+        let who = format!("{} {} (wrk)", run["contender"].as_str().unwrap_or("?"), run["mode"].as_str().unwrap_or("?"));
+        if let Some(n) = res["client_syn_retransmits"].as_u64().filter(|n| *n > 0) {
+            v.push(format!("{who}: {n} SYN retransmits"));
+        }
+        for key in ["socket_errors", "non_2xx"] {
+            if let Some(text) = res[key].as_str().filter(|t| !t.is_empty()) {
+                v.push(format!("{who}: {text}"));
+            }
+        }
+    }
+    v
 }
 
 /// What the missed targets come from, as far as the code and the counters show.
