@@ -392,10 +392,17 @@ pub enum Reason {
     /// the client: quoted destination rewritten to the VIP (and the outer source, when it is
     /// the backend itself), so the client matches it to its connection.
     IcmpToClient = 19,
+    /// IPv6 to a VIP with a routing header that still has segments left: the VIP is only a
+    /// waypoint (and the L4 checksum covers the final destination): dropped.
+    DropSourceRouted = 20,
 }
 
+/// Entries of the per-CPU counter arrays (`STATS`, `FWD_STATS`): room for reasons and
+/// outcomes appended later, so adding one does not change a pinned map's layout.
+pub const STAT_SLOTS: u32 = 64;
+
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassVlan,
@@ -417,6 +424,7 @@ impl Reason {
         Reason::DropFragment,
         Reason::IcmpToBackend,
         Reason::IcmpToClient,
+        Reason::DropSourceRouted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -441,6 +449,7 @@ impl Reason {
             Reason::DropFragment => "drop_fragment",
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::IcmpToClient => "icmp_to_client",
+            Reason::DropSourceRouted => "drop_source_routed",
         }
     }
 
@@ -454,6 +463,7 @@ impl Reason {
                 | Reason::DropNewFlowRate
                 | Reason::DropMalformed
                 | Reason::DropFragment
+                | Reason::DropSourceRouted
         )
     }
 }
@@ -539,6 +549,11 @@ mod tests {
         assert_eq!(size_of::<NatEntry>(), 32);
         assert_eq!(size_of::<DpConfig>(), 32);
         assert_eq!(size_of::<VipAddr>(), 20);
+    }
+
+    #[test]
+    fn counters_fit_their_maps() {
+        assert!(Reason::COUNT <= STAT_SLOTS && Fwd::COUNT <= STAT_SLOTS);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use bg_common::{Fwd, Reason};
 
 use crate::{
     forward::Out,
-    maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V1, BG_STATS_V1},
+    maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V2, BG_STATS_V2},
     parse::Parsed,
 };
 
@@ -75,14 +75,14 @@ fn finish(reason: Reason) -> u32 {
 
 #[inline(always)]
 fn count(reason: Reason) {
-    if let Some(c) = BG_STATS_V1.get_ptr_mut(reason as u32) {
+    if let Some(c) = BG_STATS_V2.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
 }
 
 #[inline(always)]
 pub(crate) fn count_fwd(fwd: Fwd, n: u64) {
-    if let Some(c) = BG_FWD_STATS_V1.get_ptr_mut(fwd as u32) {
+    if let Some(c) = BG_FWD_STATS_V2.get_ptr_mut(fwd as u32) {
         unsafe { *c += n };
     }
 }

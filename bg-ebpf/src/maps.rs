@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, FlowKey, Fwd, NatEntry, RateWindow, Reason, Selector,
-    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_SERVICES, RING_SIZE, SLOTS,
+    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, FlowKey, NatEntry, RateWindow, Selector,
+    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
 };
 
 /// Settings written once by the agent before attaching (timeouts, rate bound, flags).
@@ -42,13 +42,13 @@ pub static BG_RINGS_V1: Array<u32> = Array::with_max_entries(SLOTS * RING_SIZE, 
 pub static BG_FLOWS_V1: LruHashMap<FlowKey, NatEntry> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
-/// Per-CPU packet count per `Reason` (each packet counts exactly one).
+/// Per-CPU packet count per `Reason` (each packet counts exactly one); `STAT_SLOTS` entries.
 #[map]
-pub static BG_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+pub static BG_STATS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 
-/// Per-CPU count per forwarding outcome of rewritten packets (`Fwd`).
+/// Per-CPU count per forwarding outcome of rewritten packets (`Fwd`); `STAT_SLOTS` entries.
 #[map]
-pub static BG_FWD_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(Fwd::COUNT, 0);
+pub static BG_FWD_STATS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 
 /// Per-CPU packets, bytes and new flows per color.
 #[map]

@@ -185,7 +185,8 @@ fn parse_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
 }
 
 /// IPv6: hop-by-hop, routing and destination options headers are skipped, at most
-/// `MAX_IPV6_EXT_HEADERS` of them; a fragment header makes it a fragment.
+/// `MAX_IPV6_EXT_HEADERS` of them; a fragment header makes it a fragment; a routing header
+/// with segments left makes the destination a waypoint (dropped when it is a VIP).
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Reason::PassTruncated)?;
@@ -209,7 +210,13 @@ fn parse_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
         if next != IPV6_HOP_BY_HOP && next != IPV6_ROUTING && next != IPV6_DEST_OPTS {
             break;
         }
-        let h: *const [u8; 2] = ptr_at(ctx, off).ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))?;
+        // Every extension header is at least 8 bytes: next header, length, 6 more.
+        let h: *const [u8; 4] = ptr_at(ctx, off).ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))?;
+        if next == IPV6_ROUTING && unsafe { (*h)[3] } != 0 {
+            // Segments left: the destination is a waypoint, and the L4 checksum covers the
+            // final destination further down the list. Not a packet for the VIP to answer.
+            return Err(bad(Reason::PassNotOurs, Reason::DropSourceRouted));
+        }
         next = unsafe { (*h)[0] };
         off += (unsafe { (*h)[1] } as usize + 1) * 8;
     }

@@ -23,7 +23,7 @@ use bg_common::{
     addr_filter_bit, ADDR_FILTER_WORDS,
     ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
-    MAX_SERVICES, NAT_TO_BACKEND, RING_SIZE, SERVICE_PREVIEW, SLOTS,
+    MAX_SERVICES, NAT_TO_BACKEND, RING_SIZE, SERVICE_PREVIEW, SLOTS, STAT_SLOTS,
 };
 use bytemuck::Zeroable;
 use tracing::{info, warn};
@@ -151,8 +151,8 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_BACKEND_SETS => (MapType::Array, 4, size_of::<BackendSet>() as u32, SLOTS * MAX_SERVICES),
         MAP_RINGS => (MapType::Array, 4, 4, SLOTS * n * RING_SIZE),
         MAP_FLOWS => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<NatEntry>() as u32, config.flow_table_size),
-        MAP_STATS => (MapType::PerCpuArray, 4, 8, Reason::COUNT),
-        MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, Fwd::COUNT),
+        MAP_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
+        MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
         MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
         MAP_RATE => (MapType::PerCpuArray, 4, size_of::<RateWindow>() as u32, 1),
         MAP_ADDR_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),

@@ -30,9 +30,13 @@ pub struct Pkt {
     /// Fragment offset in 8-byte units; non-zero fragments carry `payload` only (no L4 header).
     pub frag_offset: u16,
     pub more_fragments: bool,
-    pub vlan: Option<u16>,
+    /// A VLAN tag: (TPID, VLAN id); 0x8100 is 802.1Q, 0x88a8 is 802.1ad (the outer tag of
+    /// QinQ).
+    pub vlan: Option<(u16, u16)>,
     /// UDP: send checksum 0 ("none").
     pub udp_no_checksum: bool,
+    /// Overrides the IP version nibble (for malformed headers).
+    pub version: Option<u8>,
 }
 
 impl Pkt {
@@ -50,6 +54,7 @@ impl Pkt {
             more_fragments: false,
             vlan: None,
             udp_no_checksum: false,
+            version: None,
         }
     }
 
@@ -83,8 +88,20 @@ impl Pkt {
         self
     }
 
+    /// An 802.1Q tag.
     pub fn vlan(mut self, id: u16) -> Pkt {
-        self.vlan = Some(id);
+        self.vlan = Some((0x8100, id));
+        self
+    }
+
+    /// An 802.1ad (service) tag.
+    pub fn vlan_ad(mut self, id: u16) -> Pkt {
+        self.vlan = Some((0x88a8, id));
+        self
+    }
+
+    pub fn version(mut self, v: u8) -> Pkt {
+        self.version = Some(v);
         self
     }
 
@@ -114,7 +131,7 @@ impl Pkt {
         }
         let hlen = 20 + opts.len();
         let mut h = vec![0u8; 20];
-        h[0] = 0x40 | self.ihl.unwrap_or((hlen / 4) as u8);
+        h[0] = self.version.unwrap_or(4) << 4 | self.ihl.unwrap_or((hlen / 4) as u8);
         h[2..4].copy_from_slice(&((hlen + body.len()) as u16).to_be_bytes());
         h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
         let mut frag = self.frag_offset & 0x1fff;
@@ -157,12 +174,12 @@ fn segment(proto: u8, tcp_flags: u8, sport: u16, dport: u16, payload: &[u8]) -> 
     (l4, if proto == 6 { 16 } else { 6 })
 }
 
-pub fn ethernet(ethertype: u16, vlan: Option<u16>, payload: &[u8]) -> Vec<u8> {
+pub fn ethernet(ethertype: u16, vlan: Option<(u16, u16)>, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH_LEN + 4 + payload.len());
     f.extend_from_slice(&GW_MAC);
     f.extend_from_slice(&CLIENT_MAC);
-    if let Some(id) = vlan {
-        f.extend_from_slice(&0x8100u16.to_be_bytes());
+    if let Some((tpid, id)) = vlan {
+        f.extend_from_slice(&tpid.to_be_bytes());
         f.extend_from_slice(&id.to_be_bytes());
     }
     f.extend_from_slice(&ethertype.to_be_bytes());
@@ -253,7 +270,9 @@ pub fn parse_v4(frame: &[u8]) -> Parsed {
         proto,
         ttl: ip[8],
         ip_checksum_ok: checksum(&ip[..hlen]) == 0,
-        l4_checksum_ok: stored == computed || (proto == 17 && stored == 0),
+        // Strict: a UDP checksum of 0 ("none") does not verify here; a caller that sent 0
+        // checks for 0 itself (see `l4_checksum`).
+        l4_checksum_ok: stored == computed,
         l4_checksum: stored,
         options: ip[20..hlen].to_vec(),
         payload: l4[l4_hlen..].to_vec(),
@@ -310,7 +329,8 @@ pub struct ParsedIcmp {
     pub inner_src: SocketAddrV4,
     pub inner_dst: SocketAddrV4,
     pub inner_ip_ok: bool,
-    /// For a quote holding a whole UDP datagram: whether its checksum verifies.
+    /// For a quote holding a whole UDP datagram: whether its checksum verifies (strictly: 0
+    /// does not).
     pub inner_udp_ok: Option<bool>,
 }
 
@@ -333,7 +353,7 @@ pub fn parse_icmp(frame: &[u8]) -> ParsedIcmp {
         if c == 0 {
             c = 0xffff;
         }
-        stored == 0 || stored == c
+        stored == c
     });
     ParsedIcmp {
         outer_src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
@@ -360,8 +380,10 @@ pub struct Pkt6 {
     pub payload: Vec<u8>,
     pub hop_limit: u8,
     /// (next-header number of this extension header, its 8-byte-multiple body incl. the
-    /// 2 bytes next-header/length that the builder fills).
-    pub ext: Vec<(u8, usize)>,
+    /// 2 bytes next-header/length that the builder fills, the bytes after those two).
+    pub ext: Vec<(u8, usize, Vec<u8>)>,
+    /// Overrides the IP version nibble (for malformed headers).
+    pub version: u8,
 }
 
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -370,7 +392,7 @@ use bg_common::csum::l4_checksum_v6;
 
 impl Pkt6 {
     pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Pkt6 {
-        Pkt6 { src, dst, proto: 6, tcp_flags: flags, payload: Vec::new(), hop_limit: 64, ext: Vec::new() }
+        Pkt6 { src, dst, proto: 6, tcp_flags: flags, payload: Vec::new(), hop_limit: 64, ext: Vec::new(), version: 6 }
     }
     pub fn udp(src: SocketAddrV6, dst: SocketAddrV6) -> Pkt6 {
         Pkt6 { proto: 17, ..Pkt6::tcp(src, dst, 0) }
@@ -386,13 +408,41 @@ impl Pkt6 {
     /// Adds an extension header of `kind` (0 hop-by-hop, 43 routing, 60 destination options,
     /// 44 fragment) and `len` bytes (a multiple of 8).
     pub fn ext(mut self, kind: u8, len: usize) -> Pkt6 {
-        self.ext.push((kind, len));
+        self.ext.push((kind, len, Vec::new()));
         self
+    }
+
+    /// A routing header (type 4, segment routing) listing `segments` with `segments_left`;
+    /// per RFC 8200 the L4 checksum then covers the final destination (`segments[0]`, the
+    /// last one visited), not the IPv6 destination.
+    pub fn routing(mut self, segments: &[Ipv6Addr], segments_left: u8) -> Pkt6 {
+        let mut body = vec![4, segments_left, segments.len().saturating_sub(1) as u8, 0, 0, 0];
+        for s in segments {
+            body.extend_from_slice(&s.octets());
+        }
+        self.ext.push((43, 8 + 16 * segments.len(), body));
+        self
+    }
+
+    pub fn version(mut self, v: u8) -> Pkt6 {
+        self.version = v;
+        self
+    }
+
+    /// The address the L4 checksum covers: the final destination of a routing header with
+    /// segments left, else the IPv6 destination.
+    fn final_destination(&self) -> Ipv6Addr {
+        for (kind, _, body) in &self.ext {
+            if *kind == 43 && body.len() >= 22 && body[1] > 0 {
+                return Ipv6Addr::from(<[u8; 16]>::try_from(&body[6..22]).unwrap());
+            }
+        }
+        *self.dst.ip()
     }
 
     pub fn build(&self) -> Vec<u8> {
         let (mut l4, at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), &self.payload);
-        let mut c = l4_checksum_v6(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
+        let mut c = l4_checksum_v6(self.src.ip().octets(), self.final_destination().octets(), self.proto, &l4);
         if self.proto == 17 && c == 0 {
             c = 0xffff;
         }
@@ -400,14 +450,15 @@ impl Pkt6 {
         // Extension headers, chained.
         let mut body = Vec::new();
         let kinds: Vec<u8> = self.ext.iter().map(|e| e.0).chain([self.proto]).collect();
-        for (i, (_, len)) in self.ext.iter().enumerate() {
+        for (i, (_, len, content)) in self.ext.iter().enumerate() {
             let mut h = vec![0u8; *len];
             h[0] = kinds[i + 1];
             h[1] = (*len / 8 - 1) as u8;
+            h[2..2 + content.len()].copy_from_slice(content);
             body.extend_from_slice(&h);
         }
         body.extend_from_slice(&l4);
-        let mut ip = vec![0x60, 0, 0, 0];
+        let mut ip = vec![self.version << 4, 0, 0, 0];
         ip.extend_from_slice(&(body.len() as u16).to_be_bytes());
         ip.push(kinds[0]);
         ip.push(self.hop_limit);
@@ -475,6 +526,21 @@ pub fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, rest: u32, qu
     let mut icmp = vec![ty, code, 0, 0];
     icmp.extend_from_slice(&rest.to_be_bytes());
     icmp.extend_from_slice(quote);
+    let c = l4_checksum_v6(from.octets(), to.octets(), 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    ip.push(58);
+    ip.push(64);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    ip.extend_from_slice(&icmp);
+    ethernet(0x86dd, None, &ip)
+}
+
+/// An ICMPv6 echo request.
+pub fn icmp6_echo(from: Ipv6Addr, to: Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![128, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
     let c = l4_checksum_v6(from.octets(), to.octets(), 58, &icmp);
     icmp[2..4].copy_from_slice(&c.to_ne_bytes());
     let mut ip = vec![0x60, 0, 0, 0];

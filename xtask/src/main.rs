@@ -215,7 +215,8 @@ fn test() -> anyhow::Result<()> {
 
     let mut problems = Vec::new();
     if interrupted() {
-        problems.push("interrupted".to_owned());
+        let left = [left_by_tests.clone(), left_by_bench.clone()].concat();
+        problems.push(format!("interrupted (removed: {})", if left.is_empty() { "nothing was left".to_owned() } else { left.join(", ") }));
     }
     if !status.success() {
         problems.push(format!("cargo test exited with {status}"));
