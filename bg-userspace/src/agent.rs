@@ -85,7 +85,7 @@ pub struct State {
     all_down_reported: [bool; 2],
 }
 
-fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if !pin_dir.starts_with(root) {
         // A custom location: it must already be on a bpffs.

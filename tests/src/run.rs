@@ -83,3 +83,22 @@ pub fn sweep(prefix: &str) -> Vec<String> {
     let _ = std::fs::remove_dir(RUN_ROOT); // only when empty
     removed
 }
+
+/// A bpffs directory for pinned maps, removed (with everything pinned in it) on drop.
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/<tag>`, mounting bpffs first if the machine has none (as the agent does).
+    pub fn new(kind: &str) -> anyhow::Result<PinDir> {
+        bg_userspace::agent::ensure_bpffs(Path::new(BPFFS))?;
+        let dir = Path::new(BPFFS).join(tag(kind));
+        std::fs::create_dir_all(&dir)?;
+        Ok(PinDir(dir))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = bg_userspace::dataplane::remove_pinned(&self.0);
+    }
+}

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use bg_common::{Color, Fwd, Reason, Selector};
+use bg_common::{Color, Fwd, Reason};
 use bg_tests::{
     packet::{self, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     paths,
@@ -372,58 +372,128 @@ fn new_flows_spread_over_weighted_backends_by_maglev() {
     assert!((1.5..2.6).contains(&ratio), "weight 2 vs 1 gave {hits:?}");
 }
 
-/// While one thread flips the selector as fast as it can, others run new-flow packets: every
-/// output goes wholly to one color's backend (blue is 10.1.0.x:8080, green 10.2.0.x:9090, so a
-/// torn read would show as a mixed address/port pair).
+/// The data plane's state as one writer step left it: the active color, the canary share and
+/// which one-hot weight table each color's backends were last published with.
+#[derive(Clone, Copy, Debug)]
+struct Published {
+    active: Color,
+    canary_permille: u32,
+    /// [blue, green]: the index of the only backend with a positive weight.
+    table: [usize; 2],
+}
+
+/// What the writer thread of the atomicity test has done: states in order, the number of the
+/// last one whose writes began and of the last one whose writes finished.
+struct History {
+    states: std::sync::Mutex<Vec<Published>>,
+    started: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Health republishes (each color's backend tables rebuilt in its spare slot, then the selector
+/// switched) and canary/flip changes of the selector, from one thread, while two others run
+/// new-flow packets through the program. Each color has three backends with distinct ports, and
+/// every republish gives weight to exactly one of them (a cycle of three tables, so a stale
+/// table is never the current or the next one). For each packet, the states that may have
+/// been in force are those from the last one finished before it ran to the last one begun
+/// after it ran; its output must be that state's one live backend, whole (address and port of
+/// the same backend), of the active color or, with a canary on, of either color.
 #[test]
-fn a_flip_is_atomic_under_concurrent_packets() {
+fn republished_backend_sets_and_canary_changes_are_atomic_under_concurrent_packets() {
+    const BLUE3: [&str; 3] = ["10.1.0.2:8082", "10.1.0.3:8083", "10.1.0.4:8084"];
+    const GREEN3: [&str; 3] = ["10.2.0.2:9092", "10.2.0.3:9093", "10.2.0.4:9094"];
     let config = CONFIG
-        .replace(r#"blue = ["10.1.0.2:8080"]"#, r#"blue = ["10.1.0.2:8080", "10.1.0.3:8080", "10.1.0.4:8080"]"#)
-        .replace(r#"green = ["10.2.0.2:9090"]"#, r#"green = ["10.2.0.2:9090", "10.2.0.3:9090"]"#);
-    let dp = dataplane(&config);
-    let mut selector = dp.selector_handle().unwrap();
+        .replace(r#"blue = ["10.1.0.2:8080"]"#, &format!("blue = {BLUE3:?}"))
+        .replace(r#"green = ["10.2.0.2:9090"]"#, &format!("green = {GREEN3:?}"))
+        .replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nflow_table_size = 1048576");
+    let object = std::fs::read(paths::ebpf_object()).unwrap();
+    let cfg = Config::parse(&config).unwrap();
+    let pins = bg_tests::run::PinDir::new("atom").unwrap();
+    // Two handles on the same pinned maps, as a running agent and its packets have: one runs
+    // packets, the other (adopting the first's maps) publishes and routes.
+    let packets = Dataplane::open(&object, &cfg, Some(&pins.0), Color::Blue).unwrap();
+    let mut writer = Dataplane::open(&object, &cfg, Some(&pins.0), Color::Blue).unwrap();
+    assert!(writer.adopted, "the writer shares the packet handle's maps");
+    let one_hot = |live: usize| -> Vec<Vec<u32>> { vec![(0..3).map(|i| (i == live) as u32).collect(), vec![1]] };
+    let mut state = Published { active: Color::Blue, canary_permille: 0, table: [0, 0] };
+    for c in Color::ALL {
+        writer.publish(c, &one_hot(0)).unwrap();
+    }
+    let history = History { states: std::sync::Mutex::new(vec![state]), started: AtomicU64::new(0), done: AtomicU64::new(0) };
     let stop = AtomicBool::new(false);
-    let flips = AtomicU64::new(0);
-    let seen = [AtomicU64::new(0), AtomicU64::new(0)];
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut n = 0u64;
-            while n < 100_000 || seen.iter().any(|c| c.load(Ordering::Relaxed) < 1000) {
-                selector.set(0, Selector::new((n & 1) as u32, 1 - (n & 1) as u32, 0), 0).unwrap();
-                n += 1;
-                if n > 2_000_000 {
-                    break;
+    let (checked, strict) = (AtomicU64::new(0), AtomicU64::new(0));
+    let steps = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut k = 0u64;
+            let until = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < until {
+                k += 1;
+                let color = Color::ALL[(k % 2) as usize];
+                match k % 4 {
+                    // Health changes: republish one color with the next table of its cycle.
+                    0 | 1 => state.table[color as usize] = (state.table[color as usize] + 1) % 3,
+                    // A canary share appears, changes or goes away.
+                    2 => state.canary_permille = [0, 100, 500, 999][(k / 4 % 4) as usize],
+                    // A flip.
+                    _ => state.active = state.active.other(),
                 }
+                history.states.lock().unwrap().push(state);
+                history.started.store(k, Ordering::SeqCst);
+                if k % 4 < 2 {
+                    writer.publish(color, &one_hot(state.table[color as usize])).unwrap();
+                } else {
+                    writer.route(state.active, state.canary_permille).unwrap();
+                }
+                history.done.store(k, Ordering::SeqCst);
             }
-            flips.store(n, Ordering::Relaxed);
-            stop.store(true, Ordering::Relaxed);
+            stop.store(true, Ordering::SeqCst);
+            k
         });
         for t in 0..2u32 {
-            let (dp, stop, seen) = (&dp, &stop, &seen);
+            let (packets, stop, history, checked, strict) = (&packets, &stop, &history, &checked, &strict);
             s.spawn(move || {
                 let mut i = 0u32;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::SeqCst) {
                     // A fresh 5-tuple every time, so each packet takes the new-flow path.
-                    let client = SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + (t << 20) + (i >> 14)), 1024 + (i & 0x3fff) as u16);
+                    let client = SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + (t << 22) + (i >> 14)), 1024 + (i & 0x3fff) as u16);
                     i += 1;
-                    let (action, out) = run(dp, &packet::tcp(client, sa(VIP), TCP_SYN, b""));
+                    let from = history.done.load(Ordering::SeqCst) as usize;
+                    let (action, out) = run(packets, &packet::tcp(client, sa(VIP), TCP_SYN, b""));
+                    let to = history.started.load(Ordering::SeqCst) as usize;
                     assert_eq!(action, XDP_PASS);
                     let p = packet::parse_v4(&out);
-                    let color = match (p.dst.ip().octets(), p.dst.port()) {
-                        ([10, 1, 0, 2..=4], 8080) => 0,
-                        ([10, 2, 0, 2..=3], 9090) => 1,
-                        _ => panic!("torn backend: {} (client {client})", p.dst),
-                    };
-                    assert!(p.ip_checksum_ok && p.l4_checksum_ok);
-                    seen[color].fetch_add(1, Ordering::Relaxed);
+                    assert!(p.ip_checksum_ok && p.l4_checksum_ok, "checksums of {client}");
+                    let states = history.states.lock().unwrap()[from..=to].to_vec();
+                    let allowed: Vec<SocketAddrV4> = states
+                        .iter()
+                        .flat_map(|st| {
+                            let colors = if st.canary_permille == 0 { vec![st.active] } else { Color::ALL.to_vec() };
+                            colors.into_iter().map(move |c| {
+                                let list = if c == Color::Blue { BLUE3 } else { GREEN3 };
+                                sa(list[st.table[c as usize]])
+                            })
+                        })
+                        .collect();
+                    assert!(
+                        allowed.contains(&p.dst),
+                        "client {client} went to {} while states {from}..={to} were possible ({states:?}): allowed {allowed:?}",
+                        p.dst
+                    );
+                    checked.fetch_add(1, Ordering::Relaxed);
+                    // The check has teeth when some backend of the color it went to was ruled out.
+                    let same_color = allowed.iter().filter(|a| a.ip().octets()[1] == p.dst.ip().octets()[1]).collect::<std::collections::HashSet<_>>();
+                    if same_color.len() < 3 {
+                        strict.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }
+        writer.join().unwrap()
     });
-    let (b, g) = (seen[0].load(Ordering::Relaxed), seen[1].load(Ordering::Relaxed));
-    eprintln!("atomicity: {} flips, {b} new flows to blue, {g} to green, 0 torn", flips.load(Ordering::Relaxed));
-    assert!(flips.load(Ordering::Relaxed) >= 100_000);
-    assert!(b >= 1000 && g >= 1000, "both colors were seen: blue {b}, green {g}");
+    let (checked, strict) = (checked.load(Ordering::Relaxed), strict.load(Ordering::Relaxed));
+    eprintln!("atomicity: {steps} writer steps (republishes, canary changes, flips), {checked} new flows checked, {strict} of them with a backend of their color ruled out, 0 torn or stale");
+    assert!(steps >= 40, "the writer made only {steps} steps");
+    assert!(strict >= 10_000, "too few packets had a backend of their color ruled out ({strict}) for the check to mean much");
 }
 
 /// ICMP errors quoting a VIP flow are rewritten both ways so PMTUD keeps working: the outer
