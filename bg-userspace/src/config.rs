@@ -252,9 +252,25 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                    format!(" (line {line}, column {column})")
+                })
+                .unwrap_or_default();
+            // A value of the wrong kind names its field; broken TOML has none to name.
+            if field.is_empty() || field == "." {
+                ConfigError::Syntax { path: PathBuf::from("<config>"), message: inner.to_string() }
+            } else {
+                field_err(field, format!("{}{at}", inner.message().trim()))
+            }
         })?;
         raw.validate()
     }
@@ -605,7 +621,7 @@ green = ["10.2.0.2:8080"]
             ("[health]\ninterval_ms = 100\ntimeout_ms = 500\n", "health.timeout_ms"),
             ("[health]\nhealthy_share = 1.5\n", "health.healthy_share"),
             ("[health]\npath = \"healthz\"\n", "health.path"),
-            ("[health]\nkind = \"icmp\"\n", "kind"),
+            ("[health]\nkind = \"icmp\"\n", "config field `health.kind`: unknown variant `icmp`"),
         ] {
             let e = err_of(&format!("{GOOD}\n{extra}"));
             assert!(e.contains(field), "expected `{field}` in: {e}");

@@ -2,6 +2,7 @@
 //! namespaces with a guard that deletes them, and the blue/green topology the namespace tests and
 //! `cargo xtask demo` run on.
 
+pub mod bpf;
 pub mod netns;
 pub mod packet;
 pub mod paths;

@@ -226,14 +226,23 @@ green = ["{GREEN}:{ECHO_PORT}"]
     /// Writes the config and starts `bgctl agent` in the gateway namespace; returns once the
     /// agent answers `status`.
     pub fn start_agent(&self) -> anyhow::Result<Proc> {
+        self.start_agent_with(&[], None)
+    }
+
+    /// `start_agent` with extra arguments for `bgctl agent`, and its log (stderr) written to
+    /// `log` instead of the test's output.
+    pub fn start_agent_with(&self, extra: &[&str], log: Option<&std::path::Path>) -> anyhow::Result<Proc> {
         let cfg = self.config_path();
         if !cfg.exists() {
             std::fs::write(&cfg, self.config()).with_context(|| format!("writing {}", cfg.display()))?;
         }
         let mut cmd = self.gw.nsenter(paths::bgctl().to_str().unwrap());
-        cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
+        cmd.args(["agent", "--config", cfg.to_str().unwrap()]).args(extra);
         // Quiet by default; BG_LOG=info (or debug) shows the agents' logs in test output.
         cmd.env("BG_LOG", std::env::var("BG_LOG").unwrap_or_else(|_| "warn".into()));
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?);
+        }
         let agent = Proc::spawn("bgctl agent", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
