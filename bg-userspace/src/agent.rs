@@ -504,8 +504,19 @@ impl State {
     }
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let object = require_embedded_object()?;
+/// Runs the agent. `object`: an XDP object file to load instead of the one built into this
+/// bgctl (`bgctl agent --xdp-object`, for trying a build before shipping it).
+pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
+    let from_file;
+    let object: &[u8] = match object {
+        Some(path) => {
+            from_file = std::fs::read(path)
+                .with_context(|| format!("reading the XDP object {} (--xdp-object)", path.display()))?;
+            info!(object = %path.display(), "loading the XDP object from a file instead of the built-in one");
+            &from_file
+        }
+        None => require_embedded_object()?,
+    };
     check_interfaces(&config)?;
     claim_socket(&config.socket)?;
     ensure_bpffs(&config.pin_dir)?;

@@ -33,6 +33,10 @@ pub enum Command {
         /// state is lost; the state directory with the audit log is kept).
         #[arg(long)]
         cleanup: bool,
+        /// Load this XDP object (a `cargo xtask build-ebpf` output) instead of the one built
+        /// into bgctl: an upgrade of the data plane alone, through the pinned links.
+        #[arg(long, value_name = "FILE")]
+        xdp_object: Option<PathBuf>,
     },
     /// Validate a config file and print what it would apply, without touching the kernel.
     CheckConfig {
@@ -106,7 +110,7 @@ fn socket_or_default(cli: &Option<PathBuf>) -> PathBuf {
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let socket = socket_or_default(&cli.socket);
     match cli.command {
-        Command::Agent { config, cleanup } => {
+        Command::Agent { config, cleanup, xdp_object } => {
             let mut config = Config::load(&config)?;
             if let Some(s) = cli.socket {
                 config.socket = s;
@@ -119,7 +123,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(crate::agent::run(config))
+            rt.block_on(crate::agent::run(config, xdp_object.as_deref()))
         }
         Command::CheckConfig { config, json } => {
             let c = Config::load(&config)?;

@@ -3,6 +3,7 @@
 //! `cargo xtask demo` run on.
 
 pub mod bpf;
+pub mod live;
 pub mod netns;
 pub mod packet;
 pub mod paths;

@@ -40,3 +40,9 @@ pub fn bgctl() -> PathBuf {
 pub fn testsrv() -> PathBuf {
     existing(target_dir().join("release/bg-testsrv"), "run `cargo xtask build`")
 }
+
+/// The `variant` build of the XDP object (same behaviour, other instructions), for the upgrade
+/// test.
+pub fn ebpf_variant_object() -> PathBuf {
+    existing(target_dir().join("bpfel-unknown-none/release/bg-ebpf-variant"), "run `cargo xtask test`")
+}

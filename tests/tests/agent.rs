@@ -232,36 +232,94 @@ fn kill_9_of_the_agent_loses_no_request_and_the_restart_adopts_everything() {
     assert_eq!(stream_ok, 30);
 }
 
-fn link_ids(t: &Topology) -> (u32, u32) {
+/// The pinned link of gw-c: its id, and the id and tag of the program behind it.
+fn link_program(t: &Topology) -> (u32, u32, u64) {
     let link = PinnedLink::from_pin(t.pin_dir().join("link_gw-c")).expect("pinned link");
     let fd: FdLink = link.into();
     let info = fd.info().unwrap();
-    (info.id(), info.program_id())
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == info.program_id())
+        .expect("the linked program is loaded");
+    (info.id(), info.program_id(), prog.tag())
 }
 
+/// The tag (hash of the instructions) the kernel gives the XDP program of an object file.
+fn object_tag(path: &std::path::Path) -> u64 {
+    let config = bg_userspace::config::Config::parse(
+        "interfaces = [\"unused0\"]\n[[service]]\nname = \"web\"\nvip = \"10.100.0.1:80\"\nblue = [\"10.1.0.2:8080\"]\ngreen = [\"10.2.0.2:8080\"]\n",
+    )
+    .unwrap();
+    let dp = bg_userspace::dataplane::Dataplane::open(&std::fs::read(path).unwrap(), &config, None, bg_common::Color::Blue).unwrap();
+    dp.program().info().unwrap().tag()
+}
+
+/// An upgrade swaps a program that really differs (the `variant` build: other instructions,
+/// same behaviour) in through the pinned link, and back, while 8 line streams and 4 keep-alive
+/// connections pinned to blue keep exchanging after a flip to green and new connections keep
+/// coming: none is reset or moved, the flow table is adopted (no packet of theirs is a lost
+/// flow), and no request fails.
 #[test]
-fn upgrading_the_agent_swaps_the_program_through_the_pinned_link_under_load() {
+fn upgrading_the_program_through_the_pinned_link_keeps_every_connection() {
+    let (normal, variant) = (object_tag(&paths::ebpf_object()), object_tag(&paths::ebpf_variant_object()));
+    assert_ne!(normal, variant, "the variant build must differ from the default one");
     let t = Topology::create(&tag()).unwrap();
     let _backends = t.start_backends().unwrap();
     let mut agent = t.start_agent().unwrap();
     t.wait_healthy().unwrap();
-    let (link_before, prog_before) = link_ids(&t);
+    let (link0, prog0, tag0) = link_program(&t);
+    assert_eq!(tag0, normal, "the built-in program runs first");
+    let resets_before = bg_tests::live::resets(&t);
     let stop = AtomicBool::new(false);
-    let result = std::thread::scope(|s| {
-        let worker = s.spawn(|| load(&t, vip(VIP_PORT), Duration::from_millis(5), 3000, &stop));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let lost = |t: &Topology| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&t.bgctl(&["stats", "--json"]).unwrap().stdout).unwrap();
+        v["reasons"].as_array().unwrap().iter().find(|r| r[0] == "lost_flow").unwrap()[1].as_u64().unwrap()
+    };
+    let (seen, load_result, steps) = std::thread::scope(|s| {
+        let held = s.spawn(|| bg_tests::live::hold(&t, "blue", 8, 4, opened_tx, &stop));
+        opened_rx.recv_timeout(Duration::from_secs(20)).expect("connections opened");
+        // New connections go to green from here on; the held ones stay on blue.
+        t.bgctl(&["flip", "green"]).unwrap();
+        let newconns = s.spawn(|| load(&t, vip(VIP_PORT), Duration::from_millis(5), 5000, &stop));
         std::thread::sleep(Duration::from_millis(300));
-        assert!(agent.stop(Duration::from_secs(5)), "old agent stops on SIGTERM");
-        let _new = t.start_agent().expect("new agent");
-        std::thread::sleep(Duration::from_millis(500));
+        let mut steps = Vec::new();
+        for (object, want) in [(Some(paths::ebpf_variant_object()), variant), (None, normal)] {
+            assert!(agent.stop(Duration::from_secs(5)), "the agent stops on SIGTERM");
+            let extra: Vec<String> = object.iter().flat_map(|p| ["--xdp-object".to_owned(), p.display().to_string()]).collect();
+            agent = t.start_agent_with(&extra.iter().map(String::as_str).collect::<Vec<_>>(), None).expect("restarted agent");
+            let (link, prog, tag) = link_program(&t);
+            let st = status(&t);
+            steps.push((link, prog, tag, want, st["adopted"].as_bool(), st["flows"]["flows"][0].as_u64().unwrap_or(0)));
+            std::thread::sleep(Duration::from_millis(400));
+        }
         stop.store(true, Ordering::Relaxed);
-        worker.join().unwrap()
+        (held.join().unwrap(), newconns.join().unwrap(), steps)
     });
-    let (link_after, prog_after) = link_ids(&t);
-    eprintln!("upgrade: link {link_before} -> {link_after}, program {prog_before} -> {prog_after}; {:?}, {} failures", result.answers, result.failures.len());
-    assert_eq!(link_after, link_before, "the same pinned link");
-    assert_ne!(prog_after, prog_before, "a new program behind it");
-    assert!(result.failures.is_empty(), "failed requests: {:?}", result.failures);
-    assert!(result.answers["blue"] > 50);
+    eprintln!(
+        "upgrade: link {link0}, programs {prog0} -> {:?}; held connections: {} rounds, {} exchanges; new connections: {:?}, {} failures",
+        steps.iter().map(|s| s.1).collect::<Vec<_>>(),
+        seen.rounds,
+        seen.exchanges,
+        load_result.answers,
+        load_result.failures.len()
+    );
+    for (i, (link, prog, tag, want, adopted, blue_flows)) in steps.iter().enumerate() {
+        assert_eq!(*link, link0, "swap {i}: the same pinned link");
+        assert_ne!(*prog, prog0, "swap {i}: another program behind it");
+        assert_eq!(tag, want, "swap {i}: the program loaded is the one asked for");
+        assert_eq!(*adopted, Some(true), "swap {i}: the pinned maps were adopted");
+        assert!(*blue_flows >= 12, "swap {i}: the 12 held connections are still in the flow table on blue ({blue_flows})");
+    }
+    assert!(seen.errors.is_empty(), "broken connections: {:?}", seen.errors);
+    assert!(seen.moved.is_empty(), "connections moved off blue: {:?}", seen.moved);
+    assert!(seen.rounds >= 20, "the connections were used across both swaps ({} rounds)", seen.rounds);
+    assert_eq!(seen.exchanges, seen.rounds * 12, "every exchange answered by blue");
+    assert_eq!(lost(&t), 0, "no packet found its flow missing (the table was adopted, not rebuilt)");
+    assert_eq!(bg_tests::live::resets(&t), resets_before, "no TCP resets (EstabResets) in client, gateway, blue, green");
+    assert!(load_result.failures.is_empty(), "failed new connections: {:?}", load_result.failures);
+    assert!(load_result.answers.get("green").copied().unwrap_or(0) > 50, "{:?}", load_result.answers);
+    assert_eq!(load_result.answers.get("blue"), None, "new connections after the flip all on green");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Network tier: real namespaces, real TCP/HTTP servers and curl, the real `bgctl`. Needs root.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::TcpStream,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -9,9 +9,10 @@ use std::{
 };
 
 use bg_tests::{
+    live,
     netns::InNetns,
     paths,
-    topology::{Topology, ECHO_PORT, VIP, VIP_PORT},
+    topology::{Topology, ECHO_PORT, VIP},
 };
 
 fn tag() -> String {
@@ -167,98 +168,19 @@ fn a_second_agent_on_the_same_socket_is_refused() {
     assert!(t.pin_dir().exists());
 }
 
-/// One HTTP/1.1 keep-alive request on an open connection; returns the body.
-fn http_get(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    reader.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
-    let mut len = None;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse::<usize>().ok();
-        }
-    }
-    let mut body = vec![0; len.unwrap_or(0)];
-    reader.read_exact(&mut body)?;
-    Ok(String::from_utf8_lossy(&body).trim().to_owned())
-}
-
-/// What the long-lived connections saw.
-#[derive(Debug, Default)]
-struct Seen {
-    rounds: u64,
-    exchanges: u64,
-    /// Answers from a color other than blue (a moved connection).
-    moved: Vec<String>,
-    /// Read/write errors, EOFs and timeouts (a reset or broken connection).
-    errors: Vec<String>,
-}
-
 #[test]
 fn live_connections_stay_on_their_color_through_ten_flips_while_new_ones_follow() {
     let t = Topology::create(&tag()).expect("topology");
     let _backends = t.start_backends().expect("backends");
     let _agent = t.start_agent().expect("agent");
     t.wait_healthy().expect("both colors healthy");
-    let resets = |t: &Topology| -> [u64; 3] {
-        [&t.client, &t.blue, &t.green].map(|ns| Topology::tcp_counter(ns, "EstabResets").unwrap())
-    };
-    let resets_before = resets(&t);
+    let resets_before = live::resets(&t);
     let stop = AtomicBool::new(false);
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
 
     let seen = std::thread::scope(|s| {
-        let worker = s.spawn(|| {
-            let _inside = InNetns::enter(&t.client).expect("enter the client namespace");
-            let connect = |port: u16| {
-                let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), port);
-                let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the VIP");
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                BufReader::new(c)
-            };
-            // All opened while blue is active.
-            let mut streams: Vec<BufReader<TcpStream>> = (0..20).map(|_| connect(ECHO_PORT)).collect();
-            let mut http: Vec<BufReader<TcpStream>> = (0..4).map(|_| connect(VIP_PORT)).collect();
-            let mut seen = Seen::default();
-            for c in &mut http {
-                match http_get(c) {
-                    Ok(body) if body == "blue" => {}
-                    other => seen.errors.push(format!("first request: {other:?}")),
-                }
-            }
-            opened_tx.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                for (i, c) in streams.iter_mut().enumerate() {
-                    let msg = format!("s{i} r{}\n", seen.rounds);
-                    let mut answer = String::new();
-                    match c.get_mut().write_all(msg.as_bytes()).and_then(|_| c.read_line(&mut answer)) {
-                        Ok(0) => seen.errors.push(format!("stream {i}: closed")),
-                        Ok(_) if answer == format!("blue {msg}") => seen.exchanges += 1,
-                        Ok(_) => seen.moved.push(format!("stream {i}: {answer:?}")),
-                        Err(e) => seen.errors.push(format!("stream {i}: {e}")),
-                    }
-                }
-                for (i, c) in http.iter_mut().enumerate() {
-                    match http_get(c) {
-                        Ok(body) if body == "blue" => seen.exchanges += 1,
-                        Ok(body) => seen.moved.push(format!("http {i}: {body}")),
-                        Err(e) => seen.errors.push(format!("http {i}: {e}")),
-                    }
-                }
-                seen.rounds += 1;
-                if !seen.errors.is_empty() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            seen
-        });
+        // 20 line streams and 4 keep-alive HTTP connections, all opened while blue is active.
+        let worker = s.spawn(|| live::hold(&t, "blue", 20, 4, opened_tx, &stop));
         opened_rx.recv_timeout(Duration::from_secs(20)).expect("connections opened");
         let mut new_connection_failures = Vec::new();
         for i in 0..10 {
@@ -289,7 +211,7 @@ fn live_connections_stay_on_their_color_through_ten_flips_while_new_ones_follow(
     assert!(seen.moved.is_empty(), "connections moved off blue: {:?}", seen.moved);
     assert!(seen.rounds >= 10, "connections were used across the flips ({} rounds)", seen.rounds);
     assert_eq!(seen.exchanges, seen.rounds * 24, "every exchange on every connection answered by blue");
-    assert_eq!(resets(&t), resets_before, "no TCP resets (EstabResets) in client, blue, green");
+    assert_eq!(live::resets(&t), resets_before, "no TCP resets (EstabResets) in client, gateway, blue, green");
     assert_eq!(t.csum_errors().unwrap(), 0, "no checksum errors");
     let s = status_json(&t);
     assert_eq!(s["generation"], 11, "ten flips, ten generations");

@@ -135,6 +135,26 @@ fn build_ebpf() -> anyhow::Result<()> {
         .args(["build", "--release"]))
 }
 
+/// The `variant` build of the XDP object the upgrade test swaps in: same behaviour, other
+/// instructions. Built first and copied aside, so the default build that follows is the one
+/// `target/.../bg-ebpf` (and bgctl) holds.
+pub fn ebpf_variant_object() -> PathBuf {
+    target_dir().join("bpfel-unknown-none/release/bg-ebpf-variant")
+}
+
+fn build_ebpf_variant() -> anyhow::Result<()> {
+    prereq::bpf_toolchain()?;
+    eprintln!("xtask: building the XDP object's test variant (--features variant)");
+    run(Command::new("cargo")
+        .current_dir(root().join("bg-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .args(["build", "--release", "--features", "variant"]))?;
+    std::fs::copy(ebpf_object(), ebpf_variant_object()).context("copying the variant object aside")?;
+    Ok(())
+}
+
 fn build() -> anyhow::Result<()> {
     build_ebpf()?;
     eprintln!("xtask: building bgctl and the test helpers (release)");
@@ -190,6 +210,7 @@ fn test() -> anyhow::Result<()> {
     require_root("test")?;
     prereq::system_packages()?;
     prereq::bench_packages()?;
+    build_ebpf_variant()?;
     build()?;
     eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
     let mut child = spawn(
