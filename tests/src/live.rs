@@ -49,7 +49,8 @@ pub struct Seen {
 
 /// From the client namespace: opens `streams` echo connections and `http` keep-alive HTTP
 /// connections to the VIP, checks each is answered by `color`, reports on `opened`, then
-/// exchanges on every connection in rounds (10 ms apart) until `stop` or the first error.
+/// exchanges on every connection in rounds (10 ms apart) until `stop`, the first error or
+/// `LOAD_LIMIT`.
 pub fn hold(t: &Topology, color: &str, streams: usize, http: usize, opened: std::sync::mpsc::Sender<()>, stop: &AtomicBool) -> Seen {
     let _inside = InNetns::enter(&t.client).expect("enter the client namespace");
     let connect = |port: u16| {
@@ -68,7 +69,8 @@ pub fn hold(t: &Topology, color: &str, streams: usize, http: usize, opened: std:
         }
     }
     let _ = opened.send(());
-    while !stop.load(Ordering::Relaxed) {
+    let until = std::time::Instant::now() + crate::topology::LOAD_LIMIT;
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
         for (i, c) in echo.iter_mut().enumerate() {
             let msg = format!("s{i} r{}\n", seen.rounds);
             let mut answer = String::new();
@@ -99,4 +101,14 @@ pub fn hold(t: &Topology, color: &str, streams: usize, http: usize, opened: std:
 /// namespaces: client, gateway, blue, green.
 pub fn resets(t: &Topology) -> [u64; 4] {
     [&t.client, &t.gw, &t.blue, &t.green].map(|ns| Topology::tcp_counter(ns, "EstabResets").unwrap())
+}
+
+/// Sets the flag when dropped, also when the test panics: threads that loop on it end, and a
+/// `thread::scope` waiting for them returns.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -65,13 +65,17 @@ pub struct LoadResult {
     pub failures: Vec<String>,
 }
 
+/// Longest a `load` runs, whatever else happens (a failing test must still end).
+pub const LOAD_LIMIT: Duration = Duration::from_secs(30);
+
 /// New-connection HTTP GETs from the client namespace to `addr`, one every `gap`, until `stop`
-/// is set or `max` requests are done (bounded either way).
+/// is set, `max` requests are done or `LOAD_LIMIT` has passed (bounded every way).
 pub fn load(t: &Topology, addr: std::net::SocketAddr, gap: Duration, max: u64, stop: &std::sync::atomic::AtomicBool) -> LoadResult {
     let _inside = crate::netns::InNetns::enter(&t.client).expect("enter the client namespace");
     let mut r = LoadResult::default();
+    let until = Instant::now() + LOAD_LIMIT;
     for i in 0..max {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > until {
             break;
         }
         match http_get(addr) {

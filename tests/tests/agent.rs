@@ -190,6 +190,7 @@ fn kill_9_of_the_agent_loses_no_request_and_the_restart_adopts_everything() {
     let stop = AtomicBool::new(false);
 
     let (result, stream_ok) = std::thread::scope(|s| {
+        let _stop = bg_tests::live::StopOnDrop(&stop);
         let worker = s.spawn(|| load(&t, vip(VIP_PORT), Duration::from_millis(10), 2000, &stop));
         // A long-lived connection opened before the crash must survive it.
         let stream = s.spawn(|| {
@@ -277,6 +278,7 @@ fn upgrading_the_program_through_the_pinned_link_keeps_every_connection() {
         v["reasons"].as_array().unwrap().iter().find(|r| r[0] == "lost_flow").unwrap()[1].as_u64().unwrap()
     };
     let (seen, load_result, steps) = std::thread::scope(|s| {
+        let _stop = bg_tests::live::StopOnDrop(&stop);
         let held = s.spawn(|| bg_tests::live::hold(&t, "blue", 8, 4, opened_tx, &stop));
         opened_rx.recv_timeout(Duration::from_secs(20)).expect("connections opened");
         // New connections go to green from here on; the held ones stay on blue.

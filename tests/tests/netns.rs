@@ -179,6 +179,7 @@ fn live_connections_stay_on_their_color_through_ten_flips_while_new_ones_follow(
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
 
     let seen = std::thread::scope(|s| {
+        let _stop = live::StopOnDrop(&stop);
         // 20 line streams and 4 keep-alive HTTP connections, all opened while blue is active.
         let worker = s.spawn(|| live::hold(&t, "blue", 20, 4, opened_tx, &stop));
         opened_rx.recv_timeout(Duration::from_secs(20)).expect("connections opened");

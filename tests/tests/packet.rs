@@ -424,6 +424,7 @@ fn republished_backend_sets_and_canary_changes_are_atomic_under_concurrent_packe
     let (checked, strict) = (AtomicU64::new(0), AtomicU64::new(0));
     let steps = std::thread::scope(|s| {
         let writer = s.spawn(|| {
+            let _stop = bg_tests::live::StopOnDrop(&stop);
             let mut k = 0u64;
             let until = std::time::Instant::now() + Duration::from_secs(3);
             while std::time::Instant::now() < until {
@@ -446,7 +447,6 @@ fn republished_backend_sets_and_canary_changes_are_atomic_under_concurrent_packe
                 }
                 history.done.store(k, Ordering::SeqCst);
             }
-            stop.store(true, Ordering::SeqCst);
             k
         });
         for t in 0..2u32 {
