@@ -70,6 +70,9 @@ pub enum HealthKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Health {
     pub kind: HealthKind,
+    /// Check this port of each backend's address instead of the backend's own port (a UDP
+    /// service's backends are checked over TCP or HTTP, often on another port).
+    pub port: Option<u16>,
     pub path: String,
     pub expect_status: u16,
     pub interval: std::time::Duration,
@@ -145,6 +148,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     kind: Option<HealthKind>,
+    port: Option<u16>,
     path: Option<String>,
     expect_status: Option<u16>,
     interval_ms: Option<u64>,
@@ -460,6 +464,7 @@ impl RawConfig {
                 None => global_health.clone().validate(),
                 Some(o) => RawHealth {
                     kind: o.kind.or(global_health.kind),
+                    port: o.port.or(global_health.port),
                     path: o.path.or(global_health.path.clone()),
                     expect_status: o.expect_status.or(global_health.expect_status),
                     interval_ms: o.interval_ms.or(global_health.interval_ms),
@@ -524,6 +529,9 @@ impl RawConfig {
 impl RawHealth {
     fn validate(self) -> Result<Health, ConfigError> {
         let kind = self.kind.unwrap_or_default();
+        if self.port == Some(0) {
+            return Err(field_err("health.port", "port 0 cannot be checked; give the port the backends answer checks on"));
+        }
         let path = self.path.unwrap_or_else(|| "/".to_owned());
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
             return Err(field_err("health.path", format!("`{path}` must start with '/' and contain no spaces")));
@@ -553,6 +561,7 @@ impl RawHealth {
         }
         Ok(Health {
             kind,
+            port: self.port,
             path,
             expect_status,
             interval: std::time::Duration::from_millis(interval_ms),

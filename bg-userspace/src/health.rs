@@ -75,8 +75,9 @@ impl BackendHealth {
 pub type Table = Arc<Mutex<BTreeMap<SocketAddr, BackendHealth>>>;
 
 /// Runs one check.
-pub async fn check(addr: SocketAddr, h: &Health) -> (bool, String) {
+pub async fn check(backend: SocketAddr, h: &Health) -> (bool, String) {
     let start = Instant::now();
+    let addr = SocketAddr::new(backend.ip(), h.port.unwrap_or(backend.port()));
     let result = tokio::time::timeout(h.timeout, async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         if h.kind == HealthKind::Tcp {

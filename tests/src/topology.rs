@@ -35,6 +35,9 @@ pub const GREEN6: &str = "fd00:a::2";
 pub const PREVIEW_PORT: u16 = 8081;
 /// A long-lived line-stream service (`bg-testsrv --echo`), same port on VIP and backends.
 pub const ECHO_PORT: u16 = 7000;
+/// A UDP service (`bg-testsrv --udp`, IPv4 and IPv6), same port on VIPs and backends; its
+/// backends are health-checked over HTTP on `BACKEND_PORT`.
+pub const UDP_PORT: u16 = 5353;
 
 /// The backend servers, by color.
 pub struct Backends {
@@ -191,6 +194,22 @@ protocol = "tcp"
 health = {{ kind = "tcp" }}
 blue = ["{BLUE}:{ECHO_PORT}"]
 green = ["{GREEN}:{ECHO_PORT}"]
+
+[[service]]
+name = "dns"
+vip = "{VIP}:{UDP_PORT}"
+protocol = "udp"
+health = {{ port = {BACKEND_PORT} }}
+blue = ["{BLUE}:{UDP_PORT}"]
+green = ["{GREEN}:{UDP_PORT}"]
+
+[[service]]
+name = "dns6"
+vip = "[{VIP6}]:{UDP_PORT}"
+protocol = "udp"
+health = {{ port = {BACKEND_PORT} }}
+blue = ["[{BLUE6}]:{UDP_PORT}"]
+green = ["[{GREEN6}]:{UDP_PORT}"]
 "#,
             tag = self.tag,
             pin = self.pin_dir().display(),
@@ -199,8 +218,9 @@ green = ["{GREEN}:{ECHO_PORT}"]
         )
     }
 
-    /// Starts the backends: on each color an HTTP server (port 8080, IPv4 and IPv6) and a
-    /// line-stream echo server (port 7000), answering with the color's name.
+    /// Starts the backends: on each color an HTTP server (port 8080, IPv4 and IPv6), a
+    /// line-stream echo server (port 7000) and a UDP server (port 5353, IPv4 and IPv6),
+    /// answering with the color's name.
     pub fn start_backends(&self) -> anyhow::Result<Backends> {
         Ok(Backends { blue: self.start_color("blue")?, green: self.start_color("green")? })
     }
@@ -218,6 +238,9 @@ green = ["{GREEN}:{ECHO_PORT}"]
             let mut cmd = ns.command(srv.to_str().unwrap());
             cmd.args(["--listen", &format!("{addr}:{ECHO_PORT}"), "--body", color, "--echo"]);
             procs.push(Proc::spawn_ready(&format!("{color} stream server"), &mut cmd, "listening", Duration::from_secs(10))?);
+            let mut cmd = ns.command(srv.to_str().unwrap());
+            cmd.args(["--listen", &format!("[::]:{UDP_PORT}"), "--body", color, "--udp"]);
+            procs.push(Proc::spawn_ready(&format!("{color} UDP server"), &mut cmd, "listening", Duration::from_secs(10))?);
         }
         Ok(procs)
     }

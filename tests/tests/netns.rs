@@ -261,3 +261,58 @@ fn drain_ends_the_old_colors_flows_with_a_reset_at_the_deadline() {
     assert_eq!(t.get_vip().unwrap(), "green", "new connections go to green");
     assert_eq!(t.csum_errors().unwrap(), 0);
 }
+
+/// UDP end to end: request/response on IPv4 and IPv6 (the client's connected socket accepts
+/// only answers from the VIP, so each answer proves the reverse rewrite), a datagram sent
+/// without checksum (SO_NO_CHECK: it must stay without one and still be delivered), and one
+/// socket's stream of datagrams staying on blue through a flip while a new socket follows it.
+#[test]
+fn udp_request_response_and_a_stream_through_the_vip() {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::os::fd::AsRawFd;
+    use bg_tests::topology::{UDP_PORT, VIP6};
+    let t = Topology::create(&tag()).expect("topology");
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
+    let _inside = InNetns::enter(&t.client).unwrap();
+    let vip4 = SocketAddr::new(VIP.parse().unwrap(), UDP_PORT);
+    let vip6 = SocketAddr::new(VIP6.parse().unwrap(), UDP_PORT);
+    let socket = |to: SocketAddr| {
+        let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    };
+    let ask = |s: &UdpSocket, q: &str| -> String {
+        s.send(q.as_bytes()).unwrap();
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf).unwrap_or_else(|e| panic!("no answer to {q:?} from {:?}: {e}", s.peer_addr()));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(ask(&socket(vip4), "q1"), "blue q1", "IPv4 request/response");
+    assert_eq!(ask(&socket(vip6), "q1"), "blue q1", "IPv6 request/response");
+    let no_csum = socket(vip4);
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(no_csum.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, &one as *const _ as *const libc::c_void, 4)
+    };
+    assert_eq!(rc, 0, "SO_NO_CHECK");
+    assert_eq!(ask(&no_csum, "nocsum"), "blue nocsum", "a datagram without checksum");
+
+    let stream = socket(vip4);
+    for i in 0..60 {
+        if i == 20 {
+            t.bgctl(&["flip", "green"]).expect("flip");
+            assert_eq!(ask(&socket(vip4), "new"), "green new", "a new socket follows the flip");
+            assert_eq!(ask(&socket(vip6), "new"), "green new", "a new IPv6 socket follows the flip");
+        }
+        assert_eq!(ask(&stream, &format!("s{i}")), format!("blue s{i}"), "the stream stays on blue");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(_inside);
+    assert_eq!(t.csum_errors().unwrap(), 0, "no checksum errors (UDP, UDP6 and TCP InCsumErrors)");
+    let s = status_json(&t);
+    assert!(s["flows"]["flows"][0].as_u64().unwrap() >= 4 && s["flows"]["flows"][1].as_u64().unwrap() >= 2, "UDP flows per color: {}", s["flows"]);
+}

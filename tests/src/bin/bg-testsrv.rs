@@ -3,6 +3,7 @@
 //! - HTTP/1.1 (default): answers every request with a fixed body (the backend's color) and
 //!   keeps connections alive.
 //! - `--echo`: a long-lived line stream; every line is answered with `BODY LINE`.
+//! - `--udp`: every datagram is answered with `BODY DATAGRAM`, from the address it came to.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -63,14 +64,16 @@ fn main() {
     let mut listen = None;
     let mut body = None;
     let mut echo_mode = false;
+    let mut udp = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next(),
             "--body" => body = args.next(),
             "--echo" => echo_mode = true,
+            "--udp" => udp = true,
             other => {
-                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo]");
+                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo | --udp]");
                 std::process::exit(2);
             }
         }
@@ -79,6 +82,20 @@ fn main() {
         eprintln!("bg-testsrv: usage: bg-testsrv --listen ADDR:PORT --body TEXT");
         std::process::exit(2);
     };
+    if udp {
+        let socket = std::net::UdpSocket::bind(&listen).unwrap_or_else(|e| {
+            eprintln!("bg-testsrv: cannot listen on udp {listen}: {e}");
+            std::process::exit(1);
+        });
+        println!("listening on udp {listen}");
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+            let mut answer = format!("{body} ").into_bytes();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&answer, from);
+        }
+    }
     let listener = TcpListener::bind(&listen).unwrap_or_else(|e| {
         eprintln!("bg-testsrv: cannot listen on {listen}: {e}");
         std::process::exit(1);
