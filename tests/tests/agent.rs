@@ -697,7 +697,7 @@ fn watch_draws_a_live_view() {
     let out = t.bgctl(&["watch", "--count", "2", "--interval-ms", "200"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("\x1b[H\x1b[2J").count(), 2, "redraws in place");
-    assert!(text.contains("active blue  generation 1") && text.contains("new flows/s") && text.contains("healthy (3/3 up)"), "{text}");
+    assert!(text.contains("active blue  generation 1") && text.contains("new flows/s") && text.contains("blue             0.0") && text.contains("healthy (5/5 up)"), "{text}");
     let out = t.bgctl(&["watch", "--json", "--count", "1"]).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"]["active"], "blue");

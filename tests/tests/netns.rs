@@ -316,3 +316,68 @@ fn udp_request_response_and_a_stream_through_the_vip() {
     let s = status_json(&t);
     assert!(s["flows"]["flows"][0].as_u64().unwrap() >= 4 && s["flows"]["flows"][1].as_u64().unwrap() >= 2, "UDP flows per color: {}", s["flows"]);
 }
+
+/// Path MTU discovery through the VIP when the gateway's routes toward the backends and toward
+/// the clients have a smaller MTU (1280) than the links (1500), as with a tunnel on the way:
+/// every host's MSS is 1460, so full-size segments reach the gateway, which must answer
+/// "fragmentation needed" / "packet too big" in terms the sender knows: about client -> VIP for
+/// the client, about backend -> client for the backend. TCP both ways (a 6000-byte line echoed
+/// back) and UDP with DF on IPv4 and IPv6 (the socket's path MTU must drop to 1280).
+#[test]
+fn path_mtu_discovery_works_through_the_vip_both_ways() {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::os::fd::AsRawFd;
+    use bg_tests::topology::{UDP_PORT, VIP6};
+    let t = Topology::create(&tag()).expect("topology");
+    for route in [
+        "ip route replace 10.1.0.0/24 dev gw-b mtu lock 1280",
+        "ip route replace 10.0.0.0/24 dev gw-c mtu lock 1280",
+        "ip -6 route replace fd00:b::/64 dev gw-b mtu lock 1280",
+    ] {
+        t.gw.exec(&route.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
+    let inside = InNetns::enter(&t.client).unwrap();
+
+    let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
+    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut c = BufReader::new(c);
+    let line: String = (0..6000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    c.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    let got = c.read_line(&mut answer);
+    assert!(got.is_ok() && answer == format!("blue {line}\n"), "6000 bytes up and back through 1280-byte routes: {got:?}, {} bytes back", answer.len());
+
+    // UDP with DF set (IP_PMTUDISC_DO / IPV6_DONTFRAG): after one datagram too big for the
+    // path, the socket's path MTU is the gateway's route MTU.
+    for (vip, level, discover, mtu_opt) in [
+        (SocketAddr::new(VIP.parse().unwrap(), UDP_PORT), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_MTU),
+        (SocketAddr::new(VIP6.parse().unwrap(), UDP_PORT), libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_MTU),
+    ] {
+        let s = UdpSocket::bind(if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        s.connect(vip).unwrap();
+        let on: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: a valid socket and a c_int option value of the size given.
+        assert_eq!(unsafe { libc::setsockopt(s.as_raw_fd(), level, discover, &on as *const _ as *const libc::c_void, 4) }, 0);
+        let mtu = |s: &UdpSocket| -> i32 {
+            let mut v: libc::c_int = 0;
+            let mut len: libc::socklen_t = 4;
+            // SAFETY: as above; the kernel writes at most `len` bytes.
+            let rc = unsafe { libc::getsockopt(s.as_raw_fd(), level, mtu_opt, &mut v as *mut _ as *mut libc::c_void, &mut len) };
+            assert_eq!(rc, 0, "getsockopt MTU");
+            v
+        };
+        assert_eq!(mtu(&s), 1500, "{vip}: the path MTU starts at the link's");
+        let _ = s.send(&[0x55; 1400]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while mtu(&s) != 1280 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(mtu(&s), 1280, "{vip}: the client learned the path MTU from the gateway's answer");
+    }
+    drop(inside);
+    assert_eq!(t.csum_errors().unwrap(), 0, "no checksum errors");
+}
