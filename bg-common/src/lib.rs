@@ -479,8 +479,8 @@ pub enum Fwd {
     Kernel = 1,
     /// Route found, neighbour not resolved yet: `XDP_PASS`, the kernel resolves and routes it.
     KernelNoNeigh = 2,
-    /// Packet larger than the egress MTU: `XDP_PASS`, the kernel fragments it or answers
-    /// "fragmentation needed".
+    /// Packet larger than the egress MTU that may be fragmented (IPv4 without DF): `XDP_PASS`,
+    /// the kernel fragments it.
     KernelFragNeeded = 3,
     /// Any other lookup result (no route, blackhole, forwarding disabled ...): `XDP_PASS`,
     /// the kernel decides and answers as a router would.
@@ -490,10 +490,17 @@ pub enum Fwd {
     /// Flow entries created under a key that had none (overwrites of expired entries are not
     /// counted). Created − removed − present = entries the LRU evicted.
     FlowsCreated = 6,
+    /// Packet of a VIP flow larger than the egress MTU that must not be fragmented (IPv4 with
+    /// DF, IPv6): bg answers its sender with "fragmentation needed" / "packet too big" quoting
+    /// the packet as the sender sent it (`XDP_TX`), so path MTU discovery works through the
+    /// NAT. The kernel's own answer would quote the rewritten packet, which no socket matches.
+    TooBigAnswered = 7,
+    /// Same, but the answer could not be built (the frame could not be resized): dropped.
+    TooBigDropped = 8,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Fwd; Fwd::COUNT as usize] = [
         Fwd::Redirect,
         Fwd::Kernel,
@@ -502,6 +509,8 @@ impl Fwd {
         Fwd::KernelOther,
         Fwd::FlowsRemoved,
         Fwd::FlowsCreated,
+        Fwd::TooBigAnswered,
+        Fwd::TooBigDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -513,6 +522,8 @@ impl Fwd {
             Fwd::KernelOther => "fwd_kernel_other",
             Fwd::FlowsRemoved => "flow_entries_removed",
             Fwd::FlowsCreated => "flow_entries_created",
+            Fwd::TooBigAnswered => "fwd_too_big_answered",
+            Fwd::TooBigDropped => "fwd_too_big_dropped",
         }
     }
 }

@@ -55,8 +55,8 @@ pub fn maybe_ours(addr: &[u32; 4]) -> bool {
 
 /// Decides and applies the rewrite for a parsed TCP/UDP packet.
 #[inline(always)]
-pub fn process(pkt: &Packet) -> Verdict {
-    let key = pkt.key();
+pub fn process(pkt: &Packet, key: &FlowKey) -> Verdict {
+    let key = *key;
     // Neither to a VIP nor from a backend: cannot be a VIP flow; no hash lookups.
     if !maybe_ours(&key.dst) && !maybe_ours(&key.src) {
         return Verdict::untouched(Reason::PassNotOurs);

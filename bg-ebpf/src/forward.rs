@@ -1,7 +1,8 @@
 //! How a rewritten packet leaves: `bpf_fib_lookup` for egress interface and neighbour, then
 //! `XDP_REDIRECT` with rewritten MACs and TTL decremented like a router. Whenever the lookup
 //! does not give a complete answer, the packet is passed to the kernel, which routes it (and
-//! decrements the TTL itself).
+//! decrements the TTL itself); except a packet of a VIP flow that is too big for its next hop
+//! and must not be fragmented, which bg answers itself (`pmtu`), in both forwarding modes.
 
 use core::mem::size_of;
 
@@ -14,8 +15,9 @@ use bg_common::{DpConfig, Fwd, DP_FLAG_REDIRECT, FAMILY_V4};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
 use crate::{
-    parse::{read_addr, End},
-    rewrite::decrement_ttl,
+    parse::{read_addr, End, Packet},
+    pmtu,
+    rewrite::{decrement_ttl, rewrite},
 };
 
 const AF_INET: u8 = 2;
@@ -31,11 +33,28 @@ pub struct Out {
     pub proto: u8,
     /// Raw source and destination ports (zero for ICMP).
     pub ports: [u16; 2],
+    /// For TCP/UDP: the packet and what its rewrite replaced (None for ICMP errors, which are
+    /// small enough for any link).
+    pub flow: Option<(Packet, Undo)>,
 }
+
+/// The end of a packet the rewrite changed, and its address and port before (raw).
+pub struct Undo {
+    pub end: End,
+    pub addr: [u32; 4],
+    pub port: u16,
+}
+
+/// IPv4 "don't fragment", raw.
+const IP_DF: u16 = 0x4000u16.to_be();
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
-    if cfg.flags & DP_FLAG_REDIRECT == 0 {
+    let redirect = cfg.flags & DP_FLAG_REDIRECT != 0;
+    // In kernel mode only packets that could be too big for a link are looked up: the MTU is
+    // all the lookup is for there, and no IPv4 link is smaller than 576 bytes nor IPv6 one
+    // smaller than 1280.
+    if !redirect && (out.flow.is_none() || ctx.data_end() - ctx.data() <= EthHdr::LEN + 576) {
         return (xdp_action::XDP_PASS, Fwd::Kernel);
     }
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -64,6 +83,17 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
     let rc = unsafe {
         fib_lookup(ctx.ctx as *mut _, &mut p, size_of::<bpf_fib_lookup>() as i32, 0)
     };
+    if rc as u32 == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        if let Some((pkt, undo)) = &out.flow {
+            let df = out.family != FAMILY_V4 || unsafe { u16::from_ne_bytes((*(out.l3 as *const Ipv4Hdr)).frags) } & IP_DF != 0;
+            if df {
+                return too_big(ctx, pkt, undo, unsafe { p.__bindgen_anon_1.mtu_result } as u32);
+            }
+        }
+    }
+    if !redirect {
+        return (xdp_action::XDP_PASS, Fwd::Kernel);
+    }
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             decrement_ttl(out.l3, out.family);
@@ -77,5 +107,22 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
         BPF_FIB_LKUP_RET_NO_NEIGH => (xdp_action::XDP_PASS, Fwd::KernelNoNeigh),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => (xdp_action::XDP_PASS, Fwd::KernelFragNeeded),
         _ => (xdp_action::XDP_PASS, Fwd::KernelOther),
+    }
+}
+
+/// Answers a packet too big for its next hop: the rewrite is undone, so the sender sees its own
+/// packet quoted, from the VIP (the address the sender knows the flow by, as client or as
+/// backend).
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pkt: &Packet, undo: &Undo, mtu: u32) -> (u32, Fwd) {
+    let vip = match undo.end {
+        End::Dst => undo.addr,
+        End::Src => read_addr(pkt.l3, pkt.family, End::Src),
+    };
+    rewrite(pkt, undo.end, &undo.addr, undo.port);
+    let l4_off = pkt.ports as usize - ctx.data();
+    match pmtu::too_big(ctx, pkt.family, &vip, mtu, l4_off) {
+        Some(action) => (action, Fwd::TooBigAnswered),
+        None => (xdp_action::XDP_DROP, Fwd::TooBigDropped),
     }
 }

@@ -12,15 +12,16 @@ mod forward;
 mod icmp;
 mod maps;
 mod parse;
+mod pmtu;
 mod rewrite;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use bg_common::{Fwd, Reason};
 
 use crate::{
-    forward::Out,
+    forward::{Out, Undo},
     maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V2, BG_STATS_V2},
-    parse::Parsed,
+    parse::{End, Parsed},
 };
 
 #[xdp]
@@ -31,13 +32,23 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
     let _ = BG_CONFIG_V1.get(0);
     let (verdict, out) = match parse::parse(&ctx) {
         Err(reason) => return finish(reason),
-        Ok(Parsed::Flow(pkt)) => (
-            decide::process(&pkt),
-            Out { eth: pkt.eth, l3: pkt.l3, family: pkt.family, proto: pkt.proto, ports: unsafe { *pkt.ports } },
-        ),
+        Ok(Parsed::Flow(pkt)) => {
+            let key = pkt.key();
+            let verdict = decide::process(&pkt, &key);
+            // What the rewrite replaced, so a packet too big for its next hop can be quoted
+            // back to its sender as sent: replies had their source rewritten, the rest their
+            // destination.
+            let undo = if verdict.reason == Reason::FromBackend {
+                Undo { end: End::Src, addr: key.src, port: key.sport }
+            } else {
+                Undo { end: End::Dst, addr: key.dst, port: key.dport }
+            };
+            let out = Out { eth: pkt.eth, l3: pkt.l3, family: pkt.family, proto: pkt.proto, ports: unsafe { *pkt.ports }, flow: Some((pkt, undo)) };
+            (verdict, out)
+        }
         Ok(Parsed::Icmp(e)) => {
             let proto = if e.family == bg_common::FAMILY_V4 { bg_common::PROTO_ICMP } else { bg_common::PROTO_ICMPV6 };
-            (icmp::process(&e), Out { eth: e.eth, l3: e.l3, family: e.family, proto, ports: [0, 0] })
+            (icmp::process(&e), Out { eth: e.eth, l3: e.l3, family: e.family, proto, ports: [0, 0], flow: None })
         }
     };
     if verdict.color == decide::NO_COLOR {

@@ -280,6 +280,9 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     fn flip(&mut self, to: Color, percent: Option<u32>, drain_secs: Option<u64>, force: bool, who: Actor, reason: &str, event: &str) -> anyhow::Result<FlipResult> {
         let started = Instant::now();
+        // Health changes are published on the agent's tick; a flip must not route new flows
+        // to a set older than the health verdict its gate reads, so publish first.
+        self.apply_health();
         let from = self.active();
         if percent.is_some() && to == from {
             bail!("{} is already active; a canary goes to the other color", to.name());

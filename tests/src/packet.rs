@@ -37,6 +37,8 @@ pub struct Pkt {
     pub udp_no_checksum: bool,
     /// Overrides the IP version nibble (for malformed headers).
     pub version: Option<u8>,
+    /// Clears "don't fragment" (set by default on unfragmented packets).
+    pub no_df: bool,
 }
 
 impl Pkt {
@@ -55,7 +57,13 @@ impl Pkt {
             vlan: None,
             udp_no_checksum: false,
             version: None,
+            no_df: false,
         }
+    }
+
+    pub fn no_df(mut self) -> Pkt {
+        self.no_df = true;
+        self
     }
 
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Pkt {
@@ -137,7 +145,7 @@ impl Pkt {
         let mut frag = self.frag_offset & 0x1fff;
         if self.more_fragments {
             frag |= 0x2000;
-        } else if self.frag_offset == 0 {
+        } else if self.frag_offset == 0 && !self.no_df {
             frag |= 0x4000; // DF on unfragmented packets
         }
         h[6..8].copy_from_slice(&frag.to_be_bytes());

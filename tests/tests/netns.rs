@@ -321,35 +321,31 @@ fn udp_request_response_and_a_stream_through_the_vip() {
 /// the clients have a smaller MTU (1280) than the links (1500), as with a tunnel on the way:
 /// every host's MSS is 1460, so full-size segments reach the gateway, which must answer
 /// "fragmentation needed" / "packet too big" in terms the sender knows: about client -> VIP for
-/// the client, about backend -> client for the backend. TCP both ways (a 6000-byte line echoed
-/// back) and UDP with DF on IPv4 and IPv6 (the socket's path MTU must drop to 1280).
+/// the client, about backend -> client for the backend (the kernel's own answer would quote the
+/// rewritten packet, which no socket of the sender matches). UDP with DF on IPv4 and IPv6 (the
+/// socket's path MTU must drop to 1280), then TCP both ways (a 6000-byte line echoed back).
 #[test]
 fn path_mtu_discovery_works_through_the_vip_both_ways() {
     use std::net::{SocketAddr, UdpSocket};
     use std::os::fd::AsRawFd;
-    use bg_tests::topology::{UDP_PORT, VIP6};
+    use bg_tests::topology::{CLIENT, UDP_PORT, VIP6};
     let t = Topology::create(&tag()).expect("topology");
     for route in [
         "ip route replace 10.1.0.0/24 dev gw-b mtu lock 1280",
         "ip route replace 10.0.0.0/24 dev gw-c mtu lock 1280",
-        "ip -6 route replace fd00:b::/64 dev gw-b mtu lock 1280",
+        "ip -6 route replace fd00:b::/64 dev gw-b mtu lock 1280 metric 256 proto kernel",
     ] {
         t.gw.exec(&route.split(' ').collect::<Vec<_>>()).unwrap();
     }
     let _backends = t.start_backends().expect("backends");
     let _agent = t.start_agent().expect("agent");
     t.wait_healthy().expect("both colors healthy");
+    let answered = |t: &Topology| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&t.bgctl(&["stats", "--json"]).unwrap().stdout).unwrap();
+        v["forwarding"].as_array().unwrap().iter().find(|r| r[0] == "fwd_too_big_answered").expect("fwd_too_big_answered counted")[1].as_u64().unwrap()
+    };
+    assert_eq!(answered(&t), 0);
     let inside = InNetns::enter(&t.client).unwrap();
-
-    let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
-    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut c = BufReader::new(c);
-    let line: String = (0..6000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-    c.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut answer = String::new();
-    let got = c.read_line(&mut answer);
-    assert!(got.is_ok() && answer == format!("blue {line}\n"), "6000 bytes up and back through 1280-byte routes: {got:?}, {} bytes back", answer.len());
 
     // UDP with DF set (IP_PMTUDISC_DO / IPV6_DONTFRAG): after one datagram too big for the
     // path, the socket's path MTU is the gateway's route MTU.
@@ -377,7 +373,40 @@ fn path_mtu_discovery_works_through_the_vip_both_ways() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(mtu(&s), 1280, "{vip}: the client learned the path MTU from the gateway's answer");
+        // A datagram that fits now goes through and is answered.
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // (The ICMP error is also reported once on a connected socket: the first call may
+        // return EMSGSIZE for the datagram before.)
+        if let Err(e) = s.send(&[0x41; 1200]) {
+            assert_eq!(e.raw_os_error(), Some(libc::EMSGSIZE), "{vip}: {e}");
+            s.send(&[0x41; 1200]).unwrap();
+        }
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf).expect("an answer to a datagram that fits the path");
+        assert!(n >= 1200, "{vip}: answer of {n} bytes");
     }
+    let after_udp = answered(&t);
+    assert_eq!(after_udp, 2, "one answer per too-big datagram (IPv4, IPv6)");
+
+    // Forget what UDP taught the client about the VIP, so TCP must discover it again.
     drop(inside);
+    t.client.exec(&["ip", "route", "flush", "cache"]).unwrap();
+    let route = t.client.exec(&["ip", "route", "get", VIP]).unwrap();
+    assert!(!String::from_utf8_lossy(&route.stdout).contains("mtu"), "cache flushed: {}", String::from_utf8_lossy(&route.stdout));
+    let inside = InNetns::enter(&t.client).unwrap();
+    let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
+    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut c = BufReader::new(c);
+    let line: String = (0..6000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    c.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    let got = c.read_line(&mut answer);
+    assert!(got.is_ok() && answer == format!("blue {line}\n"), "6000 bytes up and back through 1280-byte routes: {got:?}, {} bytes back", answer.len());
+    drop(inside);
+    assert!(answered(&t) >= after_udp + 2, "the gateway answered the client's and the backend's full-size segments");
+    // The backend learned it too, about the client (its replies were too big the other way).
+    let route = t.blue.exec(&["ip", "route", "get", CLIENT]).unwrap();
+    assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1280"), "blue's route cache to the client: {}", String::from_utf8_lossy(&route.stdout));
     assert_eq!(t.csum_errors().unwrap(), 0, "no checksum errors");
 }
