@@ -4,24 +4,24 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use aya::{programs::Xdp, TestRun, TestRunOptions};
-use bg_common::{Color, FlowKey, NatEntry, FAMILY_V4, NAT_FROM_BACKEND, NAT_TO_BACKEND};
+use bg_common::{Color, FlowKey, NatEntry, Reason, FAMILY_V4, NAT_FROM_BACKEND, NAT_TO_BACKEND};
 use bg_tests::{
     packet::{self, TCP_ACK, TCP_SYN},
     paths,
-    topology::{http_get, Topology, VIP, VIP_PORT},
 };
-use bg_userspace::{config::Config, control, dataplane::Dataplane};
+use bg_userspace::{config::Config, dataplane::Dataplane};
 use serde_json::{json, Value};
 
 mod network;
+mod nft;
+mod report;
 
 struct Opts {
     smoke: bool,
@@ -57,208 +57,208 @@ fn entry(to: SocketAddrV4, kind: u8) -> NatEntry {
     }
 }
 
+/// A config as a user would write it: the defaults (redirect forwarding, the new-flow rate
+/// bound on), only the table size and the backends given.
 fn config(backends: usize, table: u32) -> Config {
+    config_with(backends, table, "redirect")
+}
+
+/// `config` with another forwarding mode (for one comparison row).
+fn config_with(backends: usize, table: u32, forwarding: &str) -> Config {
     let list = |net: u8, port: u16| -> String {
         (0..backends).map(|i| format!("\"10.{net}.{}.{}:{port}\"", i / 250, 2 + i % 250)).collect::<Vec<_>>().join(", ")
     };
-    Config::parse(&format!(
-        "interfaces = [\"unused0\"]\nforwarding = \"kernel\"\nmax_new_flows_per_sec = 0\nflow_table_size = {table}\n\
+    let c = Config::parse(&format!(
+        "interfaces = [\"bench0\"]\nflow_table_size = {table}\n{}\
          [[service]]\nname = \"web\"\nvip = \"10.100.0.1:80\"\nblue = [{}]\ngreen = [{}]\n",
+        if forwarding == "redirect" { String::new() } else { format!("forwarding = \"{forwarding}\"\n") },
         list(1, 8080),
         list(2, 8080)
     ))
-    .expect("bench config")
+    .expect("bench config");
+    assert!(c.max_new_flows_per_sec > 0, "the default config bounds the new-flow rate");
+    c
 }
 
-/// Median ns per run of `input` with `repeat` repetitions, over `batches` batches.
-fn per_run(prog: &Xdp, input: &[u8], repeat: u32, batches: usize) -> f64 {
-    let mut v: Vec<f64> = (0..batches)
-        .map(|_| {
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(input);
-            opts.repeat = repeat;
-            prog.test_run(opts).expect("test_run").duration.as_nanos() as f64
-        })
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+/// Median ns per run of `input` with `repeat` repetitions, over `batches` batches; checks the
+/// program's verdict on every batch.
+fn per_run(prog: &Xdp, input: &[u8], repeat: u32, batches: usize, expect: u32, what: &str) -> anyhow::Result<f64> {
+    let mut v = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.repeat = repeat;
+        let r = prog.test_run(opts).context("test_run")?;
+        anyhow::ensure!(r.return_value == expect, "{what}: the program returned {} instead of {expect}", r.return_value);
+        v.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median(v))
 }
 
-/// Median ns of single runs over a sequence of distinct inputs (each run is a new flow).
-fn single_runs(prog: &Xdp, inputs: &[Vec<u8>]) -> f64 {
-    let mut v: Vec<f64> = inputs
-        .iter()
-        .map(|i| {
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(i);
-            prog.test_run(opts).expect("test_run").duration.as_nanos() as f64
-        })
-        .collect();
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median ns of single runs (repeat 1), one per input, at most `per_sec` runs a second (so the
+/// default new-flow rate bound never drops one); checks every verdict.
+fn single_runs(prog: &Xdp, inputs: &[Vec<u8>], per_sec: u64, expect: u32, what: &str) -> anyhow::Result<f64> {
+    let mut v = Vec::with_capacity(inputs.len());
+    let started = Instant::now();
+    for (n, i) in inputs.iter().enumerate() {
+        if per_sec > 0 && n % 256 == 0 {
+            let due = Duration::from_nanos(n as u64 * 1_000_000_000 / per_sec);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(i);
+        let r = prog.test_run(opts).context("test_run")?;
+        anyhow::ensure!(r.return_value == expect, "{what}: run {n} returned {} instead of {expect}", r.return_value);
+        v.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median(v))
+}
+
+/// Client `i` of a large population: distinct source addresses and ports.
+fn client(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + (i as u32 >> 14)), 1024 + (i & 0x3fff) as u16)
 }
 
 fn syns(n: usize) -> Vec<Vec<u8>> {
     let vip: SocketAddrV4 = "10.100.0.1:80".parse().unwrap();
-    (0..n)
-        .map(|i| {
-            let client = SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + (i as u32 >> 14)), 1024 + (i & 0x3fff) as u16);
-            packet::tcp(client, vip, TCP_SYN, b"")
-        })
-        .collect()
+    (0..n).map(|i| packet::tcp(client(i), vip, TCP_SYN, b"")).collect()
 }
+
+/// The namespace the packet benchmarks run in: one route (default, via a neighbour that is
+/// resolved) so that `bpf_fib_lookup` succeeds for every address and the program takes its
+/// whole default path, up to and including `bpf_redirect`.
+fn packet_netns() -> anyhow::Result<bg_tests::netns::Netns> {
+    let ns = bg_tests::netns::Netns::new(&bg_tests::run::tag("pkt"))?;
+    for cmd in [
+        "ip link add bench0 type veth peer name bench1",
+        "ip addr add 10.9.0.1/24 dev bench0",
+        "ip link set bench0 up",
+        "ip link set bench1 up",
+        "ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:bb dev bench0 nud permanent",
+        "ip route add default via 10.9.0.2 dev bench0",
+        "sysctl -q -w net.ipv4.conf.all.forwarding=1",
+        "sysctl -q -w net.ipv4.conf.lo.forwarding=1",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>())?;
+    }
+    Ok(ns)
+}
+
+/// What the packet figures hold, said once for the report.
+const PACKET_SCOPE: &str = "Every figure is bg's XDP program on the default config (`forwarding = \"redirect\"`, the new-flow rate bound on at its default), run by BPF_PROG_TEST_RUN in a namespace where the FIB lookup succeeds, and every timed run was checked to return XDP_REDIRECT (XDP_PASS for the non-VIP packet). Inside the figure: parsing, the address filter, the flow-table lookup or inserts, Maglev, the rate window, the rewrite with incremental checksums, the counters, `bpf_fib_lookup`, the MAC rewrite and TTL decrement, and the `bpf_redirect` helper, which only records the target interface. Outside it: what the kernel does after the program returns XDP_REDIRECT (`xdp_do_redirect`: finding the device, converting the frame, the target's `ndo_xdp_xmit`, on veth the copy into the peer's ring), which BPF_PROG_TEST_RUN does not run outside live-frames mode, and the driver's own receive cost";
 
 /// Packet cost under BPF_PROG_TEST_RUN.
 fn packet_cost(o: &Opts) -> anyhow::Result<Value> {
     let object = std::fs::read(paths::ebpf_object())?;
-    let (repeat, batches, singles) = if o.smoke { (10_000, 3, 2_000) } else { (1_000_000, 7, 100_000) };
-    let client: SocketAddrV4 = "10.0.0.2:40000".parse()?;
+    let ns = packet_netns()?;
+    let _inside = bg_tests::netns::InNetns::enter(&ns)?;
+    // Repeat mode runs again on the rewritten buffer, and every run decrements the TTL: 200
+    // repetitions of a packet sent with TTL 255 all take the full path.
+    const REPEAT: u32 = 200;
+    let (batches, singles) = if o.smoke { (50, 2_000) } else { (5_000, 100_000) };
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
+    let client0: SocketAddrV4 = "10.0.0.2:40000".parse()?;
     let vip: SocketAddrV4 = "10.100.0.1:80".parse()?;
     let blue: SocketAddrV4 = "10.1.0.2:8080".parse()?;
 
-    let mut dp = Dataplane::open(&object, &config(1, 1 << 21), None, Color::Blue)?;
-    let floor_pkt = packet::tcp(client, "10.9.9.9:80".parse()?, TCP_SYN, b"");
-    let floor = per_run(dp.floor_program()?, &floor_pkt, repeat, batches);
-    let floor_single = single_runs(dp.floor_program()?, &syns(singles));
+    let mut dp = Dataplane::open(&object, &config(1, 1 << 16), None, Color::Blue)?;
+    // Paced below the per-CPU share of the default bound, whichever CPU a run lands on.
+    let pace = (config(1, 1 << 16).max_new_flows_per_sec as u64 / cpus) * 8 / 10;
+    let floor_pkt = packet::Pkt::tcp(client0, "10.9.9.9:80".parse()?, TCP_ACK).ttl(255).build();
+    let floor = per_run(dp.floor_program()?, &floor_pkt, REPEAT, batches, XDP_PASS, "floor")?;
+    let floor_single = single_runs(dp.floor_program()?, &syns(singles), 0, XDP_PASS, "floor (single runs)")?;
 
-    let non_vip = per_run(dp.program(), &floor_pkt, repeat, batches);
-    // Established and reply: entries that rewrite to the packet's own address and port
-    // (identity NAT), so the rewritten buffer takes the same path on every repetition; the
-    // work (lookup, incremental checksums, counters) is that of any established packet.
-    dp.insert_flow(&key(client, vip), &entry(vip, NAT_TO_BACKEND))?;
-    let established_pkt = packet::tcp(client, vip, TCP_ACK, b"");
-    let established = per_run(dp.program(), &established_pkt, repeat, batches);
-    dp.insert_flow(&key(blue, client), &entry(blue, NAT_FROM_BACKEND))?;
-    let reply = per_run(dp.program(), &packet::tcp(blue, client, TCP_ACK, b""), repeat, batches);
-    // New flows: a fresh 5-tuple per run (repeat = 1), compared with the floor measured the
-    // same way.
-    let new_flow = single_runs(dp.program(), &syns(singles));
+    let non_vip = per_run(dp.program(), &floor_pkt, REPEAT, batches, XDP_PASS, "non-VIP")?;
+    // Established and reply, hot key: entries that rewrite to the packet's own address and
+    // port (identity NAT), so the rewritten buffer takes the same path on every repetition; the
+    // work (lookup, incremental checksums, FIB lookup, counters) is that of any such packet.
+    dp.insert_flow(&key(client0, vip), &entry(vip, NAT_TO_BACKEND))?;
+    let established_pkt = packet::Pkt::tcp(client0, vip, TCP_ACK).ttl(255).build();
+    let established = per_run(dp.program(), &established_pkt, REPEAT, batches, XDP_REDIRECT, "established")?;
+    dp.insert_flow(&key(blue, client0), &entry(blue, NAT_FROM_BACKEND))?;
+    let reply_pkt = packet::Pkt::tcp(blue, client0, TCP_ACK).ttl(255).build();
+    let reply = per_run(dp.program(), &reply_pkt, REPEAT, batches, XDP_REDIRECT, "reply")?;
+    // The same established packet with `forwarding = "kernel"` (no FIB lookup, no redirect):
+    // what the redirect's own share of the figure is.
+    let established_kernel = {
+        let mut k = Dataplane::open(&object, &config_with(1, 1 << 16, "kernel"), None, Color::Blue)?;
+        k.insert_flow(&key(client0, vip), &entry(vip, NAT_TO_BACKEND))?;
+        per_run(k.program(), &established_pkt, REPEAT, batches, XDP_PASS, "established, kernel forwarding")?
+    };
+    // New flows: a fresh 5-tuple per run (repeat = 1), against the floor measured the same way.
+    // As many as the default table (65536 entries) holds at two entries per flow, so none
+    // evicts another.
+    let new_flows = singles.min(30_000);
+    let new_before = dp.reason_count(Reason::NewFlow)?;
+    let new_flow = single_runs(dp.program(), &syns(new_flows), pace, XDP_REDIRECT, "new flow")?;
+    anyhow::ensure!(dp.reason_count(Reason::NewFlow)? - new_before == new_flows as u64, "every timed SYN was a new flow");
+    anyhow::ensure!(dp.reason_count(Reason::DropNewFlowRate)? == 0, "the pacing kept every SYN under the rate bound");
     drop(dp);
 
-    // Scaling: established with 1k / 100k / 1M live entries; new flow with 1 / 16 / 256 backends.
-    let sizes: &[u32] = if o.smoke { &[1_000, 10_000] } else { &[1_000, 100_000, 1_000_000] };
+    // Flow-table sweep: the table sized 1k, 64k and 1M entries and filled (two entries per
+    // flow), established packets of distinct flows in shuffled order, one single run each, so
+    // cache and TLB misses show; next to one hot flow timed the same way.
+    let sizes: &[u32] = if o.smoke { &[1 << 10, 1 << 16] } else { &[1 << 10, 1 << 16, 1 << 20] };
     let mut by_table = Vec::new();
-    for &n in sizes {
-        let mut dp = Dataplane::open(&object, &config(1, (2 * n).max(1 << 21)), None, Color::Blue)?;
-        for i in 0..n {
-            let c = SocketAddrV4::new(Ipv4Addr::from(0x0c00_0000 + i), 5000);
+    for &size in sizes {
+        let mut dp = Dataplane::open(&object, &config(1, size), None, Color::Blue)?;
+        let flows = size as usize / 2;
+        for i in 0..flows {
+            let c = client(i);
             dp.insert_flow(&key(c, vip), &entry(blue, NAT_TO_BACKEND))?;
+            dp.insert_flow(&key(blue, c), &entry(vip, NAT_FROM_BACKEND))?;
         }
-        dp.insert_flow(&key(client, vip), &entry(vip, NAT_TO_BACKEND))?;
-        let ns = per_run(dp.program(), &established_pkt, repeat, batches);
-        eprintln!("bench: established with {n} live entries: {ns:.1} ns");
-        by_table.push(json!({"entries": n, "established_ns": ns}));
+        let present = dp.flow_counts()?.entries;
+        let timed = flows.min(singles);
+        // A fixed permutation (multiplicative, odd step): every flow once, no locality.
+        let step = 2_654_435_761usize | 1;
+        let distinct: Vec<Vec<u8>> = (0..timed).map(|n| packet::tcp(client(n.wrapping_mul(step) % flows), vip, TCP_ACK, b"")).collect();
+        let to_backend = dp.reason_count(Reason::ToBackend)?;
+        let ns_distinct = single_runs(dp.program(), &distinct, 0, XDP_REDIRECT, "established, distinct flows")?;
+        let found = dp.reason_count(Reason::ToBackend)? - to_backend;
+        let hot = vec![packet::tcp(client(0), vip, TCP_ACK, b""); timed];
+        let ns_hot = single_runs(dp.program(), &hot, 0, XDP_REDIRECT, "established, one flow")?;
+        eprintln!("bench: table of {size} entries ({present} present): established {ns_distinct:.1} ns over {timed} distinct flows ({found} found), {ns_hot:.1} ns for one flow");
+        by_table.push(json!({"table_size": size, "entries_present": present, "timed_flows": timed, "found_their_entry": found,
+            "distinct_flows_ns": ns_distinct, "one_flow_ns": ns_hot}));
     }
     let mut by_backends = Vec::new();
     for b in [1usize, 16, 256] {
-        let dp = Dataplane::open(&object, &config(b, 1 << 21), None, Color::Blue)?;
-        let ns = single_runs(dp.program(), &syns(singles.min(50_000)));
+        let dp = Dataplane::open(&object, &config(b, 1 << 16), None, Color::Blue)?;
+        let ns = single_runs(dp.program(), &syns(new_flows), pace, XDP_REDIRECT, "new flow")?;
         eprintln!("bench: new flow with {b} backends per color: {ns:.1} ns");
         by_backends.push(json!({"backends": b, "new_flow_ns": ns}));
     }
     Ok(json!({
-        "method": "BPF_PROG_TEST_RUN; repeat-mode medians of batches for floor, non-VIP, established and reply (identity-NAT entries keep every repetition on the timed path); new flows as the median of single runs over distinct 5-tuples, against the floor measured the same way",
-        "repeat": repeat, "batches": batches, "single_runs": singles,
+        "scope": PACKET_SCOPE,
+        "method": format!("floor, non-VIP, established and reply: medians of {batches} batches of {REPEAT} repetitions (TTL 255, identity-NAT entries keep every repetition on the timed path); new flows and the table sweep: medians of single runs (repeat 1), against the floor measured the same way; new flows paced to {pace}/s"),
+        "repeat": REPEAT, "batches": batches, "single_runs": singles, "new_flow_runs": new_flows,
         "floor_ns": floor, "floor_single_ns": floor_single,
-        "non_vip_ns": non_vip, "established_ns": established, "reply_ns": reply, "new_flow_ns": new_flow,
+        "non_vip_ns": non_vip, "established_ns": established, "established_kernel_forwarding_ns": established_kernel, "reply_ns": reply, "new_flow_ns": new_flow,
         "by_table_size": by_table, "by_backends": by_backends,
     }))
 }
 
-/// Cutover: the map write, the flip round trip, and the first new connection on green, under
-/// load; errors, resets and moved connections over many flips.
-fn cutover(o: &Opts) -> anyhow::Result<Value> {
-    // The map write alone.
+/// The selector map write alone (bg's switch without its control path).
+fn map_write(o: &Opts) -> anyhow::Result<Value> {
     let object = std::fs::read(paths::ebpf_object())?;
     let mut dp = Dataplane::open(&object, &config(16, 1 << 16), None, Color::Blue)?;
     let n = if o.smoke { 1_000 } else { 100_000 };
     let mut writes: Vec<u64> = (0..n)
-        .map(|i| dp.route(if i % 2 == 0 { Color::Green } else { Color::Blue }, 0).unwrap().as_nanos() as u64)
-        .collect();
+        .map(|i| dp.route(if i % 2 == 0 { Color::Green } else { Color::Blue }, 0).map(|d| d.as_nanos() as u64))
+        .collect::<anyhow::Result<_>>()?;
     writes.sort();
-    drop(dp);
-
-    let t = Topology::create(&bg_tests::run::tag("bench"))?;
-    let _backends = t.start_backends()?;
-    let _agent = t.start_agent()?;
-    t.wait_healthy()?;
-    let flips = if o.smoke { 6 } else { 100 };
-    let stop = AtomicBool::new(false);
-    let resets_before = Topology::tcp_counter(&t.client, "EstabResets")?;
-    let mut round_trips = Vec::new();
-    let mut cli_round_trips = Vec::new();
-    let mut first_new = Vec::new();
-    let (answers, keepalive) = std::thread::scope(|s| -> anyhow::Result<_> {
-        // New connections back to back, each stamped with when its answer arrived.
-        let newconn = s.spawn(|| {
-            let _in = bg_tests::netns::InNetns::enter(&t.client).unwrap();
-            let mut seen: Vec<(Instant, Result<String, String>)> = Vec::new();
-            while !stop.load(Ordering::Relaxed) && seen.len() < 2_000_000 {
-                let r = http_get(SocketAddr::new(VIP.parse().unwrap(), VIP_PORT)).map_err(|e| format!("{e:#}"));
-                seen.push((Instant::now(), r));
-            }
-            seen
-        });
-        // Keep-alive connections opened on blue: every answer must stay blue.
-        let keep = s.spawn(|| {
-            let _in = bg_tests::netns::InNetns::enter(&t.client).unwrap();
-            network::keepalive_clients(SocketAddr::new(VIP.parse().unwrap(), VIP_PORT), 8, &stop)
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        for i in 0..flips {
-            let color = if i % 2 == 0 { "green" } else { "blue" };
-            let req = control::Request::Flip { color: color.into(), drain_secs: None, percent: None, force: false };
-            let start = Instant::now();
-            let r = control::call(&t.socket(), &req)?;
-            let returned = Instant::now();
-            anyhow::ensure!(matches!(r, control::Response::Flipped(_)), "flip failed: {r:?}");
-            round_trips.push((returned - start).as_nanos() as u64);
-            first_new.push((returned, color));
-            std::thread::sleep(Duration::from_millis(if o.smoke { 150 } else { 200 }));
-        }
-        // The CLI itself (process start included), a few times.
-        for i in 0..if o.smoke { 2 } else { 10 } {
-            let color = if (flips + i) % 2 == 0 { "green" } else { "blue" };
-            let start = Instant::now();
-            t.bgctl(&["flip", color])?;
-            cli_round_trips.push(start.elapsed().as_nanos() as u64);
-            first_new.push((Instant::now(), color));
-            std::thread::sleep(Duration::from_millis(150));
-        }
-        stop.store(true, Ordering::Relaxed);
-        Ok((newconn.join().unwrap(), keep.join().unwrap()))
-    })?;
-    let resets = Topology::tcp_counter(&t.client, "EstabResets")? - resets_before;
-    // For each flip: the first answer from the new color among answers after it returned.
-    let mut to_green = Vec::new();
-    for (returned, color) in &first_new {
-        if let Some((at, _)) = answers.iter().find(|(at, r)| at > returned && r.as_deref() == Ok(*color)) {
-            to_green.push(at.duration_since(*returned).as_nanos() as u64);
-        }
-    }
-    to_green.sort();
-    round_trips.sort();
-    cli_round_trips.sort();
-    let errors = answers.iter().filter(|(_, r)| r.is_err()).count() + keepalive.errors;
-    let pct = |v: &[u64], p: f64| v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
-    eprintln!(
-        "bench: flip round trip p50 {} us, first new connection on the new color p50 {} us; {} requests, {errors} errors, {resets} resets, {} moved",
-        pct(&round_trips, 0.5) / 1000,
-        pct(&to_green, 0.5) / 1000,
-        answers.len() + keepalive.requests as usize,
-        keepalive.moved
-    );
-    Ok(json!({
-        "map_write_ns": {"p50": pct(&writes, 0.5), "p99": pct(&writes, 0.99), "n": writes.len()},
-        "flip_round_trip_ns": {"p50": pct(&round_trips, 0.5), "p99": pct(&round_trips, 0.99), "max": pct(&round_trips, 1.0), "n": round_trips.len()},
-        "cli_round_trip_ns": {"p50": pct(&cli_round_trips, 0.5), "max": pct(&cli_round_trips, 1.0), "n": cli_round_trips.len()},
-        "first_new_connection_after_return_ns": {"p50": pct(&to_green, 0.5), "p99": pct(&to_green, 0.99), "max": pct(&to_green, 1.0), "n": to_green.len()},
-        "flips_under_load": flips,
-        "requests": answers.len() as u64 + keepalive.requests,
-        "errors": errors,
-        "resets": resets,
-        "moved_connections": keepalive.moved,
-    }))
+    Ok(json!({"p50": report::pct(&writes, 0.5), "p99": report::pct(&writes, 0.99), "n": writes.len()}))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -268,13 +268,13 @@ fn main() -> anyhow::Result<()> {
         match a.as_str() {
             "--smoke" => o.smoke = true,
             "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
-            "--only" => o.only = Some(args.next().context("--only needs a section: packet, cutover, cutover_others, network")?),
+            "--only" => o.only = Some(args.next().context("--only needs a section: packet, map_write, cutover, network")?),
             // Rewrites the report from a results.json without measuring anything.
             "--report" => {
                 let path = PathBuf::from(args.next().context("--report needs a results.json")?);
                 let all: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
                 std::fs::create_dir_all(&o.out)?;
-                std::fs::write(o.out.join("BENCHMARKS.md"), network::markdown(&all))?;
+                std::fs::write(o.out.join("BENCHMARKS.md"), report::markdown(&all))?;
                 println!("bench: report written to {}", o.out.join("BENCHMARKS.md").display());
                 return Ok(());
             }
@@ -299,8 +299,8 @@ fn main() -> anyhow::Result<()> {
         results.insert(name, v);
     };
     section("packet", &|| packet_cost(&o));
-    section("cutover", &|| cutover(&o));
-    section("cutover_others", &|| network::cutover_others(o.smoke));
+    section("map_write", &|| map_write(&o));
+    section("cutover", &|| network::cutover(o.smoke));
     section("network", &|| network::throughput(o.smoke));
     let meta = json!({
         "date": humantime::format_rfc3339_seconds(started).to_string(),
@@ -312,13 +312,13 @@ fn main() -> anyhow::Result<()> {
     let path = o.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("bench: results in {}", path.display());
-    let md = network::markdown(&all);
+    let md = report::markdown(&all);
     std::fs::write(o.out.join("BENCHMARKS.md"), md)?;
     // Errors, resets, moved connections and SYN retransmits are correctness, not noise: the
     // smoke run (CI) fails on any of them; a full run reports them next to the figures.
-    let violations = network::violations(&all);
+    let violations = report::violations(&all);
     let verdict = if failed.is_empty() && violations.is_empty() {
-        "every section ran; 0 errors, 0 resets, 0 moved connections, 0 SYN retransmits".to_owned()
+        "every section ran; 0 errors, 0 resets, 0 moved connections, 0 SYN retransmits, 0 listen drops".to_owned()
     } else {
         let mut v = violations.clone();
         v.extend(failed.iter().map(|f| format!("section {f} failed")));
