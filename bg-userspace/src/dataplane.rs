@@ -713,6 +713,21 @@ impl Dataplane {
         Ok(self.ebpf.program("bg_floor").expect("just loaded").try_into()?)
     }
 
+    /// Attaches the program, or the floor program, to `iface` in native mode, unpinned (it is
+    /// detached when this data plane is dropped). For the benchmark: BPF_PROG_TEST_RUN of an
+    /// XDP program that the kernel's XDP dispatcher does not already hold swaps it in and out
+    /// of the dispatcher on every call, and each swap waits for an RCU grace period, which
+    /// makes a run of many single test runs take minutes.
+    pub fn attach_for_bench(&mut self, iface: &str, floor: bool) -> anyhow::Result<()> {
+        if floor {
+            self.floor_program()?;
+        }
+        let name = if floor { "bg_floor" } else { PROGRAM };
+        let prog: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("the XDP object has no program `{name}`"))?.try_into()?;
+        prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching {name} to {iface}"))?;
+        Ok(())
+    }
+
     /// Writes one flow-table entry directly.
     pub fn insert_flow(&mut self, key: &FlowKey, entry: &NatEntry) -> anyhow::Result<()> {
         let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;

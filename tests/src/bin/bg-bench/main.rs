@@ -136,7 +136,9 @@ fn syns(n: usize) -> Vec<Vec<u8>> {
 
 /// The namespace the packet benchmarks run in: one route (default, via a neighbour that is
 /// resolved) so that `bpf_fib_lookup` succeeds for every address and the program takes its
-/// whole default path, up to and including `bpf_redirect`.
+/// whole default path, up to and including `bpf_redirect`; and interfaces the timed programs
+/// are attached to (`xa0`, `xf0`, `xk0`), which keeps them in the kernel's XDP dispatcher (see
+/// `Dataplane::attach_for_bench`). No packet ever arrives on those.
 fn packet_netns() -> anyhow::Result<bg_tests::netns::Netns> {
     let ns = bg_tests::netns::Netns::new(&bg_tests::run::tag("pkt"))?;
     for cmd in [
@@ -146,6 +148,9 @@ fn packet_netns() -> anyhow::Result<bg_tests::netns::Netns> {
         "ip link set bench1 up",
         "ip neigh replace 10.9.0.2 lladdr 02:00:00:00:00:bb dev bench0 nud permanent",
         "ip route add default via 10.9.0.2 dev bench0",
+        "ip link add xa0 type veth peer name xa1",
+        "ip link add xf0 type veth peer name xf1",
+        "ip link add xk0 type veth peer name xk1",
         "sysctl -q -w net.ipv4.conf.all.forwarding=1",
         "sysctl -q -w net.ipv4.conf.lo.forwarding=1",
     ] {
@@ -172,6 +177,8 @@ fn packet_cost(o: &Opts) -> anyhow::Result<Value> {
     let blue: SocketAddrV4 = "10.1.0.2:8080".parse()?;
 
     let mut dp = Dataplane::open(&object, &config(1, 1 << 16), None, Color::Blue)?;
+    dp.attach_for_bench("xa0", false)?;
+    dp.attach_for_bench("xf0", true)?;
     // Paced below the per-CPU share of the default bound, whichever CPU a run lands on.
     let pace = (config(1, 1 << 16).max_new_flows_per_sec as u64 / cpus) * 8 / 10;
     let floor_pkt = packet::Pkt::tcp(client0, "10.9.9.9:80".parse()?, TCP_ACK).ttl(255).build();
@@ -192,6 +199,7 @@ fn packet_cost(o: &Opts) -> anyhow::Result<Value> {
     // what the redirect's own share of the figure is.
     let established_kernel = {
         let mut k = Dataplane::open(&object, &config_with(1, 1 << 16, "kernel"), None, Color::Blue)?;
+        k.attach_for_bench("xk0", false)?;
         k.insert_flow(&key(client0, vip), &entry(vip, NAT_TO_BACKEND))?;
         per_run(k.program(), &established_pkt, REPEAT, batches, XDP_PASS, "established, kernel forwarding")?
     };
@@ -212,6 +220,7 @@ fn packet_cost(o: &Opts) -> anyhow::Result<Value> {
     let mut by_table = Vec::new();
     for &size in sizes {
         let mut dp = Dataplane::open(&object, &config(1, size), None, Color::Blue)?;
+        dp.attach_for_bench("xa0", false)?;
         let flows = size as usize / 2;
         for i in 0..flows {
             let c = client(i);
@@ -234,7 +243,8 @@ fn packet_cost(o: &Opts) -> anyhow::Result<Value> {
     }
     let mut by_backends = Vec::new();
     for b in [1usize, 16, 256] {
-        let dp = Dataplane::open(&object, &config(b, 1 << 16), None, Color::Blue)?;
+        let mut dp = Dataplane::open(&object, &config(b, 1 << 16), None, Color::Blue)?;
+        dp.attach_for_bench("xa0", false)?;
         let ns = single_runs(dp.program(), &syns(new_flows), pace, XDP_REDIRECT, "new flow")?;
         eprintln!("bench: new flow with {b} backends per color: {ns:.1} ns");
         by_backends.push(json!({"backends": b, "new_flow_ns": ns}));
