@@ -372,6 +372,7 @@ impl State {
             self.flip(prev, None, None, force, who, reason, "rollback")?
         };
         self.rollbacks_total += 1;
+        // A rollback, manual or automatic, opens no watch window: no back-and-forth.
         self.watch = None;
         Ok(result)
     }
@@ -403,11 +404,8 @@ impl State {
         }
         warn!("{why}");
         match self.rollback(false, Actor::Agent, &why) {
-            Ok(_) => {
-                self.auto_rollbacks_total += 1;
-                // No back-and-forth: the rollback opens no new watch window.
-                self.watch = None;
-            }
+            // No back-and-forth: `rollback` closes the watch window its flip opened.
+            Ok(_) => self.auto_rollbacks_total += 1,
             Err(e) => error!(error = %e, "automatic rollback failed"),
         }
     }
