@@ -336,6 +336,28 @@ pub struct ColorStats {
     pub new_flows: u64,
 }
 
+/// What bg knows about an egress interface (`EGRESS[ifindex]`): whether `XDP_REDIRECT` into it
+/// works, learned from the agent's probe and from the `xdp:xdp_redirect_err` tracepoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EgressState {
+    /// `EGRESS_*`.
+    pub flags: u32,
+    /// The last redirect error into this interface (a negative errno, e.g. -95 EOPNOTSUPP when
+    /// a veth's peer has neither GRO nor an XDP program).
+    pub last_err: i32,
+    /// Redirects into this interface that failed (each one a frame the driver dropped).
+    pub errors: u64,
+}
+
+/// Redirects into this egress fail: its packets take the kernel path (`XDP_PASS`) instead.
+pub const EGRESS_NO_REDIRECT: u32 = 1;
+/// Entries of the `EGRESS` map: interfaces bg has seen as a redirect target.
+pub const MAX_EGRESS: u32 = 1024;
+/// The probe frame's EtherType (IEEE 802 local experimental 1): nobody handles it, so a probe
+/// that does reach a peer is dropped there.
+pub const PROBE_ETHERTYPE: u16 = 0x88b5;
+
 /// Why the program returned what it returned: the index of the per-CPU `STATS` map and the
 /// words `bgctl stats` prints (Cilium's drop reasons idea). Every packet counts exactly one.
 /// Append only; never renumber.
@@ -497,10 +519,14 @@ pub enum Fwd {
     TooBigAnswered = 7,
     /// Same, but the answer could not be built (the frame could not be resized): dropped.
     TooBigDropped = 8,
+    /// Route and neighbour found, but redirects into that egress fail (a veth whose peer has
+    /// neither GRO nor an XDP program, a device without XDP transmit): `XDP_PASS`, the kernel
+    /// forwards it.
+    KernelNoRedirect = 9,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Fwd; Fwd::COUNT as usize] = [
         Fwd::Redirect,
         Fwd::Kernel,
@@ -511,6 +537,7 @@ impl Fwd {
         Fwd::FlowsCreated,
         Fwd::TooBigAnswered,
         Fwd::TooBigDropped,
+        Fwd::KernelNoRedirect,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -524,6 +551,7 @@ impl Fwd {
             Fwd::FlowsCreated => "flow_entries_created",
             Fwd::TooBigAnswered => "fwd_too_big_answered",
             Fwd::TooBigDropped => "fwd_too_big_dropped",
+            Fwd::KernelNoRedirect => "fwd_kernel_no_redirect",
         }
     }
 }
@@ -543,6 +571,7 @@ mod user {
     unsafe impl aya::Pod for VipAddr {}
     unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for ColorStats {}
+    unsafe impl aya::Pod for EgressState {}
 }
 
 #[cfg(test)]

@@ -16,8 +16,10 @@ pub const MAP_FWD_STATS: &str = "BG_FWD_STATS_V2";
 pub const MAP_COLOR_STATS: &str = "BG_COLOR_STATS_V1";
 pub const MAP_RATE: &str = "BG_RATE_V1";
 pub const MAP_ADDR_FILTER: &str = "BG_ADDR_FILTER_V1";
+pub const MAP_EGRESS: &str = "BG_EGRESS_V1";
+pub const MAP_PROG_IDS: &str = "BG_PROG_IDS_V1";
 /// Every map, in pin order.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_SERVICES,
@@ -30,6 +32,13 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_COLOR_STATS,
     MAP_RATE,
     MAP_ADDR_FILTER,
+    MAP_EGRESS,
+    MAP_PROG_IDS,
 ];
 /// The XDP program's name in the object.
 pub const PROGRAM: &str = "bg_xdp";
+/// The XDP program the agent runs (BPF_PROG_TEST_RUN, live frames) to learn whether redirects
+/// into an interface work; never attached.
+pub const PROBE_PROGRAM: &str = "bg_probe";
+/// The tracepoint program on `xdp:xdp_redirect_err` that marks an egress whose redirects fail.
+pub const REDIRECT_ERR_PROGRAM: &str = "bg_redirect_err";

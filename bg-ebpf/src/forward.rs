@@ -95,6 +95,7 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
         return (xdp_action::XDP_PASS, Fwd::Kernel);
     }
     match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS if crate::egress::no_redirect(p.ifindex) => (xdp_action::XDP_PASS, Fwd::KernelNoRedirect),
         BPF_FIB_LKUP_RET_SUCCESS => {
             decrement_ttl(out.l3, out.family);
             unsafe {

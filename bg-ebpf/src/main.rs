@@ -8,6 +8,7 @@
 #![no_main]
 
 mod decide;
+mod egress;
 mod forward;
 mod icmp;
 mod maps;
@@ -15,7 +16,11 @@ mod parse;
 mod pmtu;
 mod rewrite;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{tracepoint, xdp},
+    programs::{TracePointContext, XdpContext},
+};
 use bg_common::{Fwd, Reason};
 
 use crate::{
@@ -74,6 +79,18 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bg_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The agent's redirect probe (see `egress`). Never attached; run with BPF_PROG_TEST_RUN.
+#[xdp]
+pub fn bg_probe(ctx: XdpContext) -> u32 {
+    egress::probe(&ctx)
+}
+
+/// On `xdp:xdp_redirect_err`: marks egress interfaces whose redirects fail (see `egress`).
+#[tracepoint]
+pub fn bg_redirect_err(ctx: TracePointContext) -> u32 {
+    egress::redirect_err(&ctx)
 }
 
 /// Counts the reason of a packet that was not rewritten and returns its action: drop for the

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, FlowKey, NatEntry, RateWindow, Selector,
-    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
+    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, EgressState, FlowKey, NatEntry, RateWindow, Selector,
+    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_EGRESS, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
 };
 
 /// Settings written once by the agent before attaching (timeouts, rate bound, flags).
@@ -62,3 +62,13 @@ pub static BG_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1
 /// neither bit skip the flow and service lookups.
 #[map]
 pub static BG_ADDR_FILTER_V1: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
+
+/// Egress interfaces by ifindex: whether redirects into them work (`EgressState`). Written by
+/// the agent (probe results) and by the `bg_redirect_err` tracepoint program.
+#[map]
+pub static BG_EGRESS_V1: HashMap<u32, EgressState> = HashMap::with_max_entries(MAX_EGRESS, 0);
+
+/// The ids of this agent's `bg_xdp` and `bg_probe` programs: the tracepoint program counts only
+/// their redirect errors (the tracepoint fires for every XDP program on the host).
+#[map]
+pub static BG_PROG_IDS_V1: Array<u32> = Array::with_max_entries(2, 0);

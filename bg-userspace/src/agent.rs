@@ -28,7 +28,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{parse_color, Config},
+    config::{parse_color, Config, Forwarding},
     control::{
         BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, Request, Response, ServiceStatus, Status,
         WatchStatus, MAX_LINE,
@@ -40,6 +40,8 @@ use crate::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Agent ticks (100 ms) between re-probes of the egress interfaces whose redirects failed.
+const REPROBE_TICKS: u64 = 50;
 
 /// Who asked for an action.
 #[derive(Clone, Copy, Debug)]
@@ -253,6 +255,19 @@ impl State {
         self.store.save_in_background(p);
     }
 
+    /// Probes the egresses marked as failing again; a fixed one (GRO turned on at the peer,
+    /// say) gets redirects back.
+    fn reprobe(&mut self) {
+        match self.dp.reprobe_failing() {
+            Ok(fixed) => {
+                for i in fixed {
+                    info!(ifindex = i, "XDP_REDIRECT into this interface works again; its packets leave by redirect");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "re-probing egress interfaces failed"),
+        }
+    }
+
     /// Republishes a color whose effective weights changed (a backend went down or came back).
     fn apply_health(&mut self) {
         for color in Color::ALL {
@@ -432,6 +447,18 @@ impl State {
         }
     }
 
+    /// How packets leave by each interface, and why.
+    pub fn egress(&self) -> anyhow::Result<Vec<crate::dataplane::Egress>> {
+        let mut e = self.dp.egresses(&self.config.interfaces)?;
+        if self.config.forwarding == Forwarding::Kernel {
+            for x in &mut e {
+                x.path = "kernel".into();
+                x.why = "forwarding = \"kernel\" in the config".into();
+            }
+        }
+        Ok(e)
+    }
+
     pub fn status(&self) -> anyhow::Result<Status> {
         let active = self.dp.active()?;
         let table = self.health.lock().unwrap().clone();
@@ -484,6 +511,7 @@ impl State {
                 .collect(),
             health: colors.to_vec(),
             interfaces: self.attachments.clone(),
+            egress: self.egress()?,
             flows: self.dp.flow_counts()?,
             flow_table_size: self.config.flow_table_size,
             pin_dir: self.config.pin_dir.display().to_string(),
@@ -502,6 +530,33 @@ impl State {
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
         })
+    }
+}
+
+/// Before the program is attached: watch for failed redirects and probe every interface, so
+/// an egress that cannot take redirects (a fresh veth pair: GRO off at the peer) goes through
+/// the kernel from the first packet on instead of dropping it. Without the watch (tracefs not
+/// available), every interface takes the kernel path: slower, never a blackhole.
+fn check_redirects(dp: &mut Dataplane, config: &Config) {
+    let ifindexes: Vec<(String, u32)> = config.interfaces.iter().map(|i| (i.clone(), crate::dataplane::ifindex(i))).collect();
+    if let Err(e) = dp.watch_redirects() {
+        warn!(error = %format!("{e:#}"), "cannot watch XDP redirects; every interface takes the kernel path (XDP_PASS)");
+        for (_, i) in &ifindexes {
+            let _ = dp.mark_no_redirect(*i);
+        }
+        return;
+    }
+    for (name, ifindex) in ifindexes {
+        match dp.probe_egress(ifindex) {
+            Ok(true) => info!(interface = %name, "XDP_REDIRECT into it works"),
+            Ok(false) => warn!(interface = %name,
+                "XDP_REDIRECT into it fails (for a veth: its peer needs GRO, `ethtool -K PEER gro on`, or an XDP program); \
+                 packets leaving by it take the kernel path (XDP_PASS), slower but delivered"),
+            Err(e) => {
+                warn!(interface = %name, error = %format!("{e:#}"), "redirect probe failed; this interface takes the kernel path");
+                let _ = dp.mark_no_redirect(ifindex);
+            }
+        }
     }
 }
 
@@ -543,6 +598,9 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         .and_then(|p| parse_color(&p.active))
         .unwrap_or(config.initial_color);
     let mut dp = Dataplane::open(object, &config, Some(&config.pin_dir), initial).map_err(undo)?;
+    if config.forwarding == Forwarding::Redirect {
+        check_redirects(&mut dp, &config);
+    }
     let attachments = dp.attach(&config.interfaces, config.xdp_mode, &config.pin_dir).map_err(undo)?;
     for a in &attachments {
         info!(interface = %a.interface, mode = %a.mode, "XDP program attached");
@@ -613,10 +671,15 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let mut st = state.lock().unwrap();
+                ticks += 1;
+                if ticks % REPROBE_TICKS == 0 && st.config.forwarding == Forwarding::Redirect {
+                    st.reprobe();
+                }
                 st.apply_health();
                 st.check_watch();
                 st.run_due_drain();

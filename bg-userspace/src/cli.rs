@@ -284,6 +284,10 @@ fn print_status(s: &Status) {
     }
     let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
     println!("interfaces: {}", ifs.join(", "));
+    for e in &s.egress {
+        let errors = if e.redirect_errors > 0 { format!(", {} failed redirects", e.redirect_errors) } else { String::new() };
+        println!("  out by {:<10} {:<8} {}{errors}", e.interface, e.path, e.why);
+    }
     println!("pinned: {}{}", s.pin_dir, if s.adopted { " (adopted from an earlier agent)" } else { "" });
 }
 

@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    dataplane::{Attachment, Counters, FlowCounts},
+    dataplane::{Attachment, Counters, Egress, FlowCounts},
     health::State as HealthState,
 };
 
@@ -119,6 +119,8 @@ pub struct Status {
     /// [blue, green].
     pub health: Vec<ColorHealth>,
     pub interfaces: Vec<Attachment>,
+    /// How packets leave by each interface bg knows: by redirect or through the kernel, and why.
+    pub egress: Vec<Egress>,
     pub flows: FlowCounts,
     pub flow_table_size: u32,
     pub pin_dir: String,

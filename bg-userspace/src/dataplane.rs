@@ -18,12 +18,14 @@ use bg_common::{
     maglev,
     pin::{
         ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_FLOWS, MAP_FWD_STATS,
-        MAP_ADDR_FILTER, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS, PROGRAM,
+        MAP_ADDR_FILTER, MAP_EGRESS, MAP_PROG_IDS, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS,
+        PROBE_PROGRAM, PROGRAM, REDIRECT_ERR_PROGRAM,
     },
     addr_filter_bit, ADDR_FILTER_WORDS,
-    ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, FlowKey, Fwd, NatEntry,
+    ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowKey, Fwd, NatEntry,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
-    MAX_SERVICES, NAT_TO_BACKEND, RING_SIZE, SERVICE_PREVIEW, SLOTS, STAT_SLOTS,
+    EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, NAT_TO_BACKEND, PROBE_ETHERTYPE, RING_SIZE, SERVICE_PREVIEW, SLOTS,
+    STAT_SLOTS,
 };
 use bytemuck::Zeroable;
 use tracing::{info, warn};
@@ -49,6 +51,21 @@ pub fn require_embedded_object() -> anyhow::Result<&'static [u8]> {
              (which runs `cargo xtask build-ebpf` first)"
         )
     })
+}
+
+/// Runs a program load again when the verifier was interrupted: it gives up with EAGAIN when a
+/// signal is pending for the loading thread (libbpf retries the same way, up to 5 times).
+fn retry_interrupted(mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>) -> Result<(), aya::programs::ProgramError> {
+    let mut attempt = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 4 => {
+                attempt += 1;
+                warn!(attempt, "the kernel verifier was interrupted (EAGAIN); loading again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How long a slot that stopped being selectable waits before it is rewritten. XDP programs
@@ -156,6 +173,8 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
         MAP_RATE => (MapType::PerCpuArray, 4, size_of::<RateWindow>() as u32, 1),
         MAP_ADDR_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),
+        MAP_EGRESS => (MapType::Hash, 4, size_of::<EgressState>() as u32, MAX_EGRESS),
+        MAP_PROG_IDS => (MapType::Array, 4, 4, 2),
         other => unreachable!("unknown map {other}"),
     }
 }
@@ -295,7 +314,7 @@ impl Dataplane {
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("the XDP object has no program `{PROGRAM}`"))?
             .try_into()?;
-        prog.load().context("the kernel verifier rejected the bg XDP program")?;
+        retry_interrupted(|| prog.load()).context("the kernel verifier rejected the bg XDP program")?;
         let mut dp = Dataplane {
             ebpf,
             services: config.services.clone(),
@@ -698,6 +717,172 @@ impl Dataplane {
     }
 }
 
+/// What bg knows about one egress interface.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Egress {
+    pub interface: String,
+    pub ifindex: u32,
+    /// "redirect" (XDP_REDIRECT after the FIB lookup) or "kernel" (XDP_PASS: the kernel
+    /// forwards).
+    pub path: String,
+    /// Why, in words.
+    pub why: String,
+    /// Redirects into it that failed, since the data plane was created.
+    pub redirect_errors: u64,
+}
+
+fn errno_name(e: i32) -> String {
+    match -e {
+        95 => "EOPNOTSUPP: the device cannot transmit XDP frames; for a veth, its peer has neither GRO nor an XDP program".into(),
+        6 => "ENXIO: the device's peer is not ready".into(),
+        100 => "ENETDOWN: the device is down".into(),
+        19 => "ENODEV: no such device".into(),
+        n => format!("errno {n}"),
+    }
+}
+
+/// Interface name of an ifindex in this network namespace, if it has one.
+fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The ifindex of an interface name in this network namespace (0: none).
+pub fn ifindex(name: &str) -> u32 {
+    match std::ffi::CString::new(name) {
+        // SAFETY: a NUL-terminated name.
+        Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
+        Err(_) => 0,
+    }
+}
+
+/// Redirect targets: the `xdp:xdp_redirect_err` watch and the probe.
+impl Dataplane {
+    /// Loads the probe and attaches the tracepoint program that marks egress interfaces whose
+    /// redirects fail (mounting tracefs when it is not), and tells it this data plane's program
+    /// ids. The tracepoint lives as long as this data plane (the agent): while no agent runs,
+    /// the marks already made keep applying, but new failures are not seen.
+    pub fn watch_redirects(&mut self) -> anyhow::Result<()> {
+        use aya::programs::TracePoint;
+        if !Path::new(TRACEFS).join("events").exists() {
+            nix::mount::mount(Some("tracefs"), TRACEFS, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+                .with_context(|| format!("mounting tracefs at {TRACEFS} (needed to watch failed XDP redirects)"))?;
+        }
+        let probe: &mut Xdp = self.ebpf.program_mut(PROBE_PROGRAM).ok_or_else(|| anyhow!("the object has no `{PROBE_PROGRAM}`"))?.try_into()?;
+        retry_interrupted(|| probe.load()).context("loading the redirect probe")?;
+        let probe_id = probe.info()?.id();
+        let main_id = self.program().info()?.id();
+        let tp: &mut TracePoint =
+            self.ebpf.program_mut(REDIRECT_ERR_PROGRAM).ok_or_else(|| anyhow!("the object has no `{REDIRECT_ERR_PROGRAM}`"))?.try_into()?;
+        retry_interrupted(|| tp.load()).context("loading the redirect-error tracepoint program")?;
+        tp.attach("xdp", "xdp_redirect_err").context("attaching to the xdp:xdp_redirect_err tracepoint")?;
+        let mut ids: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_PROG_IDS)?)?;
+        ids.set(0, main_id, 0)?;
+        ids.set(1, probe_id, 0)?;
+        Ok(())
+    }
+
+    fn egress_state(&self, ifindex: u32) -> anyhow::Result<Option<EgressState>> {
+        let map: HashMap<&MapData, u32, EgressState> = HashMap::try_from(self.map(MAP_EGRESS)?)?;
+        match map.get(&ifindex, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends one probe frame into `ifindex` through the XDP redirect path (BPF_PROG_TEST_RUN,
+    /// live frames: the frame really leaves) and records whether the redirect worked: an egress
+    /// whose redirect fails is marked, one whose redirect works is cleared. Needs
+    /// `watch_redirects` first. The frame (EtherType 0x88b5, to a locally administered address
+    /// no host has) is dropped by whatever receives it.
+    pub fn probe_egress(&mut self, ifindex: u32) -> anyhow::Result<bool> {
+        use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+        let before = self.egress_state(ifindex)?.map(|e| e.errors).unwrap_or(0);
+        let mut frame = vec![0x02, 0x62, 0x67, 0, 0, 0x01, 0x02, 0x62, 0x67, 0, 0, 0x02];
+        frame.extend_from_slice(&PROBE_ETHERTYPE.to_be_bytes());
+        frame.extend_from_slice(&ifindex.to_ne_bytes());
+        frame.resize(60, 0);
+        let probe: &Xdp = self.ebpf.program(PROBE_PROGRAM).ok_or_else(|| anyhow!("no `{PROBE_PROGRAM}`"))?.try_into()?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
+        probe.test_run(opts).context("running the redirect probe")?;
+        let after = self.egress_state(ifindex)?;
+        let works = after.map(|e| e.errors).unwrap_or(0) == before;
+        let mut map: HashMap<&mut MapData, u32, EgressState> = HashMap::try_from(self.map_mut(MAP_EGRESS)?)?;
+        let mut e = after.unwrap_or_default();
+        if works {
+            e.flags &= !EGRESS_NO_REDIRECT;
+        } else {
+            e.flags |= EGRESS_NO_REDIRECT;
+        }
+        map.insert(ifindex, e, 0).context("recording the probe's verdict")?;
+        Ok(works)
+    }
+
+    /// Every egress bg knows about: the given interfaces (those it is attached to) and any
+    /// other the tracepoint marked.
+    pub fn egresses(&self, interfaces: &[String]) -> anyhow::Result<Vec<Egress>> {
+        let map: HashMap<&MapData, u32, EgressState> = HashMap::try_from(self.map(MAP_EGRESS)?)?;
+        let mut known: Vec<(u32, EgressState)> = map.iter().filter_map(|r| r.ok()).collect();
+        for iface in interfaces {
+            let ifindex = ifindex(iface);
+            if ifindex != 0 && !known.iter().any(|(i, _)| *i == ifindex) {
+                known.push((ifindex, EgressState::default()));
+            }
+        }
+        known.sort_by_key(|(i, _)| *i);
+        Ok(known
+            .into_iter()
+            .map(|(ifindex, e)| {
+                let (path, why) = if e.flags & EGRESS_NO_REDIRECT != 0 {
+                    ("kernel", format!("redirects into it fail ({})", errno_name(e.last_err)))
+                } else {
+                    ("redirect", "redirects into it work".to_owned())
+                };
+                Egress {
+                    interface: ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+                    ifindex,
+                    path: path.into(),
+                    why,
+                    redirect_errors: e.errors,
+                }
+            })
+            .collect())
+    }
+
+    /// Sends `ifindex`'s packets through the kernel path from now on.
+    pub fn mark_no_redirect(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        let mut e = self.egress_state(ifindex)?.unwrap_or_default();
+        e.flags |= EGRESS_NO_REDIRECT;
+        let mut map: HashMap<&mut MapData, u32, EgressState> = HashMap::try_from(self.map_mut(MAP_EGRESS)?)?;
+        map.insert(ifindex, e, 0).context("marking an egress interface")?;
+        Ok(())
+    }
+
+    /// Probes every egress marked as failing again; returns the ones that work now.
+    pub fn reprobe_failing(&mut self) -> anyhow::Result<Vec<u32>> {
+        let map: HashMap<&MapData, u32, EgressState> = HashMap::try_from(self.map(MAP_EGRESS)?)?;
+        let failing: Vec<u32> = map.iter().filter_map(|r| r.ok()).filter(|(_, e)| e.flags & EGRESS_NO_REDIRECT != 0).map(|(i, _)| i).collect();
+        let mut fixed = Vec::new();
+        for i in failing {
+            if self.probe_egress(i)? {
+                fixed.push(i);
+            }
+        }
+        Ok(fixed)
+    }
+}
+
 /// Hooks for `cargo xtask bench`: the floor program and direct flow-table writes.
 impl Dataplane {
     /// The trivial XDP_PASS program of the same object, loaded on first use.
@@ -708,7 +893,7 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("the XDP object has no program `bg_floor`"))?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()?;
+            retry_interrupted(|| prog.load())?;
         }
         Ok(self.ebpf.program("bg_floor").expect("just loaded").try_into()?)
     }

@@ -70,6 +70,11 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     family(&mut out, "bg_xdp_packets_total", "counter", "Packets by the XDP program's reason.", &reasons);
     let fwd: Vec<_> = counters.forwarding.iter().map(|(r, n)| (vec![("outcome", r.clone())], *n as f64)).collect();
     family(&mut out, "bg_forwarding_total", "counter", "Rewritten packets by forwarding outcome; flow entries created/removed.", &fwd);
+    let egress = st.egress()?;
+    let path: Vec<_> = egress.iter().map(|e| (vec![("interface", e.interface.clone())], (e.path == "redirect") as u8 as f64)).collect();
+    family(&mut out, "bg_egress_redirect", "gauge", "1 when packets leaving by this interface use XDP_REDIRECT, 0 when they go through the kernel.", &path);
+    let errs: Vec<_> = egress.iter().map(|e| (vec![("interface", e.interface.clone())], e.redirect_errors as f64)).collect();
+    family(&mut out, "bg_redirect_errors_total", "counter", "XDP redirects into this interface that failed (xdp:xdp_redirect_err).", &errs);
     let table = st.health.lock().unwrap().clone();
     let mut up = Vec::new();
     for s in &st.config.services {

@@ -106,8 +106,15 @@ fn sysctl(ns: &Netns, kv: &str) -> anyhow::Result<()> {
 }
 
 impl Topology {
-    /// Builds the namespaces and links. `tag` must be unique among live topologies.
+    /// Builds the namespaces and links. `tag` must be unique among live topologies. The hosts'
+    /// ends have GRO on, so native-mode XDP_REDIRECT can deliver into them.
     pub fn create(tag: &str) -> anyhow::Result<Topology> {
+        Self::create_with(tag, true)
+    }
+
+    /// `create`, with the hosts' veth ends left as they come up (`gro: false`: GRO off, so
+    /// nothing can be redirected into them), as in a container setup nobody tuned.
+    pub fn create_with(tag: &str, gro: bool) -> anyhow::Result<Topology> {
         let run_dir = PathBuf::from(format!("/run/bg-test/{tag}"));
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let t = Topology {
@@ -134,7 +141,7 @@ impl Topology {
             host.exec(&["ip", "-6", "route", "add", "default", "via", gw6])?;
             // Full checksums on the wire, so a wrong rewrite cannot hide behind CHECKSUM_PARTIAL.
             // GRO on the receiving end lets native-mode XDP_REDIRECT deliver into this veth.
-            host.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
+            host.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", if gro { "on" } else { "off" }])?;
             t.gw.exec(&["ethtool", "-K", gw_if, "tx", "off"])?;
         }
         sysctl(&t.gw, "net.ipv4.ip_forward=1")?;

@@ -416,6 +416,8 @@ fn metrics_are_served_on_loopback() {
         "bg_backend_up{service=\"web\",color=\"green\",backend=\"10.2.0.2:8080\"} 1",
         "bg_flow_table_size 16384",
         "bg_rollbacks_total{kind=\"automatic\"} 0",
+        "bg_egress_redirect{interface=\"gw-b\"} 1",
+        "bg_redirect_errors_total{interface=\"gw-b\"} 0",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
     }
@@ -437,6 +439,8 @@ fn metrics_are_served_on_loopback() {
         ("bg_flow_table_evictions_total", "counter"),
         ("bg_xdp_packets_total", "counter"),
         ("bg_forwarding_total", "counter"),
+        ("bg_egress_redirect", "gauge"),
+        ("bg_redirect_errors_total", "counter"),
     ] {
         assert!(text.contains(&format!("# TYPE {family} {kind}\n")), "missing family {family} ({kind}) in:\n{text}");
     }

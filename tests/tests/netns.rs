@@ -38,6 +38,12 @@ fn http_get_follows_flip_and_rollback_with_no_checksum_errors() {
     for iface in ["gw-c", "gw-b", "gw-g"] {
         assert!(xdp_attached(&t, iface), "XDP attached to {iface}");
     }
+    // GRO on at every peer: the probe found redirects working everywhere.
+    let s = status_json(&t);
+    let paths: Vec<(&str, &str)> = s["egress"].as_array().unwrap().iter().map(|e| (e["interface"].as_str().unwrap(), e["path"].as_str().unwrap())).collect();
+    for iface in ["gw-c", "gw-b", "gw-g"] {
+        assert!(paths.contains(&(iface, "redirect")), "{iface} leaves by redirect: {paths:?}");
+    }
 
     for _ in 0..3 {
         assert_eq!(t.get_vip().expect("GET via VIP"), "blue", "blue answers before the flip");
@@ -409,4 +415,63 @@ fn path_mtu_discovery_works_through_the_vip_both_ways() {
     let route = t.blue.exec(&["ip", "route", "get", CLIENT]).unwrap();
     assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1280"), "blue's route cache to the client: {}", String::from_utf8_lossy(&route.stdout));
     assert_eq!(t.csum_errors().unwrap(), 0, "no checksum errors");
+}
+
+/// The default config on a topology whose veth peers are as they come up (GRO off: nothing can
+/// be redirected into them). bg must not blackhole: the probe at start sees that redirects into
+/// each interface fail, so every packet takes the kernel path from the first one on, and status
+/// says so per interface. When GRO is turned on at blue's end, the agent's re-probe gives that
+/// interface redirects back.
+#[test]
+fn plain_veth_pairs_with_gro_off_carry_traffic_through_the_kernel_path() {
+    let t = Topology::create_with(&tag(), false).expect("topology");
+    let config = t.config();
+    assert!(!config.contains("forwarding"), "the default forwarding (redirect)");
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
+    let fwd = |t: &Topology, name: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&t.bgctl(&["stats", "--json"]).unwrap().stdout).unwrap();
+        v["forwarding"].as_array().unwrap().iter().find(|r| r[0] == name).unwrap_or_else(|| panic!("{name} counted"))[1].as_u64().unwrap()
+    };
+    let egress = |t: &Topology, iface: &str| -> serde_json::Value {
+        status_json(t)["egress"].as_array().unwrap().iter().find(|e| e["interface"] == iface).unwrap_or_else(|| panic!("{iface} in status")).clone()
+    };
+    for iface in ["gw-c", "gw-b", "gw-g"] {
+        let e = egress(&t, iface);
+        assert_eq!(e["path"], "kernel", "{iface}: {e}");
+        assert!(e["why"].as_str().unwrap().contains("EOPNOTSUPP"), "{iface}: the reason is named: {e}");
+    }
+    // Every request answered at once (no SYN retransmit): nothing was lost to a redirect.
+    let syn_before = t.client.counter("netstat", "TcpExt", "TCPSynRetrans").unwrap();
+    for _ in 0..20 {
+        assert_eq!(t.get_vip().unwrap(), "blue");
+    }
+    t.bgctl(&["flip", "green"]).unwrap();
+    for _ in 0..20 {
+        assert_eq!(t.get_vip().unwrap(), "green");
+    }
+    assert_eq!(t.client.counter("netstat", "TcpExt", "TCPSynRetrans").unwrap(), syn_before, "no SYN needed a retransmit");
+    assert_eq!(fwd(&t, "fwd_redirect"), 0, "no redirect into an interface that cannot take it");
+    assert!(fwd(&t, "fwd_kernel_no_redirect") >= 40 * 4, "every packet took the kernel path");
+    for iface in ["gw-c", "gw-b", "gw-g"] {
+        assert_eq!(egress(&t, iface)["redirect_errors"], 1, "{iface}: only the probe's redirect failed");
+    }
+    let text = String::from_utf8_lossy(&t.bgctl(&["status"]).unwrap().stdout).into_owned();
+    assert!(text.contains("out by gw-b") && text.contains("kernel"), "{text}");
+
+    // GRO on at green's end: within a re-probe (5 s), packets to green leave by redirect.
+    t.green.exec(&["ethtool", "-K", "eth0", "gro", "on"]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while egress(&t, "gw-g")["path"] != "redirect" {
+        assert!(std::time::Instant::now() < deadline, "gw-g never got redirects back: {}", egress(&t, "gw-g"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let redirected = fwd(&t, "fwd_redirect");
+    for _ in 0..10 {
+        assert_eq!(t.get_vip().unwrap(), "green");
+    }
+    assert!(fwd(&t, "fwd_redirect") >= redirected + 10, "requests to green are redirected now");
+    assert_eq!(egress(&t, "gw-c")["path"], "kernel", "the client's end still has GRO off");
+    assert_eq!(t.csum_errors().unwrap(), 0);
 }
