@@ -150,7 +150,8 @@ pub const DP_FLAG_REDIRECT: u32 = 1;
 pub struct DpConfig {
     /// Number of services; Maglev tables are laid out `(slot * services + service) * RING_SIZE`.
     pub services: u32,
-    /// New flow entries per second per CPU before SYNs are dropped; 0 = unlimited.
+    /// New flow entries per second, for the whole gateway (one budget shared by every CPU),
+    /// before new flows are dropped; 0 = unlimited.
     pub new_flows_per_sec: u32,
     /// A UDP flow idle this long is over: its next packet starts a new flow.
     pub udp_idle_ns: u64,
@@ -319,11 +320,14 @@ impl NatEntry {
     }
 }
 
-/// Per-CPU state of the new-flow rate bound.
+/// The new-flow rate bound's window, one for the whole gateway (shared by every CPU, updated
+/// with atomics).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 pub struct RateWindow {
+    /// The second of the monotonic clock being counted (named `start_ns` in layout V1).
     pub start_ns: u64,
+    /// New flows admitted in that second.
     pub count: u64,
 }
 
@@ -417,6 +421,15 @@ pub enum Reason {
     /// IPv6 to a VIP with a routing header that still has segments left: the VIP is only a
     /// waypoint (and the L4 checksum covers the final destination): dropped.
     DropSourceRouted = 20,
+    /// Addressed to a VIP but to no service of it (another port, another protocol, ICMP echo,
+    /// an ICMP error about no flow bg has): dropped. The gateway does not own the VIP; passed,
+    /// the kernel would route it back out.
+    DropStray = 21,
+    /// To a VIP from a source no real client has (0/8, 127/8, multicast and reserved 224/3,
+    /// a VIP itself; IPv6 ::, ::1, ff00::/8, IPv4-mapped): dropped before it creates a flow.
+    DropMartian = 22,
+    /// IPv6 UDP to a VIP with checksum 0 (invalid in IPv6, RFC 8200 8.1): dropped.
+    DropUdp6NoChecksum = 23,
 }
 
 /// Entries of the per-CPU counter arrays (`STATS`, `FWD_STATS`): room for reasons and
@@ -424,7 +437,7 @@ pub enum Reason {
 pub const STAT_SLOTS: u32 = 64;
 
 impl Reason {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassVlan,
@@ -447,6 +460,9 @@ impl Reason {
         Reason::IcmpToBackend,
         Reason::IcmpToClient,
         Reason::DropSourceRouted,
+        Reason::DropStray,
+        Reason::DropMartian,
+        Reason::DropUdp6NoChecksum,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -472,6 +488,9 @@ impl Reason {
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::IcmpToClient => "icmp_to_client",
             Reason::DropSourceRouted => "drop_source_routed",
+            Reason::DropStray => "drop_stray",
+            Reason::DropMartian => "drop_martian",
+            Reason::DropUdp6NoChecksum => "drop_udp6_no_checksum",
         }
     }
 
@@ -486,6 +505,9 @@ impl Reason {
                 | Reason::DropMalformed
                 | Reason::DropFragment
                 | Reason::DropSourceRouted
+                | Reason::DropStray
+                | Reason::DropMartian
+                | Reason::DropUdp6NoChecksum
         )
     }
 }

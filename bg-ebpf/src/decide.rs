@@ -13,16 +13,16 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use bg_common::{
     addr_filter_bit, hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, ServiceInfo,
     VipKey, SERVICE_PREVIEW,
-    FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
-    PROTO_TCP, RING_SIZE,
+    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
+    PROTO_TCP, PROTO_UDP, RING_SIZE,
 };
 
 use crate::{
     maps::{
-        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V1, BG_RINGS_V1,
+        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V2, BG_RINGS_V1,
         BG_SERVICES_V1,
     },
-    parse::{End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{is_vip, End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rewrite::rewrite,
     count_fwd,
 };
@@ -80,8 +80,15 @@ pub fn process(pkt: &Packet, key: &FlowKey) -> Verdict {
 
     let vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
     let Some(service) = (unsafe { BG_SERVICES_V1.get(&vip) }) else {
-        return Verdict::untouched(Reason::PassNotOurs);
+        // To a VIP address but no service of it: a stray, which the kernel would route back out.
+        return Verdict::untouched(if is_vip(key.dst, key.family) { Reason::DropStray } else { Reason::PassNotOurs });
     };
+    if martian(&key.src, key.family) {
+        return Verdict::untouched(Reason::DropMartian);
+    }
+    if key.family == FAMILY_V6 && pkt.proto == PROTO_UDP && unsafe { pkt.l4_check.read_unaligned() } == 0 {
+        return Verdict::untouched(Reason::DropUdp6NoChecksum);
+    }
     let reason = if pkt.proto == PROTO_TCP {
         if pkt.has(TCP_RST) {
             return Verdict::untouched(Reason::DropRstNoFlow);
@@ -98,6 +105,22 @@ pub fn process(pkt: &Packet, key: &FlowKey) -> Verdict {
         return Verdict::untouched(Reason::DropNewFlowRate);
     }
     new_flow(pkt, &key, service, cfg, now, reason)
+}
+
+/// A source no real client has, to a VIP: IPv4 0/8, 127/8, 224/3 (multicast, reserved,
+/// broadcast); IPv6 ::, ::1, ff00::/8, IPv4-mapped; or a VIP address itself.
+#[inline(always)]
+fn martian(src: &[u32; 4], family: u8) -> bool {
+    // Addresses are in network order: the first byte on the wire is the lowest of word 0.
+    let first = src[0].to_ne_bytes()[0];
+    let bogus = if family == FAMILY_V4 {
+        first == 0 || first == 127 || first >= 224
+    } else {
+        let mapped = src[0] == 0 && src[1] == 0 && src[2] == 0xffffu32.to_be();
+        let low_zero = src[0] == 0 && src[1] == 0 && src[2] == 0;
+        first == 0xff || mapped || (low_zero && (src[3] == 0 || src[3] == 1u32.to_be()))
+    };
+    bogus || is_vip(*src, family)
 }
 
 /// A packet of a known flow: rewrite as its entry says. `now` is 0 for open TCP flows, whose
@@ -150,22 +173,32 @@ fn record(key: &FlowKey, entry: &NatEntry) -> bool {
     }
 }
 
-/// The per-CPU new-flow rate bound: true when this second's budget is spent.
+/// The new-flow rate bound: true when this second's budget, shared by every CPU, is spent.
+/// `RateWindow` holds the second (of the monotonic clock) being counted and the flows counted
+/// in it. The first CPU to see a new second resets the count with plain stores; the count is
+/// raised with an atomic add (BPF_ATOMIC without fetch: the fetching forms do not work on this
+/// toolchain). So the bound holds to within a few flows: CPUs that check at the same moment
+/// can each pass the last slot, and a reset racing an add can lose that add.
 #[inline(always)]
 fn over_rate(cfg: &DpConfig, now: u64) -> bool {
     if cfg.new_flows_per_sec == 0 {
         return false;
     }
-    let Some(w) = BG_RATE_V1.get_ptr_mut(0) else { return false };
-    let w = unsafe { &mut *w };
-    if now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
-        w.start_ns = now;
-        w.count = 0;
+    let Some(w) = BG_RATE_V2.get_ptr_mut(0) else { return false };
+    let second = now / 1_000_000_000;
+    // SAFETY: the map value lives as long as the map; aligned 8-byte loads and stores are
+    // single instructions, so no CPU sees half of one.
+    unsafe {
+        let (window, count) = (&raw mut (*w).start_ns, &raw mut (*w).count);
+        if window.read_volatile() != second {
+            window.write_volatile(second);
+            count.write_volatile(0);
+        }
+        if count.read_volatile() >= cfg.new_flows_per_sec as u64 {
+            return true;
+        }
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(count, 1);
     }
-    if w.count >= cfg.new_flows_per_sec as u64 {
-        return true;
-    }
-    w.count += 1;
     false
 }
 

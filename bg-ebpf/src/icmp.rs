@@ -30,7 +30,9 @@ pub fn process(e: &IcmpError) -> Verdict {
         _pad: [0; 2],
     };
     let Some(entry) = (unsafe { BG_FLOWS_V1.get(&key) }) else {
-        return Verdict { reason: Reason::PassNotOurs, color: NO_COLOR };
+        // An error sent to a VIP about no flow bg has is a stray; one passing through, not ours.
+        let to_vip = crate::parse::is_vip(read_addr(e.l3, e.family, End::Dst), e.family);
+        return Verdict { reason: if to_vip { Reason::DropStray } else { Reason::PassNotOurs }, color: NO_COLOR };
     };
     let (addr, port, color) = (entry.addr, entry.port, entry.color);
     if entry.kind == NAT_TO_BACKEND {

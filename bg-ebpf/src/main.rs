@@ -6,6 +6,9 @@
 //! `forward` (FIB lookup, redirect).
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on map values (the shared rate window).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod decide;
 mod egress;

@@ -54,9 +54,9 @@ pub static BG_FWD_STATS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(STA
 #[map]
 pub static BG_COLOR_STATS_V1: PerCpuArray<ColorStats> = PerCpuArray::with_max_entries(2, 0);
 
-/// Per-CPU window of the new-flow rate bound.
+/// The window of the new-flow rate bound, shared by every CPU.
 #[map]
-pub static BG_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+pub static BG_RATE_V2: Array<RateWindow> = Array::with_max_entries(1, 0);
 
 /// Bit filter over VIP and backend addresses (`bg_common::addr_filter_bit`): packets that hit
 /// neither bit skip the flow and service lookups.

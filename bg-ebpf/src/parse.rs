@@ -124,7 +124,7 @@ const ICMPV6_PARAMETER_PROB: u8 = 4;
 
 /// Whether `addr` is one of the VIPs, whatever the port.
 #[inline(always)]
-fn is_vip(addr: [u32; 4], family: u8) -> bool {
+pub fn is_vip(addr: [u32; 4], family: u8) -> bool {
     let key = VipAddr { addr, family: family as u32 };
     unsafe { BG_VIP_ADDRS_V1.get(&key) }.is_some()
 }
@@ -166,7 +166,7 @@ fn parse_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
     }
     let proto = unsafe { (*ip).proto } as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
-        return Err(Reason::PassNotL4);
+        return Err(bad(Reason::PassNotL4, Reason::DropStray));
     }
     if u16::from_ne_bytes(unsafe { (*ip).frags }) & IP_MF_OFFSET != 0 {
         return Err(bad(Reason::PassFragment, Reason::DropFragment));
@@ -177,7 +177,9 @@ fn parse_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
     // IPv4 options are skipped: the L4 header starts at IHL * 4 (20..=60 bytes).
     let l4 = EthHdr::LEN + ihl * 4;
     if proto == PROTO_ICMP {
-        return parse_icmp_error(ctx, eth, l3, FAMILY_V4, l4).map(Parsed::Icmp);
+        // ICMP to a VIP is ours only as an error about one of its flows (echo and the rest:
+        // strays).
+        return parse_icmp_error(ctx, eth, l3, FAMILY_V4, l4).map(Parsed::Icmp).map_err(|r| bad(r, Reason::DropStray));
     }
     parse_l4(ctx, eth, l3, FAMILY_V4, proto, l4)
         .ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))
@@ -228,13 +230,13 @@ fn parse_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
         return Err(bad(Reason::PassMalformed, Reason::DropMalformed));
     }
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
-        return Err(Reason::PassNotL4);
+        return Err(bad(Reason::PassNotL4, Reason::DropStray));
     }
     if unsafe { (*ip).hop_limit } <= 1 {
         return Err(Reason::PassTtlExpired);
     }
     if next == PROTO_ICMPV6 {
-        return parse_icmp_error(ctx, eth, l3, FAMILY_V6, off).map(Parsed::Icmp);
+        return parse_icmp_error(ctx, eth, l3, FAMILY_V6, off).map(Parsed::Icmp).map_err(|r| bad(r, Reason::DropStray));
     }
     parse_l4(ctx, eth, l3, FAMILY_V6, next, off)
         .ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))

@@ -139,10 +139,10 @@ pub fn maglev_table(backends: &[BackendAddr]) -> anyhow::Result<Vec<u32>> {
 
 /// The data path's settings from the config.
 pub fn dp_config(config: &Config) -> DpConfig {
-    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
     DpConfig {
         services: config.services.len() as u32,
-        new_flows_per_sec: config.max_new_flows_per_sec.div_ceil(cpus),
+        // One budget for the whole gateway, shared by every CPU (see the program's `over_rate`).
+        new_flows_per_sec: config.max_new_flows_per_sec,
         udp_idle_ns: config.udp_idle_timeout_secs * 1_000_000_000,
         closing_idle_ns: config.closing_timeout_secs * 1_000_000_000,
         flags: if config.forwarding == Forwarding::Redirect { DP_FLAG_REDIRECT } else { 0 },
@@ -171,7 +171,7 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
         MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
         MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
-        MAP_RATE => (MapType::PerCpuArray, 4, size_of::<RateWindow>() as u32, 1),
+        MAP_RATE => (MapType::Array, 4, size_of::<RateWindow>() as u32, 1),
         MAP_ADDR_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),
         MAP_EGRESS => (MapType::Hash, 4, size_of::<EgressState>() as u32, MAX_EGRESS),
         MAP_PROG_IDS => (MapType::Array, 4, 4, 2),

@@ -173,6 +173,16 @@ fn every_edge_case_has_its_stated_action() {
         f
     };
 
+    // Another IP protocol (47 is GRE): the TCP frame relabelled, IP checksum fixed.
+    let other_proto = |dst: &str, proto: u8| {
+        let mut f = Pkt::tcp(sa("10.0.0.2:40900"), sa(dst), 0).build();
+        f[14 + 9] = proto;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = bg_common::csum::checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_ne_bytes());
+        f
+    };
+
     let rows = vec![
         row("TCP SYN to VIP:80", syn().build(), Rewritten(CLIENT, BLUE), Reason::NewFlow),
         row("TCP data on that flow", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).payload(b"GET / HTTP/1.1\r\n\r\n").build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
@@ -184,8 +194,20 @@ fn every_edge_case_has_its_stated_action() {
         row("TTL 1 on a reply", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_ACK).payload(b"x").ttl(1).build(), Pass, Reason::PassTtlExpired),
         row("TTL 2 on a reply", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_ACK).payload(b"x").ttl(2).build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
         row("TCP to another host", Pkt::tcp(sa(CLIENT), sa(other), TCP_SYN).build(), Pass, Reason::PassNotOurs),
-        row("TCP to the VIP on an unserved port", Pkt::tcp(sa(CLIENT), sa("10.100.0.1:443"), TCP_SYN).build(), Pass, Reason::PassNotOurs),
-        row("UDP to the VIP's TCP port", packet::udp(sa(CLIENT), sa(VIP), b"x"), Pass, Reason::PassNotOurs),
+        row("TCP to the VIP on an unserved port", Pkt::tcp(sa(CLIENT), sa("10.100.0.1:443"), TCP_SYN).build(), Drop, Reason::DropStray),
+        row("UDP to the VIP's TCP port", packet::udp(sa(CLIENT), sa(VIP), b"x"), Drop, Reason::DropStray),
+        row("ICMP echo request to the VIP", packet::icmp_echo(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 100, 0, 1)), Drop, Reason::DropStray),
+        row("ICMP echo request to another host", packet::icmp_echo(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 9, 9, 9)), Pass, Reason::PassNotL4),
+        row("GRE to the VIP", other_proto(VIP, 47), Drop, Reason::DropStray),
+        row("GRE to another host", other_proto(other, 47), Pass, Reason::PassNotL4),
+        row("ICMP error to the VIP about no flow of it", packet::icmp_error(Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 100, 0, 1), 3, 4, 1280, &Pkt::tcp(sa(VIP), sa("10.0.0.7:1234"), TCP_ACK).build(), 8), Drop, Reason::DropStray),
+        row("SYN to the VIP from 127.0.0.1", Pkt::tcp(sa("127.0.0.1:40010"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the VIP from 0.0.0.5", Pkt::tcp(sa("0.0.0.5:40011"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the VIP from 224.0.0.1 (multicast)", Pkt::tcp(sa("224.0.0.1:40012"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the VIP from 255.255.255.255", Pkt::tcp(sa("255.255.255.255:40013"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the VIP from the VIP itself", Pkt::tcp(sa("10.100.0.1:40014"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("UDP to the VIP from 127.0.0.1", Pkt::udp(sa("127.0.0.1:40015"), sa(DNS)).payload(b"q").build(), Drop, Reason::DropMartian),
+        row("SYN to the VIP from 223.255.255.1 (the last unicast /8)", Pkt::tcp(sa("223.255.255.1:40016"), sa(VIP), TCP_SYN).build(), Rewritten("223.255.255.1:40016", BLUE), Reason::NewFlow),
         row("backend talking to a client directly", Pkt::tcp(sa(BLUE), sa("10.0.0.3:5555"), TCP_ACK).build(), Pass, Reason::PassNotOurs),
         row("IPv6 TCP to a host that is no VIP", packet::ipv6_tcp_syn(), Pass, Reason::PassNotOurs),
         row("ARP", packet::arp(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 100, 0, 1)), Pass, Reason::PassNotIp),
@@ -228,8 +250,8 @@ fn every_edge_case_has_its_stated_action() {
 
     // Drops and passes created no flow entries: only the rows that started flows did.
     let flows = dp.flow_counts().unwrap();
-    assert_eq!(flows.flows, [7, 0], "flows per color [blue, green]");
-    assert_eq!(flows.entries, 14, "two entries per flow");
+    assert_eq!(flows.flows, [8, 0], "flows per color [blue, green]");
+    assert_eq!(flows.entries, 16, "two entries per flow");
     let total: u64 = Reason::ALL.iter().map(|r| dp.reason_count(*r).unwrap()).sum();
     assert_eq!(total, rows.len() as u64 + 1, "every run counted exactly one reason");
 }
@@ -318,12 +340,12 @@ fn udp_flows_expire_after_the_idle_timeout() {
 
 #[test]
 fn new_flow_rate_bound_drops_syns_but_not_established_flows() {
-    // Pin to one CPU: the bound is per CPU.
+    // One CPU sends everything: the bound is the whole gateway's, so all of it is available
+    // here (a budget split per CPU would admit only its share).
     let mut set = nix::sched::CpuSet::new();
     set.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
-    let cpus = aya::util::nr_cpus().unwrap() as u32;
-    let dp = dataplane(&CONFIG.replace("max_new_flows_per_sec = 0", &format!("max_new_flows_per_sec = {}", 5 * cpus)));
+    let dp = dataplane(&CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 5"));
     let mut new = 0;
     let mut dropped = 0;
     for port in 42000..42020u16 {
@@ -338,6 +360,45 @@ fn new_flow_rate_bound_drops_syns_but_not_established_flows() {
     assert_eq!(action, XDP_PASS);
     assert_rewritten(&out, sa("10.0.0.2:42000"), sa(BLUE), b"x", "established flow under the bound");
     assert_eq!(dp.flow_counts().unwrap().flows[0], new as u64, "dropped SYNs created no entries");
+}
+
+/// Two CPUs sending new flows at once share one budget: together they get exactly the bound
+/// (not the bound each, not half of it each).
+#[test]
+fn the_rate_bound_holds_its_total_across_cpus() {
+    let cpus = aya::util::nr_cpus().unwrap();
+    assert!(cpus >= 2, "this test needs two CPUs");
+    for attempt in 0..3 {
+        let dp = dataplane(&CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 10"));
+        let started = bg_userspace::dataplane::monotonic_ns();
+        let admitted: u32 = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2usize)
+                .map(|cpu| {
+                    let dp = &dp;
+                    s.spawn(move || {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).unwrap();
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                        let client = Ipv4Addr::new(10, 0, 3, 2 + cpu as u8);
+                        (0..20u16).filter(|i| run(dp, &packet::tcp(SocketAddrV4::new(client, 44000 + i), sa(VIP), TCP_SYN, b"")).0 != XDP_DROP).count() as u32
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        // Windows are seconds of the monotonic clock (the program's `bpf_ktime_get_ns`): a run
+        // inside one of them sees one budget; one that crossed a boundary is tried again.
+        let ended = bg_userspace::dataplane::monotonic_ns();
+        if started / 1_000_000_000 == ended / 1_000_000_000 {
+            // The bound holds to within one flow per other CPU (two that check at the same
+            // moment can both take the last slot).
+            assert!((10..=11).contains(&admitted), "40 SYNs from two CPUs under a bound of 10/s: {admitted} admitted");
+            assert_eq!(dp.reason_count(Reason::DropNewFlowRate).unwrap(), 40 - admitted as u64);
+            return;
+        }
+        eprintln!("attempt {attempt} crossed a second boundary; again");
+    }
+    panic!("no attempt finished inside one rate window");
 }
 
 #[test]
@@ -566,7 +627,6 @@ fn icmp_errors_about_vip_flows_are_rewritten_for_the_nat() {
     let stranger = Pkt::tcp(sa("10.0.0.9:1234"), sa(BLUE), TCP_ACK).build();
     for (what, input, reason) in [
         ("error about another flow", packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.9"), 3, 4, 1280, &stranger, 8), Reason::PassNotOurs),
-        ("echo request to the VIP", packet::icmp_echo(ip("10.0.0.2"), ip("10.100.0.1")), Reason::PassNotL4),
         ("error quoting 4 bytes of TCP (under RFC 792's 8)", packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.2"), 3, 4, 1280, &request, 4), Reason::PassNotL4),
         ("error quoting 7 bytes of UDP", packet::icmp_error(ip("10.1.0.2"), ip("10.0.0.2"), 3, 3, 0, &query, 7), Reason::PassNotL4),
     ] {
@@ -626,6 +686,12 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
     let c = |port: u16| sa6(&format!("[fd00::2]:{port}"));
     let ext4 = |dst| Pkt6::tcp(c(40006), dst, TCP_SYN).ext(0, 8).ext(60, 8).ext(43, 8).ext(60, 16).payload(b"4").build();
     let ext5 = |dst| Pkt6::tcp(c(40002), dst, TCP_SYN).ext(0, 8).ext(60, 8).ext(43, 8).ext(60, 8).ext(60, 8).build();
+    // A UDP datagram whose checksum field says "none": invalid in IPv6.
+    let udp6_zero = |dst| {
+        let mut f = Pkt6::udp(c(40018), dst).payload(b"z").build();
+        f[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+        f
+    };
     let mut cut_ip = Pkt6::tcp(c(40007), vip, TCP_SYN).build();
     cut_ip.truncate(14 + 30);
     let mut cut_tcp = Pkt6::tcp(c(40005), vip, TCP_SYN).build();
@@ -650,7 +716,16 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
         row("TCP header cut short, to the VIP", cut_tcp, Drop, Reason::DropMalformed),
         row("IP version 4 in an IPv6 frame, to the VIP", Pkt6::tcp(c(40011), vip, TCP_SYN).version(4).build(), Drop, Reason::DropMalformed),
         row("IP version 4 in an IPv6 frame, elsewhere", Pkt6::tcp(c(40011), sa6("[fd00::9]:80"), TCP_SYN).version(4).build(), Pass, Reason::PassMalformed),
-        row("ICMPv6 echo request to the VIP", packet::icmp6_echo(*client.ip(), vip_ip), Pass, Reason::PassNotL4),
+        row("ICMPv6 echo request to the VIP", packet::icmp6_echo(*client.ip(), vip_ip), Drop, Reason::DropStray),
+        row("ICMPv6 echo request elsewhere", packet::icmp6_echo(*client.ip(), "fd00::9".parse().unwrap()), Pass, Reason::PassNotL4),
+        row("TCP to the v6 VIP on an unserved port", Pkt6::tcp(c(40012), sa6("[fd00::100]:443"), TCP_SYN).build(), Drop, Reason::DropStray),
+        row("UDP to the v6 VIP with checksum 0", udp6_zero(sa6("[fd00::100]:53")), Drop, Reason::DropUdp6NoChecksum),
+        row("UDP elsewhere with checksum 0", udp6_zero(sa6("[fd00::9]:53")), Pass, Reason::PassNotOurs),
+        row("SYN to the v6 VIP from ::1", Pkt6::tcp(sa6("[::1]:40013"), vip, TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the v6 VIP from ::", Pkt6::tcp(sa6("[::]:40014"), vip, TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the v6 VIP from ff02::1 (multicast)", Pkt6::tcp(sa6("[ff02::1]:40015"), vip, TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the v6 VIP from ::ffff:10.0.0.2 (IPv4-mapped)", Pkt6::tcp(sa6("[::ffff:10.0.0.2]:40016"), vip, TCP_SYN).build(), Drop, Reason::DropMartian),
+        row("SYN to the v6 VIP from the VIP itself", Pkt6::tcp(sa6("[fd00::100]:40017"), vip, TCP_SYN).build(), Drop, Reason::DropMartian),
     ];
     for r in &rows {
         check(&dp, r);
