@@ -37,6 +37,8 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Words of the address filter (64 bits each): 65,536 bits, one per 16-bit address hash.
 pub const ADDR_FILTER_WORDS: u32 = 1024;
+/// Entries of the `LOCAL_ADDRS` map: the gateway's own addresses.
+pub const MAX_LOCAL_ADDRS: u32 = 256;
 
 /// The bit of an address in the `ADDR_FILTER` array: a packet whose destination is a VIP or
 /// whose source is a backend has its bit set; one with neither bit set cannot belong to a VIP
@@ -155,11 +157,13 @@ pub struct DpConfig {
     pub new_flows_per_sec: u32,
     /// A UDP flow idle this long is over: its next packet starts a new flow.
     pub udp_idle_ns: u64,
-    /// A TCP flow that saw FIN, idle this long, is over (RST ends it at once).
+    /// A TCP flow that saw FIN (or an in-window RST), idle this long, is over.
     pub closing_idle_ns: u64,
     /// `DP_FLAG_*`.
     pub flags: u32,
     pub _pad: u32,
+    /// An unconfirmed flow (no backend answer yet) idle this long is over.
+    pub unconfirmed_idle_ns: u64,
 }
 
 /// Key of the `SERVICES` map: a VIP, port and protocol.
@@ -176,6 +180,9 @@ pub struct VipKey {
 
 /// `ServiceInfo::flags`: a preview service, always routed to the idle color.
 pub const SERVICE_PREVIEW: u32 = 1;
+/// `ServiceInfo::flags`: a main VIP whose service also has a preview VIP (its new flows clear
+/// any stale preview reverse entry of their reply 5-tuple).
+pub const SERVICE_HAS_PREVIEW: u32 = 2;
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -278,46 +285,101 @@ impl FlowKey {
     }
 }
 
-/// `NatEntry::kind`: rewrite the destination (client → VIP becomes client → backend).
-pub const NAT_TO_BACKEND: u8 = 0;
-/// `NatEntry::kind`: rewrite the source (backend → client becomes VIP → client).
-pub const NAT_FROM_BACKEND: u8 = 1;
-/// `NatEntry::flags`: a FIN was seen in this direction.
+/// `FlowEntry::flags`: a FIN, or an RST inside the window the entry has seen, was sent by the
+/// client: the flow ends when idle for `closing_idle_ns`, and a new SYN replaces it.
 pub const FLOW_CLOSING: u8 = 1;
+/// `FlowEntry::flags` (established): a SYN with another ISN (`contest_isn`) started a new flow
+/// on this 4-tuple while the entry was open. The client's next packet decides which is real.
+pub const FLOW_CONTESTED: u8 = 2;
+/// `FlowEntry::flags` (unconfirmed): started by a packet that was not a SYN (the entry was
+/// lost, evicted or drained); confirmed by any backend reply that is not an RST.
+pub const FLOW_LOST: u8 = 4;
+/// `FlowEntry::flags`: started on a preview VIP; its replies are mapped through
+/// `PREVIEW_REPLIES` (the static reply map names the main VIP).
+pub const FLOW_PREVIEW: u8 = 8;
 
-/// Value of the `FLOWS` table. Each flow has two entries, one per direction, written together
-/// when the flow starts: the forward one holds the backend, the reply one the VIP.
+/// Value of the flow tables, keyed by the flow's client → VIP 5-tuple (`FlowKey`): the
+/// unconfirmed table (`EMBRYO`) until the backend answers, the established one (`FLOWS`) after.
+/// One entry per flow: replies are rewritten by the static `REPLIES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct NatEntry {
-    /// The address to write (backend for `NAT_TO_BACKEND`, VIP for `NAT_FROM_BACKEND`),
-    /// network byte order.
-    pub addr: [u32; 4],
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet, refreshed at most every
-    /// `LAST_SEEN_GRANULARITY_NS`; for TCP only from the FIN on (open TCP flows do not age,
-    /// and their packets skip the clock read).
+pub struct FlowEntry {
+    /// The backend, network byte order; IPv4 in word 0.
+    pub backend: [u32; 4],
+    /// `bpf_ktime_get_ns` of the last packet, refreshed at most every
+    /// `LAST_SEEN_GRANULARITY_NS`; kept for unconfirmed, UDP and closing entries (open
+    /// established TCP flows do not age, and their packets skip the clock read).
     pub last_seen_ns: u64,
-    /// The port to write, network byte order.
-    pub port: u16,
-    /// `NAT_TO_BACKEND` or `NAT_FROM_BACKEND`.
-    pub kind: u8,
+    /// Network byte order.
+    pub backend_port: u16,
     /// `Color as u8` chosen when the flow started.
     pub color: u8,
     /// `FLOW_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// TCP: the sequence number of the SYN that started the flow (host order); its
+    /// retransmissions follow the entry, any other SYN starts a new flow.
+    pub isn: u32,
+    /// TCP: the highest sequence number the client has sent up to (seq + length, host order):
+    /// an RST ends the flow only near it.
+    pub seq_next: u32,
+    /// TCP, with `FLOW_CONTESTED`: the ISN of the SYN that contests this entry.
+    pub contest_isn: u32,
+    pub _pad: [u32; 2],
 }
 
-impl NatEntry {
-    /// Whether the flow is over at `now_ns` by the idle rules (UDP idle, TCP closing idle).
+impl FlowEntry {
+    /// Whether the entry is over at `now_ns` by the idle rules: unconfirmed entries after
+    /// `unconfirmed_idle_ns`, UDP after `udp_idle_ns`, closing TCP after `closing_idle_ns`.
     #[inline(always)]
-    pub fn expired(&self, proto: u8, now_ns: u64, cfg: &DpConfig) -> bool {
+    pub fn expired(&self, proto: u8, confirmed: bool, now_ns: u64, cfg: &DpConfig) -> bool {
         let idle = now_ns.saturating_sub(self.last_seen_ns);
+        if !confirmed {
+            return idle > cfg.unconfirmed_idle_ns;
+        }
         if proto == PROTO_UDP {
             return idle > cfg.udp_idle_ns;
         }
         self.flags & FLOW_CLOSING != 0 && idle > cfg.closing_idle_ns
     }
+}
+
+/// How far (bytes, either side of `FlowEntry::seq_next`) a client RST's sequence number may be
+/// and still end the flow. A blind RST hits this window with odds of about 1 in 32768.
+pub const RST_WINDOW: u32 = 65_536;
+
+/// Key of the static `REPLIES` map: a backend as its replies arrive (source address and
+/// port), the protocol and the family. Same layout as `VipKey`.
+pub type BackendKey = VipKey;
+
+/// `ReplyNat::flags`: the backend's service has a preview VIP, so a reply may belong to a
+/// preview flow: `PREVIEW_REPLIES` is looked up first.
+pub const REPLY_HAS_PREVIEW: u8 = 1;
+
+/// Value of the static `REPLIES` map: what a backend's replies are rewritten to. Written by
+/// the agent from the config, which allows a backend address:port in one service and one
+/// color only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReplyNat {
+    /// The service's VIP, network byte order; IPv4 in word 0.
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub vip_port: u16,
+    /// The backend's color (`Color as u8`).
+    pub color: u8,
+    /// `REPLY_*` bits.
+    pub flags: u8,
+}
+
+/// Value of `PREVIEW_REPLIES`, keyed by a preview flow's reply 5-tuple (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PreviewReply {
+    /// The preview VIP, network byte order; IPv4 in word 0.
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub vip_port: u16,
+    pub _pad: u16,
 }
 
 /// The new-flow rate bound's window, one for the whole gateway (shared by every CPU, updated
@@ -529,15 +591,16 @@ pub enum Fwd {
     /// Any other lookup result (no route, blackhole, forwarding disabled ...): `XDP_PASS`,
     /// the kernel decides and answers as a router would.
     KernelOther = 4,
-    /// Flow entries removed by the data path (TCP RST).
+    /// Unconfirmed flow entries removed by the data path (confirmed, or ended by an RST
+    /// during the handshake).
     FlowsRemoved = 5,
-    /// Flow entries created under a key that had none (overwrites of expired entries are not
-    /// counted). Created − removed − present = entries the LRU evicted.
+    /// Unconfirmed flow entries created under a key that had none (new flows).
     FlowsCreated = 6,
     /// Packet of a VIP flow larger than the egress MTU that must not be fragmented (IPv4 with
     /// DF, IPv6): bg answers its sender with "fragmentation needed" / "packet too big" quoting
-    /// the packet as the sender sent it (`XDP_TX`), so path MTU discovery works through the
-    /// NAT. The kernel's own answer would quote the rewritten packet, which no socket matches.
+    /// the packet as the sender sent it (handed to the kernel, which routes it to the sender),
+    /// so path MTU discovery works through the NAT. The kernel's own answer would quote the
+    /// rewritten packet, which no socket matches.
     TooBigAnswered = 7,
     /// Same, but the answer could not be built (the frame could not be resized): dropped.
     TooBigDropped = 8,
@@ -545,10 +608,14 @@ pub enum Fwd {
     /// neither GRO nor an XDP program, a device without XDP transmit): `XDP_PASS`, the kernel
     /// forwards it.
     KernelNoRedirect = 9,
+    /// Flows confirmed by their backend's answer and moved to the established table under a
+    /// key it did not hold. Confirmed − present (established) = established entries the LRU
+    /// evicted (the agent's drains aside).
+    FlowsConfirmed = 10,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Fwd; Fwd::COUNT as usize] = [
         Fwd::Redirect,
         Fwd::Kernel,
@@ -560,6 +627,7 @@ impl Fwd {
         Fwd::TooBigAnswered,
         Fwd::TooBigDropped,
         Fwd::KernelNoRedirect,
+        Fwd::FlowsConfirmed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -574,6 +642,7 @@ impl Fwd {
             Fwd::TooBigAnswered => "fwd_too_big_answered",
             Fwd::TooBigDropped => "fwd_too_big_dropped",
             Fwd::KernelNoRedirect => "fwd_kernel_no_redirect",
+            Fwd::FlowsConfirmed => "flow_entries_confirmed",
         }
     }
 }
@@ -588,7 +657,9 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for BackendSet {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for ReplyNat {}
+    unsafe impl aya::Pod for PreviewReply {}
     unsafe impl aya::Pod for DpConfig {}
     unsafe impl aya::Pod for VipAddr {}
     unsafe impl aya::Pod for RateWindow {}
@@ -608,8 +679,10 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<BackendSet>(), 8 + 20 * MAX_BACKENDS);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<NatEntry>(), 32);
-        assert_eq!(size_of::<DpConfig>(), 32);
+        assert_eq!(size_of::<FlowEntry>(), 48);
+        assert_eq!(size_of::<ReplyNat>(), 20);
+        assert_eq!(size_of::<PreviewReply>(), 20);
+        assert_eq!(size_of::<DpConfig>(), 40);
         assert_eq!(size_of::<VipAddr>(), 20);
     }
 
@@ -659,14 +732,17 @@ mod tests {
 
     #[test]
     fn expiry_rules() {
-        let cfg = DpConfig { services: 1, new_flows_per_sec: 0, udp_idle_ns: 30, closing_idle_ns: 10, flags: 0, _pad: 0 };
-        let mut e = NatEntry::zeroed();
+        let cfg = DpConfig { services: 1, new_flows_per_sec: 0, udp_idle_ns: 30, closing_idle_ns: 10, flags: 0, _pad: 0, unconfirmed_idle_ns: 5 };
+        let mut e = FlowEntry::zeroed();
         e.last_seen_ns = 100;
-        assert!(!e.expired(PROTO_UDP, 130, &cfg));
-        assert!(e.expired(PROTO_UDP, 131, &cfg));
-        assert!(!e.expired(PROTO_TCP, 1_000_000, &cfg), "open TCP flows never expire by idleness");
+        assert!(!e.expired(PROTO_UDP, true, 130, &cfg));
+        assert!(e.expired(PROTO_UDP, true, 131, &cfg));
+        assert!(!e.expired(PROTO_TCP, true, 1_000_000, &cfg), "open confirmed TCP flows never expire by idleness");
+        assert!(!e.expired(PROTO_TCP, false, 105, &cfg));
+        assert!(e.expired(PROTO_TCP, false, 106, &cfg), "unconfirmed entries expire after their short idle time");
+        assert!(e.expired(PROTO_UDP, false, 106, &cfg), "also UDP ones, before the UDP idle time");
         e.flags = FLOW_CLOSING;
-        assert!(!e.expired(PROTO_TCP, 110, &cfg));
-        assert!(e.expired(PROTO_TCP, 111, &cfg));
+        assert!(!e.expired(PROTO_TCP, true, 110, &cfg));
+        assert!(e.expired(PROTO_TCP, true, 111, &cfg));
     }
 }

@@ -4,13 +4,19 @@
 /// Default directory under bpffs for one agent instance.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bg";
 /// Map names in the object, which are also their pin file names.
-pub const MAP_CONFIG: &str = "BG_CONFIG_V1";
+pub const MAP_CONFIG: &str = "BG_CONFIG_V2";
 pub const MAP_ACTIVE: &str = "BG_ACTIVE_V1";
 pub const MAP_SERVICES: &str = "BG_SERVICES_V1";
 pub const MAP_VIP_ADDRS: &str = "BG_VIP_ADDRS_V1";
 pub const MAP_BACKEND_SETS: &str = "BG_BACKEND_SETS_V1";
 pub const MAP_RINGS: &str = "BG_RINGS_V1";
-pub const MAP_FLOWS: &str = "BG_FLOWS_V1";
+pub const MAP_FLOWS: &str = "BG_FLOWS_V2";
+pub const MAP_EMBRYO: &str = "BG_EMBRYO_V1";
+pub const MAP_REPLIES: &str = "BG_REPLIES_V1";
+pub const MAP_PREVIEW_REPLIES: &str = "BG_PREVIEW_REPLIES_V1";
+pub const MAP_GATE: &str = "BG_GATE_V1";
+pub const MAP_LOCAL_ADDRS: &str = "BG_LOCAL_ADDRS_V1";
+pub const MAP_LOCAL_FILTER: &str = "BG_LOCAL_FILTER_V1";
 pub const MAP_STATS: &str = "BG_STATS_V2";
 pub const MAP_FWD_STATS: &str = "BG_FWD_STATS_V2";
 pub const MAP_COLOR_STATS: &str = "BG_COLOR_STATS_V1";
@@ -19,7 +25,7 @@ pub const MAP_ADDR_FILTER: &str = "BG_ADDR_FILTER_V1";
 pub const MAP_EGRESS: &str = "BG_EGRESS_V1";
 pub const MAP_PROG_IDS: &str = "BG_PROG_IDS_V1";
 /// Every map, in pin order.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_SERVICES,
@@ -27,6 +33,12 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_BACKEND_SETS,
     MAP_RINGS,
     MAP_FLOWS,
+    MAP_EMBRYO,
+    MAP_REPLIES,
+    MAP_PREVIEW_REPLIES,
+    MAP_GATE,
+    MAP_LOCAL_ADDRS,
+    MAP_LOCAL_FILTER,
     MAP_STATS,
     MAP_FWD_STATS,
     MAP_COLOR_STATS,

@@ -1,30 +1,39 @@
-//! Flow table and backend choice: which backend a packet goes to, or which VIP a reply comes
-//! from. Rules (each counted as a `Reason`):
-//! - a packet with a live flow entry follows it, whatever the active color is now;
-//! - a new flow (TCP SYN without ACK, or any UDP datagram) to a VIP gets a backend of the
-//!   active color by Maglev, and two entries (both directions) are recorded;
-//! - TCP RST to a VIP without an entry is dropped and creates nothing; RST on a flow removes
-//!   its entries after forwarding it; FIN marks the direction closing (expires when idle);
-//! - other TCP to a VIP without an entry (lost/evicted/drained) goes by the same hash to the
-//!   active color and is re-recorded (`LostFlow`);
-//! - UDP entries expire after an idle timeout; expired entries count as absent.
+//! Flow state and backend choice: which backend a client's packet goes to, which VIP a reply
+//! comes from. The rules (README "Flow rules", each counted as a `Reason`):
+//! - one entry per flow, keyed by the client → VIP 5-tuple, in one of two tables: unconfirmed
+//!   (`EMBRYO`: a SYN, a first datagram, a lost flow's packet) until the backend answers, then
+//!   established (`FLOWS`). Only a confirmation inserts into `FLOWS`, so new and unconfirmed
+//!   flows (floods included) can never evict an established one;
+//! - a TCP SYN without ACK starts a new flow on the active color, unless it retransmits the SYN
+//!   that started the entry (same ISN). On an open established entry it does so without
+//!   erasing it (the entry is *contested*); the client's next packet decides which is real;
+//! - an RST from the client ends a flow only when its sequence number is near what the client
+//!   has sent (`RST_WINDOW`): the entry is marked closing, never deleted, so a blind spoofed
+//!   RST erases nothing;
+//! - other TCP without an entry (`LostFlow`) goes by the same hash to the active color, into the
+//!   unconfirmed table, until a reply that is not an RST confirms it;
+//! - replies are rewritten by the static backend → VIP map (`REPLIES`), without per-flow
+//!   state; only preview flows keep a reverse entry (`PREVIEW_REPLIES`);
+//! - expired entries count as absent (unconfirmed: `unconfirmed_idle_ns`; UDP: `udp_idle_ns`;
+//!   closing TCP: `closing_idle_ns`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use bg_common::{
-    addr_filter_bit, hash::flow_hash, ring_base, BackendSet, DpConfig, FlowKey, Fwd, NatEntry, Reason, ServiceInfo,
-    VipKey, SERVICE_PREVIEW,
-    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, NAT_FROM_BACKEND, NAT_TO_BACKEND,
-    PROTO_TCP, PROTO_UDP, RING_SIZE,
+    addr_filter_bit, hash::flow_hash, ring_base, BackendKey, BackendSet, DpConfig, FlowEntry, FlowKey, Fwd,
+    PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_CONTESTED, FLOW_LOST,
+    FLOW_PREVIEW, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, PROTO_TCP, PROTO_UDP, REPLY_HAS_PREVIEW, RING_SIZE,
+    RST_WINDOW, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW,
 };
 
 use crate::{
+    count_fwd,
     maps::{
-        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V1, BG_FLOWS_V1, BG_RATE_V2, BG_RINGS_V1,
+        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V2, BG_EMBRYO_V1, BG_FLOWS_V2, BG_GATE_V1,
+        BG_LOCAL_ADDRS_V1, BG_LOCAL_FILTER_V1, BG_PREVIEW_REPLIES_V1, BG_RATE_V2, BG_REPLIES_V1, BG_RINGS_V1,
         BG_SERVICES_V1,
     },
     parse::{is_vip, End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rewrite::rewrite,
-    count_fwd,
 };
 
 /// No color: the packet was not rewritten.
@@ -43,57 +52,119 @@ impl Verdict {
     }
 }
 
-/// Whether `addr`'s bit is set in the address filter.
 #[inline(always)]
-pub fn maybe_ours(addr: &[u32; 4]) -> bool {
+fn filter_hit(filter: &aya_ebpf::maps::Array<u64>, addr: &[u32; 4]) -> bool {
     let bit = addr_filter_bit(addr);
-    match BG_ADDR_FILTER_V1.get(bit >> 6) {
+    match filter.get(bit >> 6) {
         Some(w) => *w & (1u64 << (bit & 63)) != 0,
         None => true,
     }
 }
 
-/// Decides and applies the rewrite for a parsed TCP/UDP packet.
+/// Whether `addr`'s bit is set in the address filter (VIPs and backends).
+#[inline(always)]
+pub fn maybe_ours(addr: &[u32; 4]) -> bool {
+    filter_hit(&BG_ADDR_FILTER_V1, addr)
+}
+
+/// Whether `addr` is one of the gateway's own addresses.
+#[inline(always)]
+fn is_local(addr: &[u32; 4], family: u8) -> bool {
+    filter_hit(&BG_LOCAL_FILTER_V1, addr) && unsafe { BG_LOCAL_ADDRS_V1.get(&VipAddr { addr: *addr, family: family as u32 }) }.is_some()
+}
+
+/// Decides and applies the rewrite for a parsed TCP/UDP packet (`key`: its 5-tuple as it
+/// arrived).
 #[inline(always)]
 pub fn process(pkt: &Packet, key: &FlowKey) -> Verdict {
-    let key = *key;
     // Neither to a VIP nor from a backend: cannot be a VIP flow; no hash lookups.
-    if !maybe_ours(&key.dst) && !maybe_ours(&key.src) {
+    let (to_vip, from_backend) = (maybe_ours(&key.dst), maybe_ours(&key.src));
+    if !to_vip && !from_backend {
         return Verdict::untouched(Reason::PassNotOurs);
     }
-    let Some(cfg) = BG_CONFIG_V1.get(0) else {
+    let Some(cfg) = BG_CONFIG_V2.get(0) else {
         return Verdict::untouched(Reason::PassNotOurs);
     };
-    // One lookup serves both directions of a known flow.
-    if let Some(entry) = BG_FLOWS_V1.get_ptr_mut(&key) {
-        let entry = unsafe { &mut *entry };
-        // Only UDP and closing TCP entries age; an open TCP flow needs no clock read.
-        let ages = pkt.proto != PROTO_TCP || entry.flags & FLOW_CLOSING != 0;
-        let now = if ages { unsafe { bpf_ktime_get_ns() } } else { 0 };
-        let reopened = pkt.has(TCP_SYN) && !pkt.has(TCP_ACK) && entry.flags & FLOW_CLOSING != 0;
-        if !(ages && entry.expired(pkt.proto, now, cfg)) && !reopened {
-            return follow(pkt, &key, entry, now);
+    if to_vip {
+        if let Some(v) = forward(pkt, key, cfg) {
+            return v;
         }
-        // Over: the packet is handled as if no entry existed; a new flow overwrites it.
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    if from_backend {
+        return reply(pkt, key, cfg);
+    }
+    Verdict::untouched(Reason::PassNotOurs)
+}
 
+#[inline(always)]
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// A client → VIP packet. None when it is not addressed to a service (it may be a reply).
+#[inline(always)]
+fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
+    let tcp = pkt.proto == PROTO_TCP;
+    let syn = tcp && pkt.has(TCP_SYN) && !pkt.has(TCP_ACK);
+    // Established: one lookup for the packets of a confirmed flow.
+    if let Some(e) = BG_FLOWS_V2.get_ptr_mut(key) {
+        let e = unsafe { &mut *e };
+        // Only UDP and closing TCP entries age; an open TCP flow needs no clock read.
+        let ages = !tcp || e.flags & FLOW_CLOSING != 0;
+        let now = if ages { now_ns() } else { 0 };
+        if !(ages && e.expired(pkt.proto, true, now, cfg)) {
+            if !syn {
+                return Some(established(pkt, key, e, now));
+            }
+            if e.isn == pkt.seq {
+                // A retransmission of the SYN that started it.
+                return Some(follow(pkt, e, now, Reason::ToBackend));
+            }
+            if e.flags & FLOW_CLOSING == 0 {
+                // A new SYN on an open flow: it may be a new connection (the client lost the
+                // old one) or a spoof. It goes to the active color as a new flow below; the
+                // old entry stays until the client's next packet says which one is real.
+                e.flags |= FLOW_CONTESTED;
+                e.contest_isn = pkt.seq;
+            }
+        }
+    }
+    let now = now_ns();
+    // Unconfirmed.
+    if let Some(e) = BG_EMBRYO_V1.get_ptr_mut(key) {
+        let e = unsafe { &mut *e };
+        if !e.expired(pkt.proto, false, now, cfg) && !(syn && e.isn != pkt.seq) {
+            if tcp && pkt.has(TCP_RST) {
+                // An RST during the handshake ends it when it fits what the client sent.
+                let v = follow(pkt, e, now, Reason::ToBackend);
+                if in_window(pkt.seq, e.seq_next) && BG_EMBRYO_V1.remove(key).is_ok() {
+                    count_fwd(Fwd::FlowsRemoved, 1);
+                }
+                return Some(v);
+            }
+            track_seq(pkt, e);
+            e.last_seen_ns = now;
+            return Some(follow(pkt, e, 0, Reason::ToBackend));
+        }
+    }
+
+    // No live entry: a new flow, if the packet is for a service.
     let vip = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
     let Some(service) = (unsafe { BG_SERVICES_V1.get(&vip) }) else {
         // To a VIP address but no service of it: a stray, which the kernel would route back out.
-        return Verdict::untouched(if is_vip(key.dst, key.family) { Reason::DropStray } else { Reason::PassNotOurs });
+        return is_vip(key.dst, key.family).then(|| Verdict::untouched(Reason::DropStray));
     };
     if martian(&key.src, key.family) {
-        return Verdict::untouched(Reason::DropMartian);
+        return Some(Verdict::untouched(Reason::DropMartian));
     }
     if key.family == FAMILY_V6 && pkt.proto == PROTO_UDP && unsafe { pkt.l4_check.read_unaligned() } == 0 {
-        return Verdict::untouched(Reason::DropUdp6NoChecksum);
+        return Some(Verdict::untouched(Reason::DropUdp6NoChecksum));
     }
-    let reason = if pkt.proto == PROTO_TCP {
+    let reason = if tcp {
         if pkt.has(TCP_RST) {
-            return Verdict::untouched(Reason::DropRstNoFlow);
+            return Some(Verdict::untouched(Reason::DropRstNoFlow));
         }
-        if pkt.has(TCP_SYN) && !pkt.has(TCP_ACK) {
+        if syn {
             Reason::NewFlow
         } else {
             Reason::LostFlow
@@ -102,9 +173,154 @@ pub fn process(pkt: &Packet, key: &FlowKey) -> Verdict {
         Reason::NewFlow
     };
     if over_rate(cfg, now) {
-        return Verdict::untouched(Reason::DropNewFlowRate);
+        return Some(Verdict::untouched(Reason::DropNewFlowRate));
     }
-    new_flow(pkt, &key, service, cfg, now, reason)
+    Some(new_flow(pkt, key, service, cfg, now, reason))
+}
+
+/// Whether `seq` is within `RST_WINDOW` of `next` (either side, modulo 2^32).
+#[inline(always)]
+fn in_window(seq: u32, next: u32) -> bool {
+    seq.wrapping_sub(next).wrapping_add(RST_WINDOW) <= 2 * RST_WINDOW
+}
+
+/// Raises the entry's `seq_next` to the end of this TCP segment when it is further, but only
+/// by up to `RST_WINDOW`: a client's segments follow one another, while a spoofed one far
+/// ahead must not move the window a later blind RST is checked against. RSTs move nothing.
+#[inline(always)]
+fn track_seq(pkt: &Packet, e: &mut FlowEntry) {
+    if pkt.proto != PROTO_TCP || pkt.has(TCP_RST) {
+        return;
+    }
+    let end = pkt.seq.wrapping_add(pkt.payload_len).wrapping_add(pkt.has(TCP_FIN) as u32);
+    let ahead = end.wrapping_sub(e.seq_next) as i32;
+    if ahead > 0 && ahead as u32 <= RST_WINDOW {
+        e.seq_next = end;
+    }
+}
+
+/// A packet of an established flow.
+#[inline(always)]
+fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64) -> Verdict {
+    if pkt.proto == PROTO_TCP {
+        if e.flags & FLOW_CONTESTED != 0 {
+            if pkt.seq == e.contest_isn.wrapping_add(1) {
+                // The contesting SYN's connection goes on (its handshake's ACK): it is the real
+                // one, and its unconfirmed entry takes this key over.
+                if let Some(n) = unsafe { BG_EMBRYO_V1.get(key) } {
+                    let mut n = *n;
+                    n.flags &= !FLOW_LOST;
+                    track_seq(pkt, &mut n);
+                    if BG_FLOWS_V2.insert(key, &n, 0).is_ok() {
+                        if BG_EMBRYO_V1.remove(key).is_ok() {
+                            count_fwd(Fwd::FlowsRemoved, 1);
+                        }
+                        return follow(pkt, &mut n, 0, Reason::ToBackend);
+                    }
+                }
+            } else {
+                // The old connection goes on: the SYN was not its client's.
+                e.flags &= !FLOW_CONTESTED;
+            }
+        }
+        track_seq(pkt, e);
+        if pkt.has(TCP_RST) {
+            if in_window(pkt.seq, e.seq_next) && e.flags & FLOW_CLOSING == 0 {
+                e.flags |= FLOW_CLOSING;
+                e.last_seen_ns = now_ns();
+            }
+        } else if pkt.has(TCP_FIN) && e.flags & FLOW_CLOSING == 0 {
+            e.flags |= FLOW_CLOSING;
+            e.last_seen_ns = now_ns();
+        }
+    }
+    follow(pkt, e, now, Reason::ToBackend)
+}
+
+/// Rewrites a client's packet toward the entry's backend. `now` is 0 when the entry needs no
+/// refresh (open TCP flows, whose `last_seen_ns` is only kept from their FIN on).
+#[inline(always)]
+fn follow(pkt: &Packet, e: &mut FlowEntry, now: u64, reason: Reason) -> Verdict {
+    if now != 0 && now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        e.last_seen_ns = now;
+    }
+    let (backend, port) = (e.backend, e.backend_port);
+    rewrite(pkt, End::Dst, &backend, port);
+    Verdict { reason, color: e.color }
+}
+
+/// A backend → client packet: the static map names the VIP. Replies also confirm flows: a
+/// SYN-ACK its SYN's flow, a UDP reply its flow, any TCP reply but an RST a lost flow.
+#[inline(always)]
+fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
+    let bkey = BackendKey { addr: key.src, port: key.sport, proto: key.proto, family: key.family };
+    let Some(r) = (unsafe { BG_REPLIES_V1.get(&bkey) }) else {
+        return Verdict::untouched(Reason::PassNotOurs);
+    };
+    // Answers to the gateway itself (the agent's health checks) are not NAT replies.
+    if is_local(&key.dst, key.family) {
+        return Verdict::untouched(Reason::PassNotOurs);
+    }
+    let (mut vip, mut vip_port, color) = (r.vip, r.vip_port, r.color);
+    if r.flags & REPLY_HAS_PREVIEW != 0 {
+        if let Some(p) = unsafe { BG_PREVIEW_REPLIES_V1.get(key) } {
+            (vip, vip_port) = (p.vip, p.vip_port);
+        }
+    }
+    let fkey = key.forward_key(vip, vip_port);
+    if pkt.proto == PROTO_TCP {
+        if pkt.has(TCP_SYN) && pkt.has(TCP_ACK) {
+            confirm(&fkey, cfg, |e| pkt.ack == e.isn.wrapping_add(1));
+        } else if !pkt.has(TCP_RST) && lost_flows_waiting() {
+            confirm(&fkey, cfg, |e| e.flags & FLOW_LOST != 0);
+        }
+    } else {
+        confirm(&fkey, cfg, |_| true);
+    }
+    rewrite(pkt, End::Src, &vip, vip_port);
+    Verdict { reason: Reason::FromBackend, color }
+}
+
+/// Whether a lost flow started recently enough to still be waiting for its confirmation.
+#[inline(always)]
+fn lost_flows_waiting() -> bool {
+    match BG_GATE_V1.get(0) {
+        Some(until) => *until != 0 && unsafe { bpf_ktime_get_coarse_ns() } < *until,
+        None => false,
+    }
+}
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// Moves the unconfirmed entry of `fkey` to the established table when `ok` says this reply
+/// confirms it. Not over an open established entry of the same key (a contested one): there
+/// the client's next packet decides.
+#[inline(always)]
+fn confirm(fkey: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
+    let Some(e) = (unsafe { BG_EMBRYO_V1.get(fkey) }) else { return };
+    if !ok(e) {
+        return;
+    }
+    if let Some(old) = unsafe { BG_FLOWS_V2.get(fkey) } {
+        if old.flags & FLOW_CLOSING == 0 && !old.expired(fkey.proto, true, now_ns(), cfg) {
+            return;
+        }
+    }
+    let mut n = *e;
+    n.flags &= !FLOW_LOST;
+    let stored = match BG_FLOWS_V2.insert(fkey, &n, BPF_NOEXIST) {
+        Ok(()) => {
+            count_fwd(Fwd::FlowsConfirmed, 1);
+            true
+        }
+        // Over a closing or expired entry of a previous connection on this 4-tuple.
+        Err(err) if err == -EEXIST => BG_FLOWS_V2.insert(fkey, &n, 0).is_ok(),
+        Err(_) => false,
+    };
+    if stored && BG_EMBRYO_V1.remove(fkey).is_ok() {
+        count_fwd(Fwd::FlowsRemoved, 1);
+    }
 }
 
 /// A source no real client has, to a VIP: IPv4 0/8, 127/8, 224/3 (multicast, reserved,
@@ -121,56 +337,6 @@ fn martian(src: &[u32; 4], family: u8) -> bool {
         first == 0xff || mapped || (low_zero && (src[3] == 0 || src[3] == 1u32.to_be()))
     };
     bogus || is_vip(*src, family)
-}
-
-/// A packet of a known flow: rewrite as its entry says. `now` is 0 for open TCP flows, whose
-/// `last_seen_ns` is only kept from their FIN on.
-#[inline(always)]
-fn follow(pkt: &Packet, key: &FlowKey, entry: &mut NatEntry, now: u64) -> Verdict {
-    if now != 0 && now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-        entry.last_seen_ns = now;
-    }
-    let (addr, port, kind, color) = (entry.addr, entry.port, entry.kind, entry.color);
-    if pkt.has(TCP_FIN) && entry.flags & FLOW_CLOSING == 0 {
-        entry.flags |= FLOW_CLOSING;
-        entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-    }
-    let reason = if kind == NAT_TO_BACKEND {
-        rewrite(pkt, End::Dst, &addr, port);
-        Reason::ToBackend
-    } else {
-        rewrite(pkt, End::Src, &addr, port);
-        Reason::FromBackend
-    };
-    if pkt.has(TCP_RST) {
-        // The connection is over for both ends: forget both directions now.
-        let peer = if kind == NAT_TO_BACKEND {
-            key.reply_key(addr, port)
-        } else {
-            key.forward_key(addr, port)
-        };
-        let removed = BG_FLOWS_V1.remove(key).is_ok() as u64 + BG_FLOWS_V1.remove(&peer).is_ok() as u64;
-        count_fwd(Fwd::FlowsRemoved, removed);
-    }
-    Verdict { reason, color }
-}
-
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
-
-/// Writes a flow entry, counting it as created when its key had none (so that evictions can be
-/// told from the counters); an expired entry under the same key is overwritten.
-#[inline(always)]
-fn record(key: &FlowKey, entry: &NatEntry) -> bool {
-    match BG_FLOWS_V1.insert(key, entry, BPF_NOEXIST) {
-        Ok(()) => {
-            count_fwd(Fwd::FlowsCreated, 1);
-            true
-        }
-        // The helper returns -errno.
-        Err(e) if e == -EEXIST => BG_FLOWS_V1.insert(key, entry, 0).is_ok(),
-        Err(_) => false,
-    }
 }
 
 /// The new-flow rate bound: true when this second's budget, shared by every CPU, is spent.
@@ -202,14 +368,15 @@ fn over_rate(cfg: &DpConfig, now: u64) -> bool {
     false
 }
 
-/// Picks a backend of the active color by Maglev, records both directions, rewrites.
+/// Picks a backend of the active color by Maglev, records an unconfirmed entry, rewrites.
 #[inline(always)]
 fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, now: u64, reason: Reason) -> Verdict {
     let Some(selector) = BG_ACTIVE_V1.get(0) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };
     let hash = flow_hash(key);
-    let slot = selector.slot_for(hash, service.flags & SERVICE_PREVIEW != 0);
+    let preview = service.flags & SERVICE_PREVIEW != 0;
+    let slot = selector.slot_for(hash, preview);
     let Some(set) = BG_BACKEND_SETS_V1.get(BackendSet::index(slot, service.index)) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };
@@ -222,29 +389,45 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     }
     let backend = &set.backends[b as usize];
     let color = set.color as u8;
-
-    let forward = NatEntry {
-        addr: backend.addr,
+    let lost = reason == Reason::LostFlow;
+    let syn = pkt.has(TCP_SYN);
+    let mut entry = FlowEntry {
+        backend: backend.addr,
         last_seen_ns: now,
-        port: backend.port,
-        kind: NAT_TO_BACKEND,
+        backend_port: backend.port,
         color,
-        flags: 0,
-        _pad: [0; 3],
+        flags: if lost { FLOW_LOST } else { 0 } | if preview { FLOW_PREVIEW } else { 0 },
+        isn: if syn { pkt.seq } else { 0 },
+        seq_next: pkt.seq.wrapping_add(syn as u32),
+        contest_isn: 0,
+        _pad: [0; 2],
     };
-    let reply = NatEntry {
-        addr: key.dst,
-        last_seen_ns: now,
-        port: key.dport,
-        kind: NAT_FROM_BACKEND,
-        color,
-        flags: 0,
-        _pad: [0; 3],
-    };
-    // Reply entry first: once the forward entry exists, later packets skip this path, and their
-    // replies must find the reverse mapping.
-    if !record(&key.reply_key(backend.addr, backend.port), &reply) || !record(key, &forward) {
-        return Verdict::untouched(Reason::DropFlowTableFull);
+    track_seq(pkt, &mut entry);
+    if preview {
+        // The backend also serves the main VIP: this flow's replies need their own mapping.
+        let r = PreviewReply { vip: key.dst, vip_port: key.dport, _pad: 0 };
+        if BG_PREVIEW_REPLIES_V1.insert(&key.reply_key(backend.addr, backend.port), &r, 0).is_err() {
+            return Verdict::untouched(Reason::DropFlowTableFull);
+        }
+    } else if service.flags & SERVICE_HAS_PREVIEW != 0 {
+        // A reply 5-tuple belongs to one connection at a time: an earlier preview flow's
+        // mapping (its client port reused now) must not claim this flow's replies.
+        let _ = BG_PREVIEW_REPLIES_V1.remove(&key.reply_key(backend.addr, backend.port));
+    }
+    match BG_EMBRYO_V1.insert(key, &entry, BPF_NOEXIST) {
+        Ok(()) => count_fwd(Fwd::FlowsCreated, 1),
+        // An expired or replaced entry under the same key.
+        Err(e) if e == -EEXIST => {
+            if BG_EMBRYO_V1.insert(key, &entry, 0).is_err() {
+                return Verdict::untouched(Reason::DropFlowTableFull);
+            }
+        }
+        Err(_) => return Verdict::untouched(Reason::DropFlowTableFull),
+    }
+    if lost {
+        if let Some(g) = BG_GATE_V1.get_ptr_mut(0) {
+            unsafe { *g = now + cfg.unconfirmed_idle_ns };
+        }
     }
     rewrite(pkt, End::Dst, &backend.addr, backend.port);
     crate::count_new_flow(color);

@@ -1,13 +1,14 @@
 //! ICMP/ICMPv6 errors about VIP flows, rewritten for the NAT so path MTU discovery and error
-//! reporting keep working. The quoted packet is one the flow sent, so its reversed 5-tuple is a
-//! flow key: one lookup finds the flow and which way the error travels.
+//! reporting keep working. The quoted packet is one bg rewrote: either client → backend (the
+//! error travels to the client; the static reply map names the VIP) or VIP → client (a reply;
+//! the error is sent to the VIP and belongs to the backend; the flow tables name it).
 
-use bg_common::{FlowKey, Reason, NAT_TO_BACKEND};
+use bg_common::{BackendKey, FlowKey, Reason, REPLY_HAS_PREVIEW};
 
 use crate::{
     decide::{Verdict, NO_COLOR},
-    maps::BG_FLOWS_V1,
-    parse::{read_addr, End, IcmpError},
+    maps::{BG_EMBRYO_V1, BG_FLOWS_V2, BG_PREVIEW_REPLIES_V1, BG_REPLIES_V1},
+    parse::{is_vip, read_addr, End, IcmpError},
     rewrite::{rewrite_icmp_outer, rewrite_quoted},
 };
 
@@ -15,42 +16,47 @@ use crate::{
 pub fn process(e: &IcmpError) -> Verdict {
     let inner_src = read_addr(e.inner_l3, e.family, End::Src);
     let inner_dst = read_addr(e.inner_l3, e.family, End::Dst);
+    let stray = || {
+        // An error sent to a VIP about no flow bg has is a stray; one passing through, not ours.
+        let to_vip = is_vip(read_addr(e.l3, e.family, End::Dst), e.family);
+        Verdict { reason: if to_vip { Reason::DropStray } else { Reason::PassNotOurs }, color: NO_COLOR }
+    };
     if !crate::decide::maybe_ours(&inner_src) && !crate::decide::maybe_ours(&inner_dst) {
-        return Verdict { reason: Reason::PassNotOurs, color: NO_COLOR };
+        return stray();
     }
     let ports = unsafe { *e.inner_ports };
-    // The packet that would answer the quoted one.
-    let key = FlowKey {
-        src: inner_dst,
-        dst: inner_src,
-        sport: ports[1],
-        dport: ports[0],
-        proto: e.inner_proto,
-        family: e.family,
-        _pad: [0; 2],
-    };
-    let Some(entry) = (unsafe { BG_FLOWS_V1.get(&key) }) else {
-        // An error sent to a VIP about no flow bg has is a stray; one passing through, not ours.
-        let to_vip = crate::parse::is_vip(read_addr(e.l3, e.family, End::Dst), e.family);
-        return Verdict { reason: if to_vip { Reason::DropStray } else { Reason::PassNotOurs }, color: NO_COLOR };
-    };
-    let (addr, port, color) = (entry.addr, entry.port, entry.color);
-    if entry.kind == NAT_TO_BACKEND {
-        // Quoted VIP → client (a reply we rewrote); the error is addressed to the VIP and
-        // belongs to the backend.
-        rewrite_quoted(e, End::Src, &addr, port);
-        if read_addr(e.l3, e.family, End::Dst) == inner_src {
-            rewrite_icmp_outer(e, End::Dst, &addr);
+    // Quoted client → backend (a request we rewrote), on its way to the client, which knows
+    // the connection as client → VIP. A router's own address stays the source; the backend's
+    // becomes the VIP.
+    let bkey = BackendKey { addr: inner_dst, port: ports[1], proto: e.inner_proto, family: e.family };
+    if let Some(r) = unsafe { BG_REPLIES_V1.get(&bkey) } {
+        let (mut vip, mut vip_port) = (r.vip, r.vip_port);
+        if r.flags & REPLY_HAS_PREVIEW != 0 {
+            let reply = FlowKey { src: inner_dst, dst: inner_src, sport: ports[1], dport: ports[0], proto: e.inner_proto, family: e.family, _pad: [0; 2] };
+            if let Some(p) = unsafe { BG_PREVIEW_REPLIES_V1.get(&reply) } {
+                (vip, vip_port) = (p.vip, p.vip_port);
+            }
         }
-        Verdict { reason: Reason::IcmpToBackend, color }
-    } else {
-        // Quoted client → backend (a request we rewrote); the error goes to the client, which
-        // knows the connection as client → VIP. A router's own address stays the source; the
-        // backend's becomes the VIP.
-        rewrite_quoted(e, End::Dst, &addr, port);
+        rewrite_quoted(e, End::Dst, &vip, vip_port);
         if read_addr(e.l3, e.family, End::Src) == inner_dst {
-            rewrite_icmp_outer(e, End::Src, &addr);
+            rewrite_icmp_outer(e, End::Src, &vip);
         }
-        Verdict { reason: Reason::IcmpToClient, color }
+        return Verdict { reason: Reason::IcmpToClient, color: r.color };
     }
+    // Quoted VIP → client (a reply we rewrote): the error is addressed to the VIP and belongs
+    // to the backend of the flow client → VIP.
+    let fkey = FlowKey { src: inner_dst, dst: inner_src, sport: ports[1], dport: ports[0], proto: e.inner_proto, family: e.family, _pad: [0; 2] };
+    let entry = match unsafe { BG_FLOWS_V2.get(&fkey) } {
+        Some(x) => x,
+        None => match unsafe { BG_EMBRYO_V1.get(&fkey) } {
+            Some(x) => x,
+            None => return stray(),
+        },
+    };
+    let (backend, port, color) = (entry.backend, entry.backend_port, entry.color);
+    rewrite_quoted(e, End::Src, &backend, port);
+    if read_addr(e.l3, e.family, End::Dst) == inner_src {
+        rewrite_icmp_outer(e, End::Dst, &backend);
+    }
+    Verdict { reason: Reason::IcmpToBackend, color }
 }

@@ -28,7 +28,7 @@ use bg_common::{Fwd, Reason};
 
 use crate::{
     forward::{Out, Undo},
-    maps::{BG_COLOR_STATS_V1, BG_CONFIG_V1, BG_FWD_STATS_V2, BG_STATS_V2},
+    maps::{BG_COLOR_STATS_V1, BG_CONFIG_V2, BG_FWD_STATS_V2, BG_STATS_V2},
     parse::{End, Parsed},
 };
 
@@ -37,7 +37,7 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
     // `--features variant` (tests only): one more map lookup, whose result is unused, makes a
     // program with a different tag and the same behaviour.
     #[cfg(feature = "variant")]
-    let _ = BG_CONFIG_V1.get(0);
+    let _ = BG_CONFIG_V2.get(0);
     let (verdict, out) = match parse::parse(&ctx) {
         Err(reason) => return finish(reason),
         Ok(Parsed::Flow(pkt)) => {
@@ -69,7 +69,7 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
             (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
         }
     }
-    let Some(cfg) = BG_CONFIG_V1.get(0) else {
+    let Some(cfg) = BG_CONFIG_V2.get(0) else {
         return xdp_action::XDP_PASS;
     };
     let (action, fwd) = forward::forward(&ctx, &out, cfg);

@@ -5,13 +5,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    ADDR_FILTER_WORDS, BackendSet, ColorStats, DpConfig, EgressState, FlowKey, NatEntry, RateWindow, Selector,
-    ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_EGRESS, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
+    ADDR_FILTER_WORDS, BackendKey, BackendSet, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, PreviewReply,
+    RateWindow, ReplyNat, Selector, ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_EGRESS,
+    MAX_LOCAL_ADDRS, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
 };
 
 /// Settings written once by the agent before attaching (timeouts, rate bound, flags).
 #[map]
-pub static BG_CONFIG_V1: Array<DpConfig> = Array::with_max_entries(1, 0);
+pub static BG_CONFIG_V2: Array<DpConfig> = Array::with_max_entries(1, 0);
 
 /// The single entry selecting the backend-set slot for new flows; one aligned u32, so a flip is
 /// one atomic store (see `bg_common::Selector`).
@@ -37,10 +38,38 @@ pub static BG_BACKEND_SETS_V1: Array<BackendSet> =
 #[map]
 pub static BG_RINGS_V1: Array<u32> = Array::with_max_entries(SLOTS * RING_SIZE, 0);
 
-/// Per-flow NAT state, both directions; size set by the agent at load time.
+/// Established flows (confirmed by their backend's answer), by client → VIP 5-tuple; size
+/// `flow_table_size`, set by the agent at load time. Only confirmations insert here, so new
+/// and unconfirmed flows can never evict an established one.
 #[map]
-pub static BG_FLOWS_V1: LruHashMap<FlowKey, NatEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static BG_FLOWS_V2: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Unconfirmed flows (a SYN, a first UDP datagram, a lost flow's packet; no answer from the
+/// backend yet), by client → VIP 5-tuple; size `unconfirmed_table_size`. Floods churn this
+/// table only.
+#[map]
+pub static BG_EMBRYO_V1: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 8, 0);
+
+/// Static reverse NAT: a backend's address, port and protocol → its service's VIP and color.
+/// Replies need no per-flow state, so no eviction can leak a backend's address.
+#[map]
+pub static BG_REPLIES_V1: HashMap<BackendKey, ReplyNat> = HashMap::with_max_entries(MAX_SERVICES * 2 * MAX_BACKENDS as u32, 0);
+
+/// Preview flows' replies (their backend also serves the main VIP): reply 5-tuple → preview VIP.
+#[map]
+pub static BG_PREVIEW_REPLIES_V1: LruHashMap<FlowKey, PreviewReply> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 8, 0);
+
+/// [0]: until when (`bpf_ktime_get_ns`) lost flows may be waiting for their backend's answer;
+/// while it is in the future, TCP replies look for an unconfirmed entry to confirm.
+#[map]
+pub static BG_GATE_V1: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The gateway's own addresses (replies to them, such as the agent's health checks, are not
+/// NAT replies), with a bit filter in front (`bg_common::addr_filter_bit`).
+#[map]
+pub static BG_LOCAL_ADDRS_V1: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+#[map]
+pub static BG_LOCAL_FILTER_V1: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
 
 /// Per-CPU packet count per `Reason` (each packet counts exactly one); `STAT_SLOTS` entries.
 #[map]

@@ -71,6 +71,11 @@ pub struct Packet {
     pub proto: u8,
     /// TCP flags byte (CWR..FIN); 0 for UDP.
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers, host order; 0 for UDP.
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP: payload bytes after the TCP header (by the IP length); 0 for UDP.
+    pub payload_len: u32,
 }
 
 /// An ICMP/ICMPv6 error quoting a TCP/UDP packet (a VIP flow candidate).
@@ -181,7 +186,8 @@ fn parse_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
         // strays).
         return parse_icmp_error(ctx, eth, l3, FAMILY_V4, l4).map(Parsed::Icmp).map_err(|r| bad(r, Reason::DropStray));
     }
-    parse_l4(ctx, eth, l3, FAMILY_V4, proto, l4)
+    let ip_end = EthHdr::LEN + u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    parse_l4(ctx, eth, l3, FAMILY_V4, proto, l4, ip_end)
         .ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))
         .map(Parsed::Flow)
 }
@@ -238,16 +244,22 @@ fn parse_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Result<Parsed, Reason> {
     if next == PROTO_ICMPV6 {
         return parse_icmp_error(ctx, eth, l3, FAMILY_V6, off).map(Parsed::Icmp).map_err(|r| bad(r, Reason::DropStray));
     }
-    parse_l4(ctx, eth, l3, FAMILY_V6, next, off)
+    let ip_end = EthHdr::LEN + Ipv6Hdr::LEN + u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
+    parse_l4(ctx, eth, l3, FAMILY_V6, next, off, ip_end)
         .ok_or_else(|| bad(Reason::PassTruncated, Reason::DropMalformed))
         .map(Parsed::Flow)
 }
 
-/// The TCP or UDP header at `l4`, if it is all there.
+/// The TCP or UDP header at `l4`, if it is all there. `ip_end`: where the IP packet ends by
+/// its own length field (for the TCP payload length).
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, l3: *mut u8, family: u8, proto: u8, l4: usize) -> Option<Packet> {
+fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, l3: *mut u8, family: u8, proto: u8, l4: usize, ip_end: usize) -> Option<Packet> {
     if proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+        let b = tcp as *const u8;
+        let (seq, ack, doff) = unsafe {
+            (u32::from_be((b.add(4) as *const u32).read_unaligned()), u32::from_be((b.add(8) as *const u32).read_unaligned()), (*b.add(12) >> 4) as usize)
+        };
         Some(Packet {
             eth,
             l3,
@@ -255,7 +267,10 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, l3: *mut u8, family: u8, proto: 
             ports: tcp as *mut [u16; 2],
             l4_check: unsafe { core::ptr::addr_of_mut!((*tcp).check) } as *mut u16,
             proto,
-            tcp_flags: unsafe { *(tcp as *const u8).add(13) },
+            tcp_flags: unsafe { *b.add(13) },
+            seq,
+            ack,
+            payload_len: ip_end.saturating_sub(l4 + doff * 4) as u32,
         })
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
@@ -267,6 +282,9 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, l3: *mut u8, family: u8, proto: 
             l4_check: unsafe { core::ptr::addr_of_mut!((*udp).check) } as *mut u16,
             proto,
             tcp_flags: 0,
+            seq: 0,
+            ack: 0,
+            payload_len: 0,
         })
     }
 }

@@ -4,8 +4,11 @@
 //! The kernel's own answer would quote the packet as bg rewrote it (client → backend, or VIP →
 //! client), which the sender cannot match to any socket of its own: path MTU discovery would
 //! silently fail and large segments would be lost for good. So bg answers itself, from the VIP,
-//! quoting the packet as its sender sent it (the caller undoes the rewrite first), and sends
-//! the error back out of the interface the packet came in on (`XDP_TX`).
+//! quoting the packet as its sender sent it (the caller undoes the rewrite first), and hands
+//! the error to the kernel (`XDP_PASS`, Ethernet header as it arrived, so addressed to this
+//! host), which routes it to the sender like any packet it forwards. (`XDP_TX` back out of a
+//! veth left these frames stuck in the peer's queue for long stretches on this kernel; these
+//! answers are rare, and the kernel path resolves neighbours and routes on its own.)
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -50,7 +53,7 @@ fn write_words(p: *mut u8, words: &[u32]) {
 
 /// Replaces the frame (Ethernet, then an IP packet whose L4 header starts `l4_off` bytes into
 /// the frame, as its sender sent it) with the ICMP error about it, addressed to its sender,
-/// from `vip`. Returns `XDP_TX`, or None when the frame could not be rebuilt (then it is no
+/// from `vip`. Returns `XDP_PASS`, or None when the frame could not be rebuilt (then it is no
 /// longer the packet it was: the caller drops it).
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, family: u8, vip: &[u32; 4], mtu: u32, l4_off: usize) -> Option<u32> {
@@ -65,7 +68,8 @@ pub fn too_big(ctx: &XdpContext, family: u8, vip: &[u32; 4], mtu: u32, l4_off: u
             q
         }
     };
-    // What the rebuilt frame needs from the old one: both MACs and the sender's address.
+    // What the rebuilt frame needs from the old one: both MACs (kept: the frame stays addressed
+    // to this host) and the sender's address.
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let (dst_mac, src_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     let sender: [u32; 4] = if v4 {
@@ -86,8 +90,8 @@ pub fn too_big(ctx: &XdpContext, family: u8, vip: &[u32; 4], mtu: u32, l4_off: u
 
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     unsafe {
-        (*eth).dst_addr = src_mac;
-        (*eth).src_addr = dst_mac;
+        (*eth).dst_addr = dst_mac;
+        (*eth).src_addr = src_mac;
         (*eth).ether_type = if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
     }
     let icmp_len = ICMP_HLEN + quote;
@@ -125,5 +129,5 @@ pub fn too_big(ctx: &XdpContext, family: u8, vip: &[u32; 4], mtu: u32, l4_off: u
     write_words(icmp, &[u32::from_be_bytes([icmp_type, icmp_code, 0, 0]).to_be(), rest]);
     icmp_sum = sum_words(ctx, EthHdr::LEN + ip_hlen, icmp_len, icmp_sum)?;
     unsafe { (icmp.add(2) as *mut u16).write_unaligned(!csum::fold(icmp_sum)) };
-    Some(xdp_action::XDP_TX)
+    Some(xdp_action::XDP_PASS)
 }

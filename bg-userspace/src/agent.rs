@@ -514,6 +514,7 @@ impl State {
             egress: self.egress()?,
             flows: self.dp.flow_counts()?,
             flow_table_size: self.config.flow_table_size,
+            unconfirmed_table_size: self.config.unconfirmed_table_size,
             pin_dir: self.config.pin_dir.display().to_string(),
             drain: self.drain.map(|(color, deadline, _)| DrainStatus {
                 color: color.name().into(),
@@ -677,8 +678,13 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 let mut st = state.lock().unwrap();
                 ticks += 1;
-                if ticks % REPROBE_TICKS == 0 && st.config.forwarding == Forwarding::Redirect {
-                    st.reprobe();
+                if ticks % REPROBE_TICKS == 0 {
+                    if st.config.forwarding == Forwarding::Redirect {
+                        st.reprobe();
+                    }
+                    if let Err(e) = st.dp.refresh_local_addrs() {
+                        warn!(error = %format!("{e:#}"), "could not refresh the gateway's own addresses");
+                    }
                 }
                 st.apply_health();
                 st.check_watch();

@@ -255,8 +255,9 @@ fn print_status(s: &Status) {
         println!("watching {}: automatic rollback if it turns unhealthy in the next {} s", w.color, w.remaining_secs);
     }
     println!(
-        "live flows: blue {}, green {} (table: {} of {} entries in use, {} expired, {} evicted so far)",
-        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.expired, s.flows.evicted
+        "live flows: blue {}, green {} (established: {} of {} entries, {} evicted so far; unconfirmed: {} of {}; {} expired)",
+        s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.evicted, s.flows.unconfirmed_entries,
+        s.unconfirmed_table_size, s.flows.expired
     );
     if let Some(d) = &s.drain {
         println!("draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);

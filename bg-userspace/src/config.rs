@@ -19,6 +19,8 @@ const MAX_FLOW_TABLE: u32 = 1 << 26;
 const MAX_WEIGHT: u32 = 1000;
 pub const DEFAULT_UDP_IDLE_SECS: u64 = 30;
 pub const DEFAULT_CLOSING_SECS: u64 = 10;
+/// An unconfirmed flow (no answer from its backend yet) idle this long is over.
+pub const DEFAULT_UNCONFIRMED_SECS: u64 = 5;
 pub const DEFAULT_NEW_FLOWS_PER_SEC: u32 = 50_000;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bg";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9477";
@@ -129,6 +131,8 @@ struct RawConfig {
     pin_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     flow_table_size: Option<u32>,
+    unconfirmed_table_size: Option<u32>,
+    unconfirmed_timeout_secs: Option<u64>,
     initial_color: Option<String>,
     #[serde(default)]
     forwarding: Forwarding,
@@ -183,12 +187,18 @@ pub struct Config {
     pub xdp_mode: XdpModeSetting,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// Established flows (one entry each).
     pub flow_table_size: u32,
+    /// Flows not yet answered by their backend (SYNs, first datagrams, lost flows): a table
+    /// of their own, so that floods churn it and never the established one.
+    pub unconfirmed_table_size: u32,
+    /// An unconfirmed flow idle this long is over.
+    pub unconfirmed_timeout_secs: u64,
     pub initial_color: Color,
     pub forwarding: Forwarding,
     pub udp_idle_timeout_secs: u64,
     pub closing_timeout_secs: u64,
-    /// New flows per second per CPU before SYNs are dropped; 0 = unlimited.
+    /// New flows per second for the whole gateway before they are dropped; 0 = unlimited.
     pub max_new_flows_per_sec: u32,
     /// Where the persisted state (`state.json`) and the audit log (`audit.jsonl`) live.
     pub state_dir: PathBuf,
@@ -357,8 +367,19 @@ impl RawConfig {
         if !(MIN_FLOW_TABLE..=MAX_FLOW_TABLE).contains(&flow_table_size) {
             return Err(field_err(
                 "flow_table_size",
-                format!("{flow_table_size} is out of range; use {MIN_FLOW_TABLE} to {MAX_FLOW_TABLE} entries (two per flow)"),
+                format!("{flow_table_size} is out of range; use {MIN_FLOW_TABLE} to {MAX_FLOW_TABLE} entries (one per established flow)"),
             ));
+        }
+        let unconfirmed_table_size = self.unconfirmed_table_size.unwrap_or((flow_table_size / 8).max(MIN_FLOW_TABLE));
+        if !(MIN_FLOW_TABLE..=MAX_FLOW_TABLE).contains(&unconfirmed_table_size) {
+            return Err(field_err(
+                "unconfirmed_table_size",
+                format!("{unconfirmed_table_size} is out of range; use {MIN_FLOW_TABLE} to {MAX_FLOW_TABLE} entries"),
+            ));
+        }
+        let unconfirmed_timeout_secs = self.unconfirmed_timeout_secs.unwrap_or(DEFAULT_UNCONFIRMED_SECS);
+        if !(1..=300).contains(&unconfirmed_timeout_secs) {
+            return Err(field_err("unconfirmed_timeout_secs", "use 1 to 300 seconds"));
         }
         let initial_color = match &self.initial_color {
             None => Color::Blue,
@@ -380,6 +401,9 @@ impl RawConfig {
         }
 
         let global_health = self.health.clone();
+        // Replies are mapped back to their VIP by the backend's address and port alone, so a
+        // backend belongs to one service and one color: where each was first listed.
+        let mut owners: std::collections::HashMap<(SocketAddr, Protocol), String> = std::collections::HashMap::new();
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         let mut services = Vec::with_capacity(self.services.len());
@@ -447,6 +471,15 @@ impl RawConfig {
                     }
                     if parsed.iter().any(|p| p.addr == addr) {
                         return Err(field_err(field, format!("`{addr}` is listed twice; list it once")));
+                    }
+                    if let Some(first) = owners.insert((addr, s.protocol), format!("service[{i}].{color}[{j}] ({} {color})", s.name)) {
+                        return Err(field_err(
+                            field,
+                            format!(
+                                "`{addr}` is already {first}: a backend address:port belongs to one service and one color \
+                                 (bg maps its replies back to the VIP by that address alone); give this one another port or address"
+                            ),
+                        ));
                     }
                     parsed.push(backend);
                 }
@@ -520,6 +553,8 @@ impl RawConfig {
             pin_dir: self.pin_dir.unwrap_or_else(|| PathBuf::from(bg_common::pin::DEFAULT_PIN_DIR)),
             socket: self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             flow_table_size,
+            unconfirmed_table_size,
+            unconfirmed_timeout_secs,
             initial_color,
             services,
         })
@@ -692,6 +727,27 @@ green = ["10.2.0.2:8080"]
         let dup = format!("{GOOD}{}", second.replace("\"web\"", "\"web2\""));
         let e = err_of(&dup);
         assert!(e.contains("service[1].vip") && e.contains("already served"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_belongs_to_one_service_and_one_color() {
+        // In both colors of one service.
+        let e = err_of(&GOOD.replace("green = [\"10.2.0.2:8080\"]", "green = [\"10.1.0.3:8080\"]"));
+        assert!(e.contains("service[0].green[0]") && e.contains("service[0].blue[1] (web blue)") && e.contains("one service and one color"), "{e}");
+        // In two services.
+        let second = "[[service]]\nname = \"api\"\nvip = \"10.100.0.2:80\"\nblue = [\"10.3.0.2:8080\"]\ngreen = [\"10.2.0.2:8080\"]\n";
+        let e = err_of(&format!("{GOOD}{second}"));
+        assert!(e.contains("service[1].green[0]") && e.contains("service[0].green[0] (web green)"), "{e}");
+        // Another port of the same host, or the same address:port for another protocol: fine.
+        Config::parse(&format!("{GOOD}{}", second.replace("10.2.0.2:8080", "10.2.0.2:8081"))).unwrap();
+        Config::parse(&format!("{GOOD}{}", second.replace("name = \"api\"", "name = \"api\"\nprotocol = \"udp\""))).unwrap();
+        // The defaults of the unconfirmed table: an eighth of the established one, at least 1024.
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.unconfirmed_table_size, c.unconfirmed_timeout_secs), (8192, 5));
+        let c = Config::parse(&format!("flow_table_size = 2048\n{GOOD}")).unwrap();
+        assert_eq!(c.unconfirmed_table_size, 1024);
+        let e = err_of(&format!("unconfirmed_timeout_secs = 0\n{GOOD}"));
+        assert!(e.contains("unconfirmed_timeout_secs"), "{e}");
     }
 
     #[test]

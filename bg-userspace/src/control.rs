@@ -123,6 +123,8 @@ pub struct Status {
     pub egress: Vec<Egress>,
     pub flows: FlowCounts,
     pub flow_table_size: u32,
+    #[serde(default)]
+    pub unconfirmed_table_size: u32,
     pub pin_dir: String,
     /// A pending drain of the previous color, if any.
     pub drain: Option<DrainStatus>,

@@ -17,14 +17,16 @@ use aya::{
 use bg_common::{
     maglev,
     pin::{
-        ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_FLOWS, MAP_FWD_STATS,
+        ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_EMBRYO, MAP_FLOWS, MAP_FWD_STATS, MAP_GATE,
+        MAP_LOCAL_ADDRS, MAP_LOCAL_FILTER, MAP_PREVIEW_REPLIES, MAP_REPLIES,
         MAP_ADDR_FILTER, MAP_EGRESS, MAP_PROG_IDS, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS,
         PROBE_PROGRAM, PROGRAM, REDIRECT_ERR_PROGRAM,
     },
     addr_filter_bit, ADDR_FILTER_WORDS,
-    ring_base, slot_color, Backend, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowKey, Fwd, NatEntry,
+    ring_base, slot_color, Backend, BackendKey, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey,
+    Fwd, PreviewReply, ReplyNat, MAX_BACKENDS, MAX_LOCAL_ADDRS, REPLY_HAS_PREVIEW,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
-    EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, NAT_TO_BACKEND, PROBE_ETHERTYPE, RING_SIZE, SERVICE_PREVIEW, SLOTS,
+    EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, PROBE_ETHERTYPE, RING_SIZE, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, SLOTS,
     STAT_SLOTS,
 };
 use bytemuck::Zeroable;
@@ -147,6 +149,7 @@ pub fn dp_config(config: &Config) -> DpConfig {
         closing_idle_ns: config.closing_timeout_secs * 1_000_000_000,
         flags: if config.forwarding == Forwarding::Redirect { DP_FLAG_REDIRECT } else { 0 },
         _pad: 0,
+        unconfirmed_idle_ns: config.unconfirmed_timeout_secs * 1_000_000_000,
     }
 }
 
@@ -167,7 +170,13 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_VIP_ADDRS => (MapType::Hash, size_of::<VipAddr>() as u32, 4, MAX_SERVICES),
         MAP_BACKEND_SETS => (MapType::Array, 4, size_of::<BackendSet>() as u32, SLOTS * MAX_SERVICES),
         MAP_RINGS => (MapType::Array, 4, 4, SLOTS * n * RING_SIZE),
-        MAP_FLOWS => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<NatEntry>() as u32, config.flow_table_size),
+        MAP_FLOWS => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.flow_table_size),
+        MAP_EMBRYO => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.unconfirmed_table_size),
+        MAP_REPLIES => (MapType::Hash, size_of::<BackendKey>() as u32, size_of::<ReplyNat>() as u32, MAX_SERVICES * 2 * MAX_BACKENDS as u32),
+        MAP_PREVIEW_REPLIES => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<PreviewReply>() as u32, config.unconfirmed_table_size),
+        MAP_GATE => (MapType::Array, 4, 8, 1),
+        MAP_LOCAL_ADDRS => (MapType::Hash, size_of::<VipAddr>() as u32, 4, MAX_LOCAL_ADDRS),
+        MAP_LOCAL_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),
         MAP_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
         MAP_FWD_STATS => (MapType::PerCpuArray, 4, 8, STAT_SLOTS),
         MAP_COLOR_STATS => (MapType::PerCpuArray, 4, size_of::<ColorStats>() as u32, 2),
@@ -212,6 +221,7 @@ pub fn check_pinned_layout(dir: &Path, config: &Config) -> anyhow::Result<bool> 
         if info.max_entries() != entries {
             let hint = match name {
                 MAP_FLOWS => "flow_table_size differs from the config",
+                MAP_EMBRYO | MAP_PREVIEW_REPLIES => "unconfirmed_table_size differs from the config",
                 MAP_RINGS => "the number of services differs from the config",
                 _ => "it was made by another bg version",
             };
@@ -236,16 +246,18 @@ pub struct Attachment {
 /// Flow table occupancy.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FlowCounts {
-    /// Live flows (counted by their client → backend entry, not expired) per color:
-    /// [blue, green].
+    /// Live flows (established or unconfirmed, not expired) per color: [blue, green].
     pub flows: [u64; 2],
-    /// All entries in the table, both directions, expired ones included (the LRU recycles
-    /// those when it needs room).
+    /// Entries in the established table (one per flow), expired ones included (the LRU
+    /// recycles those when it needs room).
     pub entries: u64,
-    /// Entries that are over by the idle rules but not yet recycled.
+    /// Entries in the unconfirmed table.
+    #[serde(default)]
+    pub unconfirmed_entries: u64,
+    /// Entries (of both tables) that are over by the idle rules but not yet recycled.
     pub expired: u64,
-    /// Entries the LRU evicted to make room: created − removed − present. An eviction of a
-    /// live flow breaks it (its next packet counts as `lost_flow`).
+    /// Established entries the LRU evicted to make room: confirmed − drained − present. An
+    /// eviction of a live flow makes its next packet a `lost_flow`.
     pub evicted: u64,
 }
 
@@ -299,7 +311,11 @@ impl Dataplane {
         };
         let rings = SLOTS * config.services.len() as u32 * RING_SIZE;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_FLOWS, config.flow_table_size).map_max_entries(MAP_RINGS, rings);
+        loader
+            .map_max_entries(MAP_FLOWS, config.flow_table_size)
+            .map_max_entries(MAP_EMBRYO, config.unconfirmed_table_size)
+            .map_max_entries(MAP_PREVIEW_REPLIES, config.unconfirmed_table_size)
+            .map_max_entries(MAP_RINGS, rings);
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -345,6 +361,7 @@ impl Dataplane {
             dp.selector = Selector::new(primary, secondary, 0);
         }
         dp.install_services()?;
+        dp.refresh_local_addrs()?;
         let full: Vec<Vec<u32>> = config.services.iter().map(|s| s.blue.iter().map(|b| b.weight).collect()).collect();
         let full_green: Vec<Vec<u32>> = config.services.iter().map(|s| s.green.iter().map(|b| b.weight).collect()).collect();
         if adopted {
@@ -384,7 +401,8 @@ impl Dataplane {
         let services = self.services.clone();
         let mut wanted = Vec::new();
         for (i, s) in services.iter().enumerate() {
-            wanted.push((vip_key(&s.vip, s), ServiceInfo { index: i as u32, flags: 0 }));
+            let has_preview = if s.preview_vip.is_some() { SERVICE_HAS_PREVIEW } else { 0 };
+            wanted.push((vip_key(&s.vip, s), ServiceInfo { index: i as u32, flags: has_preview }));
             if let Some(p) = &s.preview_vip {
                 wanted.push((vip_key(p, s), ServiceInfo { index: i as u32, flags: SERVICE_PREVIEW }));
             }
@@ -398,6 +416,30 @@ impl Dataplane {
             }
             for k in stale {
                 map.remove(&k).context("removing a service no longer configured")?;
+            }
+        }
+        // The static reply map: every backend of both colors → its service's VIP (the config
+        // allows a backend address:port in one service and one color only).
+        {
+            let mut wanted_replies: Vec<(BackendKey, ReplyNat)> = Vec::new();
+            for s in &services {
+                let vk = vip_key(&s.vip, s);
+                for color in Color::ALL {
+                    for b in s.backends(color) {
+                        let bk = vip_key(&b.addr, s);
+                        let flags = if s.preview_vip.is_some() { REPLY_HAS_PREVIEW } else { 0 };
+                        wanted_replies.push((bk, ReplyNat { vip: vk.addr, vip_port: vk.port, color: color as u8, flags }));
+                    }
+                }
+            }
+            let mut map: HashMap<&mut MapData, BackendKey, ReplyNat> = HashMap::try_from(self.map_mut(MAP_REPLIES)?)?;
+            let stale: Vec<BackendKey> =
+                map.keys().filter_map(|k| k.ok()).filter(|k| !wanted_replies.iter().any(|(w, _)| w == k)).collect();
+            for (k, v) in &wanted_replies {
+                map.insert(*k, *v, 0).context("writing the reply map")?;
+            }
+            for k in stale {
+                map.remove(&k).context("removing a backend no longer configured from the reply map")?;
             }
         }
         // The address filter: every VIP and every backend of both colors. Bits are only ever
@@ -674,46 +716,90 @@ impl Dataplane {
         Ok(c)
     }
 
-    /// Walks the flow table. O(entries): for status, not for a hot loop.
+    /// Walks both flow tables. O(entries): for status, not for a hot loop.
     pub fn flow_counts(&self) -> anyhow::Result<FlowCounts> {
         let cfg: Array<&MapData, DpConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
         let cfg = cfg.get(&0, 0)?;
-        let flows: HashMap<&MapData, FlowKey, NatEntry> = HashMap::try_from(self.map(MAP_FLOWS)?)?;
         let now = monotonic_ns();
         let mut counts = FlowCounts::default();
-        for item in flows.iter() {
-            let Ok((key, entry)) = item else { continue };
-            counts.entries += 1;
-            if entry.expired(key.proto, now, &cfg) {
-                counts.expired += 1;
-            } else if entry.kind == NAT_TO_BACKEND {
-                if let Some(c) = Color::from_u8(entry.color) {
+        for (name, confirmed) in [(MAP_FLOWS, true), (MAP_EMBRYO, false)] {
+            let table: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map(name)?)?;
+            for item in table.iter() {
+                let Ok((key, entry)) = item else { continue };
+                if confirmed {
+                    counts.entries += 1;
+                } else {
+                    counts.unconfirmed_entries += 1;
+                }
+                if entry.expired(key.proto, confirmed, now, &cfg) {
+                    counts.expired += 1;
+                } else if let Some(c) = Color::from_u8(entry.color) {
                     counts.flows[c as usize] += 1;
                 }
             }
         }
-        let created = self.fwd_count(Fwd::FlowsCreated)?;
-        let removed = self.fwd_count(Fwd::FlowsRemoved)? + self.removed_by_agent;
-        counts.evicted = created.saturating_sub(removed).saturating_sub(counts.entries);
+        let confirmed = self.fwd_count(Fwd::FlowsConfirmed)?;
+        counts.evicted = confirmed.saturating_sub(self.removed_by_agent).saturating_sub(counts.entries);
         Ok(counts)
     }
 
-    /// Removes every flow entry (both directions) of `color`; returns how many were removed.
-    /// Their next packet finds no entry: TCP then reaches the active color's backend, which
-    /// answers with a RST that the client sees from the VIP; UDP starts a new flow.
+    /// Removes every flow entry of `color` (established and unconfirmed); returns how many were
+    /// removed. Their next packet finds no entry: TCP then reaches the active color's backend,
+    /// which answers with a RST that the client sees from the VIP; UDP starts a new flow.
     pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
-        let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
-        let doomed: Vec<FlowKey> =
-            flows.iter().filter_map(|item| item.ok()).filter(|(_, e)| e.color == color as u8).map(|(k, _)| k).collect();
-        let mut removed = 0;
-        for k in doomed {
-            // An entry may already be gone (RST, LRU): not an error.
-            if flows.remove(&k).is_ok() {
-                removed += 1;
+        let mut removed = [0u64; 2];
+        for (i, name) in [MAP_FLOWS, MAP_EMBRYO].into_iter().enumerate() {
+            let mut table: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map_mut(name)?)?;
+            let doomed: Vec<FlowKey> =
+                table.iter().filter_map(|item| item.ok()).filter(|(_, e)| e.color == color as u8).map(|(k, _)| k).collect();
+            for k in doomed {
+                // An entry may already be gone (confirmed, LRU): not an error.
+                if table.remove(&k).is_ok() {
+                    removed[i] += 1;
+                }
             }
         }
-        self.removed_by_agent += removed;
-        Ok(removed)
+        self.removed_by_agent += removed[0];
+        Ok(removed[0] + removed[1])
+    }
+
+    /// Writes the gateway's own addresses (replies to them, such as health checks, are not NAT
+    /// replies). Called at start and every few seconds; addresses that went away are removed
+    /// from the exact map (their filter bits stay: a stale bit costs one lookup).
+    pub fn refresh_local_addrs(&mut self) -> anyhow::Result<()> {
+        let mut wanted: Vec<VipAddr> = Vec::new();
+        for ifa in nix::ifaddrs::getifaddrs().context("listing this host's addresses")? {
+            let Some(a) = ifa.address else { continue };
+            let ip: Option<IpAddr> = if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            };
+            if let Some(ip) = ip {
+                let family = if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 } as u32;
+                let v = VipAddr { addr: raw_addr(ip), family };
+                if !wanted.contains(&v) && wanted.len() < MAX_LOCAL_ADDRS as usize {
+                    wanted.push(v);
+                }
+            }
+        }
+        {
+            let mut filter: Array<&mut MapData, u64> = Array::try_from(self.map_mut(MAP_LOCAL_FILTER)?)?;
+            for v in &wanted {
+                let bit = addr_filter_bit(&v.addr);
+                let old = filter.get(&(bit >> 6), 0)?;
+                filter.set(bit >> 6, old | 1u64 << (bit & 63), 0).context("writing the local address filter")?;
+            }
+        }
+        let mut map: HashMap<&mut MapData, VipAddr, u32> = HashMap::try_from(self.map_mut(MAP_LOCAL_ADDRS)?)?;
+        let stale: Vec<VipAddr> = map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
+        for v in &wanted {
+            map.insert(*v, 1, 0).context("writing a local address")?;
+        }
+        for v in stale {
+            let _ = map.remove(&v);
+        }
+        Ok(())
     }
 }
 
@@ -913,9 +999,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes one flow-table entry directly.
-    pub fn insert_flow(&mut self, key: &FlowKey, entry: &NatEntry) -> anyhow::Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, NatEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
+    /// Writes one established flow entry directly.
+    pub fn insert_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> anyhow::Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
         flows.insert(key, entry, 0).context("writing a flow entry")
     }
 }

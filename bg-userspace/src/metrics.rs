@@ -63,9 +63,11 @@ pub fn render(st: &State) -> anyhow::Result<String> {
         ],
     );
     family(&mut out, "bg_last_flip_duration_seconds", "gauge", "Last switch, request to data plane switched.", &[(vec![], st.last_flip_ns as f64 / 1e9)]);
-    family(&mut out, "bg_flow_table_entries", "gauge", "Flow table entries in use (two per flow).", &[(vec![], flows.entries as f64)]);
-    family(&mut out, "bg_flow_table_size", "gauge", "Flow table capacity in entries.", &[(vec![], st.config.flow_table_size as f64)]);
-    family(&mut out, "bg_flow_table_evictions_total", "counter", "Entries the LRU evicted (created - removed - present).", &[(vec![], flows.evicted as f64)]);
+    family(&mut out, "bg_flow_table_entries", "gauge", "Established flow table entries in use (one per flow).", &[(vec![], flows.entries as f64)]);
+    family(&mut out, "bg_flow_table_size", "gauge", "Established flow table capacity in entries.", &[(vec![], st.config.flow_table_size as f64)]);
+    family(&mut out, "bg_flow_table_evictions_total", "counter", "Established entries the LRU evicted (confirmed - drained - present).", &[(vec![], flows.evicted as f64)]);
+    family(&mut out, "bg_unconfirmed_entries", "gauge", "Unconfirmed flow table entries in use (no answer from the backend yet).", &[(vec![], flows.unconfirmed_entries as f64)]);
+    family(&mut out, "bg_unconfirmed_table_size", "gauge", "Unconfirmed flow table capacity in entries.", &[(vec![], st.config.unconfirmed_table_size as f64)]);
     let reasons: Vec<_> = counters.reasons.iter().map(|(r, n)| (vec![("reason", r.clone())], *n as f64)).collect();
     family(&mut out, "bg_xdp_packets_total", "counter", "Packets by the XDP program's reason.", &reasons);
     let fwd: Vec<_> = counters.forwarding.iter().map(|(r, n)| (vec![("outcome", r.clone())], *n as f64)).collect();

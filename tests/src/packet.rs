@@ -39,6 +39,9 @@ pub struct Pkt {
     pub version: Option<u8>,
     /// Clears "don't fragment" (set by default on unfragmented packets).
     pub no_df: bool,
+    /// TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Pkt {
@@ -58,11 +61,23 @@ impl Pkt {
             udp_no_checksum: false,
             version: None,
             no_df: false,
+            seq: DEFAULT_SEQ,
+            ack: 0,
         }
     }
 
     pub fn no_df(mut self) -> Pkt {
         self.no_df = true;
+        self
+    }
+
+    pub fn seq(mut self, seq: u32) -> Pkt {
+        self.seq = seq;
+        self
+    }
+
+    pub fn ack(mut self, ack: u32) -> Pkt {
+        self.ack = ack;
         self
     }
 
@@ -120,7 +135,7 @@ impl Pkt {
 
     /// The L4 segment (header + payload) with its checksum.
     fn l4(&self) -> Vec<u8> {
-        let (mut l4, check_at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), &self.payload);
+        let (mut l4, check_at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), self.seq, self.ack, &self.payload);
         if !(self.proto == 17 && self.udp_no_checksum) {
             let mut c = l4_checksum_v4(self.src.ip().octets(), self.dst.ip().octets(), self.proto, &l4);
             if self.proto == 17 && c == 0 {
@@ -163,10 +178,15 @@ impl Pkt {
 
 /// A TCP (20-byte header) or UDP segment without its checksum; returns it and where the
 /// checksum goes.
-fn segment(proto: u8, tcp_flags: u8, sport: u16, dport: u16, payload: &[u8]) -> (Vec<u8>, usize) {
+/// The sequence number every built TCP segment carries unless `seq` says otherwise.
+pub const DEFAULT_SEQ: u32 = 0x0102_0304;
+
+#[allow(clippy::too_many_arguments)]
+fn segment(proto: u8, tcp_flags: u8, sport: u16, dport: u16, seq: u32, ack: u32, payload: &[u8]) -> (Vec<u8>, usize) {
     let mut l4 = if proto == 6 {
         let mut t = vec![0u8; 20];
-        t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
         t[12] = 5 << 4;
         t[13] = tcp_flags;
         t[14..16].copy_from_slice(&64240u16.to_be_bytes());
@@ -392,6 +412,9 @@ pub struct Pkt6 {
     pub ext: Vec<(u8, usize, Vec<u8>)>,
     /// Overrides the IP version nibble (for malformed headers).
     pub version: u8,
+    /// TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -400,7 +423,15 @@ use bg_common::csum::l4_checksum_v6;
 
 impl Pkt6 {
     pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Pkt6 {
-        Pkt6 { src, dst, proto: 6, tcp_flags: flags, payload: Vec::new(), hop_limit: 64, ext: Vec::new(), version: 6 }
+        Pkt6 { src, dst, proto: 6, tcp_flags: flags, payload: Vec::new(), hop_limit: 64, ext: Vec::new(), version: 6, seq: DEFAULT_SEQ, ack: 0 }
+    }
+    pub fn seq(mut self, seq: u32) -> Pkt6 {
+        self.seq = seq;
+        self
+    }
+    pub fn ack(mut self, ack: u32) -> Pkt6 {
+        self.ack = ack;
+        self
     }
     pub fn udp(src: SocketAddrV6, dst: SocketAddrV6) -> Pkt6 {
         Pkt6 { proto: 17, ..Pkt6::tcp(src, dst, 0) }
@@ -449,7 +480,7 @@ impl Pkt6 {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let (mut l4, at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), &self.payload);
+        let (mut l4, at) = segment(self.proto, self.tcp_flags, self.src.port(), self.dst.port(), self.seq, self.ack, &self.payload);
         let mut c = l4_checksum_v6(self.src.ip().octets(), self.final_destination().octets(), self.proto, &l4);
         if self.proto == 17 && c == 0 {
             c = 0xffff;

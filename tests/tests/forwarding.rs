@@ -1,7 +1,7 @@
 //! The redirect path: after the rewrite, `bpf_fib_lookup` in the test's own network namespace
 //! decides between XDP_REDIRECT (neighbour known: MACs rewritten, TTL decremented) and XDP_PASS
 //! (neighbour unresolved, no route, above the MTU without DF); a packet above the MTU that must
-//! not be fragmented is answered by bg itself (XDP_TX, ICMP quoting the packet as its sender
+//! not be fragmented is answered by bg itself (an ICMP error quoting the packet as its sender
 //! sent it), in both forwarding modes. Needs root.
 
 use std::net::SocketAddrV4;
@@ -15,7 +15,6 @@ use bg_tests::{
 use bg_userspace::{config::Config, dataplane::Dataplane};
 
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 
@@ -30,28 +29,29 @@ forwarding = "redirect"
 name = "resolved"
 vip = "10.100.0.1:80"
 blue = ["10.1.0.2:8080"]
-green = ["10.1.0.2:8080"]
+green = ["10.1.0.2:8090"]
 [[service]]
 name = "unresolved"
 vip = "10.100.0.1:81"
 blue = ["10.1.0.3:8080"]
-green = ["10.1.0.3:8080"]
+green = ["10.1.0.3:8090"]
 [[service]]
 name = "unrouted"
 vip = "10.100.0.1:82"
 blue = ["10.77.0.2:8080"]
-green = ["10.77.0.2:8080"]
+green = ["10.77.0.2:8090"]
 [[service]]
 name = "six"
 vip = "[fd00:100::1]:80"
 blue = ["[fd00:1::2]:8080"]
-green = ["[fd00:1::2]:8080"]
+green = ["[fd00:1::2]:8090"]
 "#;
 
-/// The ICMP error bg built in place of `input`: swapped MACs, from `vip` to the sender, the
-/// sender's own packet quoted (its IP header and first 8 L4 bytes, byte for byte as sent).
+/// The ICMP error bg built in place of `input`: the Ethernet addresses as they arrived (the
+/// kernel routes it), from `vip` to the sender, the sender's own packet quoted (its IP header
+/// and first 8 L4 bytes, byte for byte as sent).
 fn assert_too_big_v4(input: &[u8], out: &[u8], vip: &str, sender: &str, mtu: u32) {
-    assert_eq!((&out[..6], &out[6..12]), (&input[6..12], &input[..6]), "back to the previous hop: MACs swapped");
+    assert_eq!(&out[..12], &input[..12], "MACs as they arrived: the frame is for this host, which forwards it");
     let icmp = packet::parse_icmp(out);
     assert_eq!((icmp.outer_src.to_string().as_str(), icmp.outer_dst.to_string().as_str()), (vip, sender));
     assert_eq!((icmp.ty, icmp.code, icmp.rest), (3, 4, mtu), "fragmentation needed, next-hop MTU {mtu}");
@@ -116,7 +116,7 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
     // quoting the packet as the client sent it (to the VIP), from the VIP.
     let big = Pkt::tcp(sa("10.0.0.2:40002"), sa("10.100.0.1:80"), TCP_SYN).payload(&[0x5a; 1450]).build();
     let (action, out) = run(&dp, &big);
-    assert_eq!(action, XDP_TX, "above the MTU with DF: answered with XDP_TX");
+    assert_eq!(action, XDP_PASS, "above the MTU with DF: answered, the answer handed to the kernel");
     assert_too_big_v4(&big, &out, "10.100.0.1", "10.0.0.2", 1400);
     assert_eq!(dp.fwd_count(Fwd::TooBigAnswered).unwrap(), 1);
 
@@ -124,7 +124,7 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
     // (1300) is answered to the backend, quoting backend -> client as the backend sent it.
     let reply = Pkt::tcp(sa("10.1.0.2:8080"), sa("10.0.0.2:40002"), TCP_SYN | packet::TCP_ACK).payload(&[0x5a; 1400]).build();
     let (action, out) = run(&dp, &reply);
-    assert_eq!(action, XDP_TX, "a reply above the MTU with DF: answered");
+    assert_eq!(action, XDP_PASS, "a reply above the MTU with DF: answered");
     assert_too_big_v4(&reply, &out, "10.100.0.1", "10.1.0.2", 1300);
     assert_eq!(dp.fwd_count(Fwd::TooBigAnswered).unwrap(), 2);
 
@@ -142,8 +142,8 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
     let client6: std::net::SocketAddrV6 = "[fd00:c::2]:40005".parse().unwrap();
     let big6 = packet::Pkt6::tcp(client6, "[fd00:100::1]:80".parse().unwrap(), TCP_SYN).payload(&[0x5a; 1400]).build();
     let (action, out) = run(&dp, &big6);
-    assert_eq!(action, XDP_TX, "IPv6 above the MTU: answered");
-    assert_eq!((&out[..6], &out[6..12]), (&big6[6..12], &big6[..6]), "MACs swapped");
+    assert_eq!(action, XDP_PASS, "IPv6 above the MTU: answered");
+    assert_eq!(&out[..12], &big6[..12], "MACs as they arrived");
     let icmp = packet::parse_icmp6(&out);
     assert_eq!((icmp.outer_src, icmp.outer_dst), ("fd00:100::1".parse().unwrap(), *client6.ip()));
     assert_eq!((icmp.ty, icmp.rest), (2, 1400), "packet too big, MTU 1400");
@@ -189,7 +189,7 @@ fn kernel_forwarding_passes_but_answers_too_big_packets_itself() {
     assert_eq!(dp.fwd_count(Fwd::Kernel).unwrap(), 2);
     let big = Pkt::tcp(sa("10.0.0.2:40012"), sa("10.100.0.1:80"), TCP_SYN).payload(&[0x5a; 1450]).build();
     let (action, out) = run(&dp, &big);
-    assert_eq!(action, XDP_TX, "too big with DF: answered by bg in kernel mode too");
+    assert_eq!(action, XDP_PASS, "too big with DF: answered by bg in kernel mode too");
     assert_too_big_v4(&big, &out, "10.100.0.1", "10.0.0.2", 1400);
     assert_eq!(dp.fwd_count(Fwd::TooBigAnswered).unwrap(), 1);
     let big = Pkt::tcp(sa("10.0.0.2:40013"), sa("10.100.0.1:80"), TCP_SYN).payload(&[0x5a; 1450]).no_df().build();

@@ -256,7 +256,7 @@ fn drain_ends_the_old_colors_flows_with_a_reset_at_the_deadline() {
             std::thread::sleep(Duration::from_millis(1700));
             let s = status_json(&t);
             assert_eq!(s["flows"]["flows"][0], 0, "no blue flows left after the drain");
-            assert!(s["last_drain_removed"].as_u64().unwrap() >= 2, "the drain removed the stream's entries: {s}");
+            assert!(s["last_drain_removed"].as_u64().unwrap() >= 1, "the drain removed the stream's entry: {s}");
             // A reset, not an orderly close (EOF): the client must learn the connection is gone.
             match exchange("c") {
                 Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "the drained connection ends with a reset, got {e}"),
@@ -353,8 +353,9 @@ fn path_mtu_discovery_works_through_the_vip_both_ways() {
     assert_eq!(answered(&t), 0);
     let inside = InNetns::enter(&t.client).unwrap();
 
-    // UDP with DF set (IP_PMTUDISC_DO / IPV6_DONTFRAG): after one datagram too big for the
+    // UDP with DF set (IP_PMTUDISC_DO / IPV6_DONTFRAG): after a datagram too big for the
     // path, the socket's path MTU is the gateway's route MTU.
+    let mut sends = 0u64;
     for (vip, level, discover, mtu_opt) in [
         (SocketAddr::new(VIP.parse().unwrap(), UDP_PORT), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_MTU),
         (SocketAddr::new(VIP6.parse().unwrap(), UDP_PORT), libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_MTU),
@@ -373,12 +374,24 @@ fn path_mtu_discovery_works_through_the_vip_both_ways() {
             v
         };
         assert_eq!(mtu(&s), 1500, "{vip}: the path MTU starts at the link's");
-        let _ = s.send(&[0x55; 1400]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        // As an application would, send again until the path MTU is learned (a datagram can
+        // be lost on a loaded machine); every one of them needs the gateway's answer.
+        let mut sent = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
         while mtu(&s) != 1280 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+            if s.send(&[0x55; 1400]).is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
-        assert_eq!(mtu(&s), 1280, "{vip}: the client learned the path MTU from the gateway's answer");
+        sends += sent;
+        if mtu(&s) != 1280 {
+            let stats = String::from_utf8_lossy(&t.bgctl(&["stats"]).unwrap().stdout).into_owned();
+            let routes = String::from_utf8_lossy(&t.gw.exec(&["sh", "-c", "ip route; ip -6 route"]).unwrap().stdout).into_owned()
+                + &String::from_utf8_lossy(&t.client.exec(&["sh", "-c", "nstat -az | grep -iE 'icmp6In|IcmpIn|csum|InErr|Ip6In|IpIn|Discard|Drop' | awk '$2 != 0'; ethtool -S eth0 | grep -v ': 0$'"]).unwrap().stdout)
+                + &String::from_utf8_lossy(&t.gw.exec(&["sh", "-c", "ethtool -S gw-c | grep -v ': 0$'"]).unwrap().stdout);
+            panic!("{vip}: the client did not learn the path MTU from the gateway's answer ({sent} datagrams sent): stats:\n{stats}\nroutes:\n{routes}");
+        }
         // A datagram that fits now goes through and is answered.
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         // (The ICMP error is also reported once on a connected socket: the first call may
@@ -392,7 +405,7 @@ fn path_mtu_discovery_works_through_the_vip_both_ways() {
         assert!(n >= 1200, "{vip}: answer of {n} bytes");
     }
     let after_udp = answered(&t);
-    assert_eq!(after_udp, 2, "one answer per too-big datagram (IPv4, IPv6)");
+    assert!(after_udp >= 2 && after_udp <= sends, "one answer per too-big datagram, IPv4 and IPv6: {after_udp} answers to {sends} datagrams");
 
     // Forget what UDP taught the client about the VIP, so TCP must discover it again.
     drop(inside);

@@ -123,7 +123,11 @@ fn check_rewritten(what: &str, input: &[u8], out: &[u8], src: &str, dst: &str) {
 
 fn check(dp: &Dataplane, r: &Row) {
     let before = dp.reason_count(r.reason).unwrap();
-    let entries = dp.flow_counts().unwrap().entries;
+    let state = |dp: &Dataplane| {
+        let f = dp.flow_counts().unwrap();
+        (f.entries, f.unconfirmed_entries)
+    };
+    let entries = state(dp);
     let (action, out) = run(dp, &r.input);
     let want = match r.expect {
         Expect::Pass | Expect::Rewritten(..) => XDP_PASS,
@@ -134,7 +138,7 @@ fn check(dp: &Dataplane, r: &Row) {
     match r.expect {
         Expect::Pass | Expect::Drop => {
             assert_eq!(out, r.input, "{}: bytes must be unchanged", r.what);
-            assert_eq!(dp.flow_counts().unwrap().entries, entries, "{}: no flow state may be created", r.what);
+            assert_eq!(state(dp), entries, "{}: no flow state may be created", r.what);
         }
         Expect::Rewritten(src, dst) => check_rewritten(r.what, &r.input, &out, src, dst),
     }
@@ -186,7 +190,7 @@ fn every_edge_case_has_its_stated_action() {
     let rows = vec![
         row("TCP SYN to VIP:80", syn().build(), Rewritten(CLIENT, BLUE), Reason::NewFlow),
         row("TCP data on that flow", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).payload(b"GET / HTTP/1.1\r\n\r\n").build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
-        row("backend SYN-ACK", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_SYN | TCP_ACK).build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
+        row("backend SYN-ACK (acks the SYN: confirms the flow)", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_SYN | TCP_ACK).ack(packet::DEFAULT_SEQ + 1).build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
         row("backend response", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_ACK).payload(b"blue\n").build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
         row("retransmitted SYN stays on its flow", syn().build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
         row("TTL 1 on an established flow", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).ttl(1).build(), Pass, Reason::PassTtlExpired),
@@ -208,7 +212,8 @@ fn every_edge_case_has_its_stated_action() {
         row("SYN to the VIP from the VIP itself", Pkt::tcp(sa("10.100.0.1:40014"), sa(VIP), TCP_SYN).build(), Drop, Reason::DropMartian),
         row("UDP to the VIP from 127.0.0.1", Pkt::udp(sa("127.0.0.1:40015"), sa(DNS)).payload(b"q").build(), Drop, Reason::DropMartian),
         row("SYN to the VIP from 223.255.255.1 (the last unicast /8)", Pkt::tcp(sa("223.255.255.1:40016"), sa(VIP), TCP_SYN).build(), Rewritten("223.255.255.1:40016", BLUE), Reason::NewFlow),
-        row("backend talking to a client directly", Pkt::tcp(sa(BLUE), sa("10.0.0.3:5555"), TCP_ACK).build(), Pass, Reason::PassNotOurs),
+        row("backend's service port to a client bg has no flow of (static reverse NAT)", Pkt::tcp(sa(BLUE), sa("10.0.0.3:5555"), TCP_ACK).build(), Rewritten(VIP, "10.0.0.3:5555"), Reason::FromBackend),
+        row("backend from another port (a connection of its own)", Pkt::tcp(sa("10.1.0.2:33000"), sa("10.0.0.3:5555"), TCP_SYN).build(), Pass, Reason::PassNotOurs),
         row("IPv6 TCP to a host that is no VIP", packet::ipv6_tcp_syn(), Pass, Reason::PassNotOurs),
         row("ARP", packet::arp(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 100, 0, 1)), Pass, Reason::PassNotIp),
         row("bare Ethernet header (LLDP type)", bare_eth, Pass, Reason::PassNotIp),
@@ -249,9 +254,12 @@ fn every_edge_case_has_its_stated_action() {
     assert_eq!(packet::parse_v4(&out).l4_checksum, 0xffff, "a computed UDP checksum of 0 is sent as 0xffff");
 
     // Drops and passes created no flow entries: only the rows that started flows did.
+    // Eight rows started flows; the backend's SYN-ACK and the UDP reply confirmed two of them.
     let flows = dp.flow_counts().unwrap();
     assert_eq!(flows.flows, [8, 0], "flows per color [blue, green]");
-    assert_eq!(flows.entries, 16, "two entries per flow");
+    assert_eq!((flows.entries, flows.unconfirmed_entries), (2, 6), "one entry per flow: established, unconfirmed");
+    assert_eq!(dp.fwd_count(Fwd::FlowsCreated).unwrap(), 8);
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2);
     let total: u64 = Reason::ALL.iter().map(|r| dp.reason_count(*r).unwrap()).sum();
     assert_eq!(total, rows.len() as u64 + 1, "every run counted exactly one reason");
 }
@@ -288,54 +296,123 @@ fn after_a_flip_new_flows_go_to_the_other_color_and_old_flows_stay() {
     assert_eq!((c.colors[0].packets, c.colors[1].packets), (4, 2), "packets per color");
 }
 
+/// Opens a TCP flow to the VIP from `client` and confirms it: SYN (seq `isn`), the backend's
+/// SYN-ACK acking it, the client's ACK. Returns the sequence number the client sends next.
+fn open_flow(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, isn: u32) -> u32 {
+    let (_, out) = run(dp, &Pkt::tcp(client, sa(VIP), TCP_SYN).seq(isn).build());
+    assert_rewritten(&out, client, backend, b"", "SYN");
+    let (_, out) = run(dp, &Pkt::tcp(backend, client, TCP_SYN | TCP_ACK).seq(7_000).ack(isn + 1).build());
+    assert_rewritten(&out, sa(VIP), client, b"", "SYN-ACK");
+    let (_, out) = run(dp, &Pkt::tcp(client, sa(VIP), TCP_ACK).seq(isn + 1).ack(7_001).build());
+    assert_rewritten(&out, client, backend, b"", "handshake ACK");
+    isn + 1
+}
+
 #[test]
-fn rst_removes_the_flow_and_fin_lets_it_expire_when_idle() {
+fn an_rst_near_what_the_client_sent_ends_a_flow_a_blind_one_does_not_and_fin_lets_it_expire_when_idle() {
     let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nclosing_timeout_secs = 1");
     let mut dp = dataplane(&config);
-    // RST from the backend ends the flow: both entries go, the RST itself is still NATed.
-    run(&dp, &packet::tcp(sa(CLIENT), sa(VIP), TCP_SYN, b""));
-    assert_eq!(dp.flow_counts().unwrap().entries, 2);
-    let (action, out) = run(&dp, &packet::tcp(sa(BLUE), sa(CLIENT), TCP_RST | TCP_ACK, b""));
-    assert_eq!(action, XDP_PASS);
-    assert_rewritten(&out, sa(VIP), sa(CLIENT), b"", "RST from the backend");
-    assert_eq!(dp.flow_counts().unwrap().entries, 0, "RST removed both directions");
-    assert_eq!(dp.fwd_count(Fwd::FlowsRemoved).unwrap(), 2);
+    let c1 = sa("10.0.0.2:40000");
+    let next = open_flow(&dp, c1, sa(BLUE), 1_000_000);
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_ACK).seq(next).payload(b"0123456789").build());
+    assert_rewritten(&out, c1, sa(BLUE), b"0123456789", "data");
+    let next = next + 10;
+    assert_eq!(dp.flow_counts().unwrap().entries, 1, "one established entry");
+    dp.select(Color::Green).unwrap();
+
+    // A spoofed segment far ahead does not move the window the RSTs are checked against.
+    run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_ACK).seq(next.wrapping_add(10_000_000)).payload(b"x").build());
+    // A blind RST, its sequence number far from what the client sent: forwarded (the backend
+    // judges it), but the flow's state stays: it is not even marked closing.
+    for seq in [next.wrapping_add(10_000_000), next.wrapping_add(10_000_001), next.wrapping_sub(200_000), 0x8000_0000] {
+        let (action, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_RST).seq(seq).build());
+        assert_eq!(action, XDP_PASS);
+        assert_rewritten(&out, c1, sa(BLUE), b"", "blind RST forwarded to its flow's backend");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let lost = dp.reason_count(Reason::LostFlow).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_ACK).seq(next).build());
+    assert_rewritten(&out, c1, sa(BLUE), b"", "idle past the closing timeout after blind RSTs: still on blue");
+    assert_eq!(dp.reason_count(Reason::LostFlow).unwrap(), lost, "no blind RST erased or aged the flow");
+
+    // An RST at what the client sent ends it: forwarded, the entry closing; idle past the
+    // closing timeout it is over, and the next packet is a lost flow on the active color.
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_RST).seq(next).build());
+    assert_rewritten(&out, c1, sa(BLUE), b"", "in-window RST forwarded");
+    std::thread::sleep(Duration::from_millis(2100));
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_ACK).seq(next).build());
+    assert_rewritten(&out, c1, sa(GREEN), b"", "after the RST and the closing timeout: re-pinned to the active color");
+    assert_eq!(dp.reason_count(Reason::LostFlow).unwrap(), lost + 1);
+
+    // An RST from the backend is forwarded from the VIP and changes no state (a spoofed one
+    // cannot end a flow either; the client's stack judges it).
+    dp.select(Color::Blue).unwrap();
+    let c4 = sa("10.0.0.2:41004");
+    let n4 = open_flow(&dp, c4, sa(BLUE), 5_000);
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(sa(BLUE), c4, TCP_RST | TCP_ACK).seq(7_001).build());
+    assert_rewritten(&out, sa(VIP), c4, b"", "RST from the backend");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, out) = run(&dp, &Pkt::tcp(c4, sa(VIP), TCP_ACK).seq(n4).build());
+    assert_rewritten(&out, c4, sa(BLUE), b"", "a backend's RST left the entry as it was");
 
     // FIN marks the flow closing; while packets flow it stays, idle past the timeout it is over.
+    dp.select(Color::Blue).unwrap();
     let c2 = sa("10.0.0.2:41000");
-    run(&dp, &packet::tcp(c2, sa(VIP), TCP_SYN, b""));
-    run(&dp, &packet::tcp(c2, sa(VIP), TCP_FIN | TCP_ACK, b""));
-    let (_, out) = run(&dp, &packet::tcp(c2, sa(VIP), TCP_ACK, b""));
+    let n2 = open_flow(&dp, c2, sa(BLUE), 9_000);
+    run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_FIN | TCP_ACK).seq(n2).build());
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(n2 + 1).build());
     assert_rewritten(&out, c2, sa(BLUE), b"", "closing flow still follows its entry");
     dp.select(Color::Green).unwrap();
     // A SYN reusing the port of a closing flow is a new connection: it follows the flip.
     let c3 = sa("10.0.0.2:41001");
-    run(&dp, &packet::tcp(c3, sa(VIP), TCP_SYN, b""));
-    run(&dp, &packet::tcp(c3, sa(VIP), TCP_FIN | TCP_ACK, b""));
-    let (_, out) = run(&dp, &packet::tcp(c3, sa(VIP), TCP_SYN, b""));
+    dp.select(Color::Blue).unwrap();
+    let n3 = open_flow(&dp, c3, sa(BLUE), 20_000);
+    run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_FIN | TCP_ACK).seq(n3).build());
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_SYN).seq(30_000).build());
     assert_rewritten(&out, c3, sa(GREEN), b"", "SYN on a closing entry starts a new flow");
 
     std::thread::sleep(Duration::from_millis(2100));
     let lost = dp.reason_count(Reason::LostFlow).unwrap();
-    let (_, out) = run(&dp, &packet::tcp(c2, sa(VIP), TCP_ACK, b""));
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(n2 + 1).build());
     assert_rewritten(&out, c2, sa(GREEN), b"", "an idle closing flow is over: re-pinned to the active color");
     assert_eq!(dp.reason_count(Reason::LostFlow).unwrap(), lost + 1);
 }
 
 #[test]
 fn udp_flows_expire_after_the_idle_timeout() {
-    let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nudp_idle_timeout_secs = 1");
+    let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nudp_idle_timeout_secs = 1\nunconfirmed_timeout_secs = 3");
     let mut dp = dataplane(&config);
     let q = packet::udp(sa(CLIENT), sa(DNS), b"q");
     let (_, out) = run(&dp, &q);
     assert_rewritten(&out, sa(CLIENT), sa(BLUE_DNS), b"q", "first datagram");
+    assert_eq!((dp.flow_counts().unwrap().entries, dp.flow_counts().unwrap().unconfirmed_entries), (0, 1), "unconfirmed until answered");
+    let (_, out) = run(&dp, &packet::udp(sa(BLUE_DNS), sa(CLIENT), b"a"));
+    assert_rewritten(&out, sa(DNS), sa(CLIENT), b"a", "the answer");
+    assert_eq!((dp.flow_counts().unwrap().entries, dp.flow_counts().unwrap().unconfirmed_entries), (1, 0), "an answer confirms a UDP flow");
     dp.select(Color::Green).unwrap();
     let (_, out) = run(&dp, &q);
     assert_rewritten(&out, sa(CLIENT), sa(BLUE_DNS), b"q", "within the idle timeout: same backend");
     std::thread::sleep(Duration::from_millis(2100));
-    assert_eq!(dp.flow_counts().unwrap().expired, 2, "both entries are expired");
+    assert_eq!(dp.flow_counts().unwrap().expired, 1, "the confirmed entry is expired after 1 s idle");
     let (_, out) = run(&dp, &q);
     assert_rewritten(&out, sa(CLIENT), sa("10.2.0.2:5353"), b"q", "after the idle timeout: a new flow on the active color");
+
+    // A flow nobody answers stays unconfirmed and expires after unconfirmed_timeout_secs (3),
+    // not after the UDP idle time (1): its datagrams keep it alive.
+    let lonely = packet::udp(sa("10.0.0.2:40900"), sa(DNS), b"x");
+    run(&dp, &lonely);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, out) = run(&dp, &lonely);
+    assert_rewritten(&out, sa("10.0.0.2:40900"), sa("10.2.0.2:5353"), b"x", "unanswered, 1.5 s idle: still its flow");
+    dp.select(Color::Blue).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, out) = run(&dp, &lonely);
+    assert_rewritten(&out, sa("10.0.0.2:40900"), sa("10.2.0.2:5353"), b"x", "refreshed by its datagrams");
+    std::thread::sleep(Duration::from_millis(3200));
+    let (_, out) = run(&dp, &lonely);
+    assert_rewritten(&out, sa("10.0.0.2:40900"), sa(BLUE_DNS), b"x", "idle past the unconfirmed timeout: a new flow on the active color");
 }
 
 #[test]
@@ -624,7 +701,8 @@ fn icmp_errors_about_vip_flows_are_rewritten_for_the_nat() {
     }
 
     // Not about a VIP flow, not an error, or a quote too short to name the flow: untouched.
-    let stranger = Pkt::tcp(sa("10.0.0.9:1234"), sa(BLUE), TCP_ACK).build();
+    // Another port of a backend: not a service, so not a flow bg rewrote.
+    let stranger = Pkt::tcp(sa("10.0.0.9:1234"), sa("10.1.0.2:22"), TCP_ACK).build();
     for (what, input, reason) in [
         ("error about another flow", packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.9"), 3, 4, 1280, &stranger, 8), Reason::PassNotOurs),
         ("error quoting 4 bytes of TCP (under RFC 792's 8)", packet::icmp_error(ip("10.1.0.1"), ip("10.0.0.2"), 3, 4, 1280, &request, 4), Reason::PassNotL4),
@@ -662,7 +740,7 @@ fn sa6(s: &str) -> std::net::SocketAddrV6 {
 fn ipv6_flows_extension_headers_and_icmpv6_errors() {
     use packet::Pkt6;
     let mut dp = dataplane(CONFIG6);
-    let client = sa6("[fd00::2]:40000");
+    let client = sa6("[fd00:c::2]:40000");
     let vip = sa6("[fd00::100]:80");
     let blue = sa6("[fd00:1::2]:8080");
     let check6 = |out: &[u8], src, dst, payload: &[u8], what: &str| {
@@ -683,7 +761,7 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
     use Expect::{Drop, Pass, Rewritten};
     let waypoint: Ipv6Addr = "fd00:77::1".parse().unwrap();
     let vip_ip: Ipv6Addr = *vip.ip();
-    let c = |port: u16| sa6(&format!("[fd00::2]:{port}"));
+    let c = |port: u16| sa6(&format!("[fd00:c::2]:{port}"));
     let ext4 = |dst| Pkt6::tcp(c(40006), dst, TCP_SYN).ext(0, 8).ext(60, 8).ext(43, 8).ext(60, 16).payload(b"4").build();
     let ext5 = |dst| Pkt6::tcp(c(40002), dst, TCP_SYN).ext(0, 8).ext(60, 8).ext(43, 8).ext(60, 8).ext(60, 8).build();
     // A UDP datagram whose checksum field says "none": invalid in IPv6.
@@ -697,16 +775,16 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
     let mut cut_tcp = Pkt6::tcp(c(40005), vip, TCP_SYN).build();
     cut_tcp.truncate(14 + 40 + 10);
     let rows = vec![
-        row("SYN to the v6 VIP", Pkt6::tcp(client, vip, TCP_SYN).build(), Rewritten("[fd00::2]:40000", "[fd00:1::2]:8080"), Reason::NewFlow),
-        row("reply from the v6 backend", Pkt6::tcp(blue, client, TCP_ACK).payload(b"blue\n").build(), Rewritten("[fd00::100]:80", "[fd00::2]:40000"), Reason::FromBackend),
-        row("UDP to the v6 VIP", Pkt6::udp(client, sa6("[fd00::100]:53")).payload(b"q").build(), Rewritten("[fd00::2]:40000", "[fd00:1::2]:5353"), Reason::NewFlow),
+        row("SYN to the v6 VIP", Pkt6::tcp(client, vip, TCP_SYN).build(), Rewritten("[fd00:c::2]:40000", "[fd00:1::2]:8080"), Reason::NewFlow),
+        row("reply from the v6 backend", Pkt6::tcp(blue, client, TCP_ACK).payload(b"blue\n").build(), Rewritten("[fd00::100]:80", "[fd00:c::2]:40000"), Reason::FromBackend),
+        row("UDP to the v6 VIP", Pkt6::udp(client, sa6("[fd00::100]:53")).payload(b"q").build(), Rewritten("[fd00:c::2]:40000", "[fd00:1::2]:5353"), Reason::NewFlow),
         row("hop limit 1 on an established flow", Pkt6::tcp(client, vip, TCP_ACK).hop_limit(1).build(), Pass, Reason::PassTtlExpired),
         row("hop limit 1 on a reply", Pkt6::tcp(blue, client, TCP_ACK).hop_limit(1).build(), Pass, Reason::PassTtlExpired),
-        row("hop-by-hop + destination options", Pkt6::tcp(c(40001), vip, TCP_SYN).ext(0, 8).ext(60, 16).payload(b"x").build(), Rewritten("[fd00::2]:40001", "[fd00:1::2]:8080"), Reason::NewFlow),
-        row("exactly 4 extension headers, to the VIP", ext4(vip), Rewritten("[fd00::2]:40006", "[fd00:1::2]:8080"), Reason::NewFlow),
+        row("hop-by-hop + destination options", Pkt6::tcp(c(40001), vip, TCP_SYN).ext(0, 8).ext(60, 16).payload(b"x").build(), Rewritten("[fd00:c::2]:40001", "[fd00:1::2]:8080"), Reason::NewFlow),
+        row("exactly 4 extension headers, to the VIP", ext4(vip), Rewritten("[fd00:c::2]:40006", "[fd00:1::2]:8080"), Reason::NewFlow),
         row("5 extension headers, to the VIP", ext5(vip), Drop, Reason::DropMalformed),
         row("5 extension headers, elsewhere", ext5(sa6("[fd00::9]:80")), Pass, Reason::PassMalformed),
-        row("routing header with no segments left, to the VIP", Pkt6::tcp(c(40008), vip, TCP_SYN).routing(&[vip_ip, waypoint], 0).payload(b"rh").build(), Rewritten("[fd00::2]:40008", "[fd00:1::2]:8080"), Reason::NewFlow),
+        row("routing header with no segments left, to the VIP", Pkt6::tcp(c(40008), vip, TCP_SYN).routing(&[vip_ip, waypoint], 0).payload(b"rh").build(), Rewritten("[fd00:c::2]:40008", "[fd00:1::2]:8080"), Reason::NewFlow),
         row("routing header with segments left, to the VIP as a waypoint", Pkt6::tcp(c(40009), vip, TCP_SYN).routing(&[waypoint, vip_ip], 1).build(), Drop, Reason::DropSourceRouted),
         row("routing header with segments left, elsewhere", Pkt6::tcp(c(40009), sa6("[fd00::9]:80"), TCP_SYN).routing(&[waypoint, "fd00::9".parse().unwrap()], 1).build(), Pass, Reason::PassNotOurs),
         row("fragment header, to the VIP", Pkt6::tcp(c(40003), vip, TCP_SYN).ext(44, 8).build(), Drop, Reason::DropFragment),
@@ -764,30 +842,189 @@ fn ipv6_flows_extension_headers_and_icmpv6_errors() {
 
     // A flip moves new v6 flows, not old ones.
     dp.select(Color::Green).unwrap();
-    let (_, out) = run(&dp, &Pkt6::tcp(sa6("[fd00::2]:40010"), vip, TCP_SYN).build());
-    check6(&out, sa6("[fd00::2]:40010"), sa6("[fd00:2::2]:9090"), b"", "new v6 flow after the flip");
+    let (_, out) = run(&dp, &Pkt6::tcp(sa6("[fd00:c::2]:40010"), vip, TCP_SYN).build());
+    check6(&out, sa6("[fd00:c::2]:40010"), sa6("[fd00:2::2]:9090"), b"", "new v6 flow after the flip");
     let (_, out) = run(&dp, &Pkt6::tcp(client, vip, TCP_ACK).build());
     check6(&out, client, blue, b"", "old v6 flow after the flip");
 }
 
-/// A table smaller than the live flows: the LRU evicts, the counters say how many, and a
-/// packet of an evicted TCP flow counts as `lost_flow`.
+/// An established table smaller than the live flows: the LRU evicts, the counters say how
+/// many, and a packet of an evicted TCP flow counts as `lost_flow`, unconfirmed until its
+/// backend answers.
 #[test]
 fn flow_table_pressure_is_counted() {
     let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nflow_table_size = 1024");
     let dp = dataplane(&config);
     for i in 0..2000u32 {
         let client = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + 2 + (i >> 10)), 10000 + (i & 1023) as u16);
-        run(&dp, &packet::tcp(client, sa(VIP), TCP_SYN, b""));
+        run(&dp, &Pkt::tcp(client, sa(VIP), TCP_SYN).seq(i).build());
+        run(&dp, &Pkt::tcp(sa(BLUE), client, TCP_SYN | TCP_ACK).ack(i + 1).build());
     }
     let f = dp.flow_counts().unwrap();
-    assert_eq!(dp.fwd_count(Fwd::FlowsCreated).unwrap(), 4000, "two entries created per flow");
+    assert_eq!(dp.fwd_count(Fwd::FlowsCreated).unwrap(), 2000, "one entry created per flow");
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2000, "each confirmed by its SYN-ACK");
+    assert_eq!(f.unconfirmed_entries, 0, "confirmed entries left the unconfirmed table");
     assert!(f.entries <= 1024, "the table holds at most its size: {f:?}");
-    assert_eq!(f.evicted, 4000 - f.entries, "evictions = created - present: {f:?}");
-    assert!(f.evicted >= 2976);
-    // The first flow was evicted long ago: its next packet is a lost flow, re-pinned.
+    assert_eq!(f.evicted, 2000 - f.entries, "evictions = confirmed - present: {f:?}");
+    assert!(f.evicted >= 976);
+    // The first flow was evicted long ago: its next packet is a lost flow, re-pinned, and
+    // unconfirmed until the backend answers something other than an RST.
     let lost = dp.reason_count(Reason::LostFlow).unwrap();
-    let (_, out) = run(&dp, &packet::tcp(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 10000), sa(VIP), TCP_ACK, b""));
+    let c = sa("10.0.0.2:10000");
+    let (_, out) = run(&dp, &packet::tcp(c, sa(VIP), TCP_ACK, b""));
     assert_eq!(dp.reason_count(Reason::LostFlow).unwrap(), lost + 1);
-    assert_rewritten(&out, sa("10.0.0.2:10000"), sa(BLUE), b"", "re-pinned lost flow");
+    assert_rewritten(&out, c, sa(BLUE), b"", "re-pinned lost flow");
+    assert_eq!(dp.flow_counts().unwrap().unconfirmed_entries, 1);
+    run(&dp, &Pkt::tcp(sa(BLUE), c, TCP_RST).build());
+    assert_eq!(dp.flow_counts().unwrap().unconfirmed_entries, 1, "an RST confirms nothing");
+    run(&dp, &Pkt::tcp(sa(BLUE), c, TCP_ACK).payload(b"data").build());
+    assert_eq!(dp.flow_counts().unwrap().unconfirmed_entries, 0, "a real answer confirms the lost flow");
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2001);
+}
+
+/// A SYN without ACK starts a new flow on the active color unless it retransmits the SYN that
+/// created its entry; nothing recorded by earlier packets (a bare ACK, an unanswered SYN) can
+/// capture a new connection after a flip.
+#[test]
+fn a_new_syn_follows_the_active_color_and_nothing_recorded_earlier_captures_it() {
+    let mut dp = dataplane(CONFIG);
+    // An unanswered SYN: its retransmission (same ISN) stays on its backend across a flip; a
+    // SYN with another ISN on the same 4-tuple is a new connection and follows the flip.
+    let c1 = sa("10.0.0.2:45001");
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_SYN).seq(111).build());
+    assert_rewritten(&out, c1, sa(BLUE), b"", "SYN");
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_SYN).seq(111).build());
+    assert_rewritten(&out, c1, sa(BLUE), b"", "its retransmission, after a flip: same backend");
+    let (_, out) = run(&dp, &Pkt::tcp(c1, sa(VIP), TCP_SYN).seq(999).build());
+    assert_rewritten(&out, c1, sa(GREEN), b"", "another ISN: a new connection on the active color");
+
+    // A bare ACK (a spoof, or a flow bg lost) records an unconfirmed entry on blue; after a
+    // flip, a SYN from that port is a new connection: green.
+    dp.select(Color::Blue).unwrap();
+    let c2 = sa("10.0.0.2:45002");
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(5).build());
+    assert_rewritten(&out, c2, sa(BLUE), b"", "bare ACK: a lost flow on blue");
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_SYN).seq(77).build());
+    assert_rewritten(&out, c2, sa(GREEN), b"", "the SYN after the flip is not captured by the bare ACK's entry");
+    // Its handshake completes on green.
+    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), c2, TCP_SYN | TCP_ACK).ack(78).build());
+    assert_rewritten(&out, sa(VIP), c2, b"", "green's SYN-ACK");
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(78).build());
+    assert_rewritten(&out, c2, sa(GREEN), b"", "handshake ACK on green");
+    let f = dp.flow_counts().unwrap();
+    // c1: one unconfirmed entry (its second SYN replaced the first), on green; c2: established
+    // on green.
+    assert_eq!((f.entries, f.unconfirmed_entries, f.flows), (1, 1, [0, 2]));
+
+    // A SYN-ACK that does not acknowledge the SYN confirms nothing.
+    let c3 = sa("10.0.0.2:45003");
+    run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_SYN).seq(1000).build());
+    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).ack(5000).build());
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "a SYN-ACK for another SYN confirms nothing");
+    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).ack(1001).build());
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2, "the right one does");
+}
+
+/// A SYN with a new ISN on an open established flow goes to the active color as a new flow,
+/// but does not erase the old entry: the client's next packet decides. A spoofed SYN leaves
+/// the live connection where it is; a client that really started over (its ACK carries the new
+/// ISN + 1) moves to the new flow.
+#[test]
+fn a_syn_contesting_an_open_flow_takes_over_only_when_its_client_goes_on_with_it() {
+    let mut dp = dataplane(CONFIG);
+    let c = sa("10.0.0.2:46001");
+    let next = open_flow(&dp, c, sa(BLUE), 40_000);
+    dp.select(Color::Green).unwrap();
+
+    // Spoofed: a SYN with another ISN, answered by green; the real client goes on with its
+    // old connection (its challenge ACK, then data): blue, every time.
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_SYN).seq(666).build());
+    assert_rewritten(&out, c, sa(GREEN), b"", "the contesting SYN goes to the active color");
+    run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).ack(667).build());
+    for payload in [&b""[..], b"more"] {
+        let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(next).payload(payload).build());
+        assert_rewritten(&out, c, sa(BLUE), payload, "the old connection goes on: blue");
+    }
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "green's SYN-ACK did not take over the open flow");
+
+    // Real: the client started over (ISN 777); its ACK of green's SYN-ACK carries 778.
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_SYN).seq(777).build());
+    assert_rewritten(&out, c, sa(GREEN), b"", "new connection's SYN");
+    run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).ack(778).build());
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).build());
+    assert_rewritten(&out, c, sa(GREEN), b"", "its handshake ACK takes the 4-tuple over");
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).payload(b"GET").build());
+    assert_rewritten(&out, c, sa(GREEN), b"GET", "and stays on green");
+    let f = dp.flow_counts().unwrap();
+    assert_eq!((f.entries, f.unconfirmed_entries, f.flows), (1, 0, [0, 1]), "one established flow, on green");
+}
+
+/// New and unconfirmed flows cannot evict established ones: a SYN flood five times the size
+/// of the unconfirmed table churns that table only, and every established flow keeps its
+/// backend after a flip.
+#[test]
+fn a_flood_larger_than_the_unconfirmed_table_evicts_no_established_flow() {
+    let config = CONFIG.replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nflow_table_size = 1024\nunconfirmed_table_size = 1024");
+    let mut dp = dataplane(&config);
+    let clients: Vec<SocketAddrV4> = (0..100u16).map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 20_000 + i)).collect();
+    let nexts: Vec<u32> = clients.iter().map(|c| open_flow(&dp, *c, sa(BLUE), 100 + c.port() as u32)).collect();
+    for i in 0..5120u32 {
+        let spoofed = SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 1024 + (i % 60000) as u16);
+        run(&dp, &Pkt::tcp(spoofed, sa(VIP), TCP_SYN).seq(i).build());
+        run(&dp, &Pkt::tcp(spoofed, sa(VIP), TCP_ACK).seq(i).build());
+    }
+    let f = dp.flow_counts().unwrap();
+    assert_eq!(f.entries, 100, "every established entry is still there: {f:?}");
+    assert!(f.unconfirmed_entries <= 1024, "the flood stayed in its table: {f:?}");
+    dp.select(Color::Green).unwrap();
+    for (c, next) in clients.iter().zip(&nexts) {
+        let (_, out) = run(&dp, &Pkt::tcp(*c, sa(VIP), TCP_ACK).seq(*next).payload(b"x").build());
+        assert_rewritten(&out, *c, sa(BLUE), b"x", "an established flow after the flood and a flip");
+    }
+}
+
+/// Replies are rewritten by the static backend → VIP map, with no per-flow state; replies to
+/// the gateway's own addresses (the agent's health checks) are left alone; a preview flow's
+/// replies come from the preview VIP.
+#[test]
+fn replies_need_no_flow_state_except_to_the_gateway_itself_and_for_preview_flows() {
+    let ns = bg_tests::netns::Netns::new(&bg_tests::run::tag("rep")).unwrap();
+    ns.exec(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]).unwrap();
+    ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "d0"]).unwrap();
+    ns.exec(&["ip", "link", "set", "d0", "up"]).unwrap();
+    let _inside = bg_tests::netns::InNetns::enter(&ns).unwrap();
+    let config = CONFIG.replace("vip = \"10.100.0.1:80\"", "vip = \"10.100.0.1:80\"\npreview_vip = \"10.100.0.1:8080\"");
+    assert!(config.contains("preview_vip"));
+    let mut dp = dataplane(&config);
+
+    // No flow at all: a backend's service port answering is rewritten from the VIP.
+    let (_, out) = run(&dp, &Pkt::tcp(sa(BLUE), sa("10.0.0.50:1234"), TCP_ACK).payload(b"r").build());
+    assert_rewritten(&out, sa(VIP), sa("10.0.0.50:1234"), b"r", "a reply without any flow state");
+    assert_eq!(dp.flow_counts().unwrap().entries + dp.flow_counts().unwrap().unconfirmed_entries, 0);
+    // To the gateway's own address: untouched (the agent checks backends from there).
+    let health = Pkt::tcp(sa(BLUE), sa("10.77.0.1:50000"), TCP_SYN | TCP_ACK).build();
+    let (action, out) = run(&dp, &health);
+    assert_eq!((action, &out), (XDP_PASS, &health), "a reply to the gateway itself passes untouched");
+    let (_, out) = run(&dp, &Pkt::tcp(sa(BLUE), sa("10.77.0.2:50000"), TCP_ACK).build());
+    assert_rewritten(&out, sa(VIP), sa("10.77.0.2:50000"), b"", "another host of that network is a client");
+
+    // Preview: the idle color (green) answers from the preview VIP; green answering a main-VIP
+    // flow (after a flip) answers from the main VIP.
+    let pc = sa("10.0.0.2:47001");
+    let (_, out) = run(&dp, &Pkt::tcp(pc, sa("10.100.0.1:8080"), TCP_SYN).build());
+    assert_rewritten(&out, pc, sa(GREEN), b"", "preview SYN to the idle color");
+    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), pc, TCP_SYN | TCP_ACK).ack(packet::DEFAULT_SEQ + 1).build());
+    assert_rewritten(&out, sa("10.100.0.1:8080"), pc, b"", "its reply from the preview VIP");
+    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), sa("10.0.0.2:47002"), TCP_ACK).build());
+    assert_rewritten(&out, sa(VIP), sa("10.0.0.2:47002"), b"", "green to another client: the main VIP");
+    // The preview connection is over; after a flip the client reuses its port for the main
+    // VIP and lands on the same green backend: its replies come from the main VIP, not from the
+    // preview VIP the old mapping named.
+    dp.select(Color::Green).unwrap();
+    let (_, out) = run(&dp, &Pkt::tcp(pc, sa(VIP), TCP_SYN).seq(4242).build());
+    assert_rewritten(&out, pc, sa(GREEN), b"", "main-VIP SYN from the reused port");
+    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), pc, TCP_SYN | TCP_ACK).ack(4243).build());
+    assert_rewritten(&out, sa(VIP), pc, b"", "its SYN-ACK from the main VIP");
 }

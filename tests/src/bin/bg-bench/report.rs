@@ -254,7 +254,7 @@ pub fn markdown(all: &Value) -> String {
         ("non-VIP pass", "non_vip_ns", "≤ floor + 5 ns", "floor_ns"),
         ("established flow (one flow)", "established_ns", "≤ floor + 30 ns", "floor_ns"),
         ("established flow, `forwarding = \"kernel\"` (no FIB lookup or redirect; comparison)", "established_kernel_forwarding_ns", "", "floor_ns"),
-        ("reply (reverse NAT, one flow)", "reply_ns", "", "floor_ns"),
+        ("reply (static reverse NAT, single runs)", "reply_ns", "", "floor_single_ns"),
         ("new flow (SYN, single runs)", "new_flow_ns", "≤ floor + 150 ns", "floor_single_ns"),
     ] {
         let x = num(&p[key]).zip(num(&p[base])).map(|(v, b)| format!("+{:.1}", v - b)).unwrap_or_else(|| "not measured".into());
