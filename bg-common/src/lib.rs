@@ -297,6 +297,9 @@ pub const FLOW_LOST: u8 = 4;
 /// `FlowEntry::flags`: started on a preview VIP; its replies are mapped through
 /// `PREVIEW_REPLIES` (the static reply map names the main VIP).
 pub const FLOW_PREVIEW: u8 = 8;
+/// `FlowEntry::flags` (unconfirmed TCP): the backend's SYN-ACK acknowledging the SYN was seen;
+/// `peer_isn` holds its ISN.
+pub const FLOW_ANSWERED: u8 = 16;
 
 /// Value of the flow tables, keyed by the flow's client → VIP 5-tuple (`FlowKey`): the
 /// unconfirmed table (`EMBRYO`) until the backend answers, the established one (`FLOWS`) after.
@@ -324,7 +327,10 @@ pub struct FlowEntry {
     pub seq_next: u32,
     /// TCP, with `FLOW_CONTESTED`: the ISN of the SYN that contests this entry.
     pub contest_isn: u32,
-    pub _pad: [u32; 2],
+    /// TCP, with `FLOW_ANSWERED`: the backend's ISN (from its SYN-ACK, host order). The
+    /// client's ACK of it completes the handshake and confirms the flow.
+    pub peer_isn: u32,
+    pub _pad: u32,
 }
 
 impl FlowEntry {
@@ -612,10 +618,13 @@ pub enum Fwd {
     /// key it did not hold. Confirmed − present (established) = established entries the LRU
     /// evicted (the agent's drains aside).
     FlowsConfirmed = 10,
+    /// Established entries removed by the data path: a closed connection's entry when its
+    /// client starts a new one on the same port.
+    EstablishedEnded = 11,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Fwd; Fwd::COUNT as usize] = [
         Fwd::Redirect,
         Fwd::Kernel,
@@ -628,6 +637,7 @@ impl Fwd {
         Fwd::TooBigDropped,
         Fwd::KernelNoRedirect,
         Fwd::FlowsConfirmed,
+        Fwd::EstablishedEnded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -643,6 +653,7 @@ impl Fwd {
             Fwd::TooBigDropped => "fwd_too_big_dropped",
             Fwd::KernelNoRedirect => "fwd_kernel_no_redirect",
             Fwd::FlowsConfirmed => "flow_entries_confirmed",
+            Fwd::EstablishedEnded => "flow_entries_ended",
         }
     }
 }

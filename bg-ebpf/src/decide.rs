@@ -1,9 +1,11 @@
 //! Flow state and backend choice: which backend a client's packet goes to, which VIP a reply
 //! comes from. The rules (README "Flow rules", each counted as a `Reason`):
 //! - one entry per flow, keyed by the client → VIP 5-tuple, in one of two tables: unconfirmed
-//!   (`EMBRYO`: a SYN, a first datagram, a lost flow's packet) until the backend answers, then
-//!   established (`FLOWS`). Only a confirmation inserts into `FLOWS`, so new and unconfirmed
-//!   flows (floods included) can never evict an established one;
+//!   (`EMBRYO`: a SYN, a first datagram, a lost flow's packet) until confirmed, then
+//!   established (`FLOWS`). TCP is confirmed when the handshake completes (the client
+//!   acknowledges the backend's SYN-ACK, whose ISN a blind spoofer cannot know); a lost flow
+//!   by a backend reply that is not an RST; UDP by any reply. Only a confirmation inserts into
+//!   `FLOWS`, so new and unconfirmed flows (floods included) can never evict an established one;
 //! - a TCP SYN without ACK starts a new flow on the active color, unless it retransmits the SYN
 //!   that started the entry (same ISN). On an open established entry it does so without
 //!   erasing it (the entry is *contested*); the client's next packet decides which is real;
@@ -20,7 +22,7 @@
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use bg_common::{
     addr_filter_bit, hash::flow_hash, ring_base, BackendKey, BackendSet, DpConfig, FlowEntry, FlowKey, Fwd,
-    PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_CONTESTED, FLOW_LOST,
+    PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_ANSWERED, FLOW_CLOSING, FLOW_CONTESTED, FLOW_LOST,
     FLOW_PREVIEW, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, PROTO_TCP, PROTO_UDP, REPLY_HAS_PREVIEW, RING_SIZE,
     RST_WINDOW, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW,
 };
@@ -126,6 +128,10 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
                 // old entry stays until the client's next packet says which one is real.
                 e.flags |= FLOW_CONTESTED;
                 e.contest_isn = pkt.seq;
+            } else if BG_FLOWS_V2.remove(key).is_ok() {
+                // The client ended the old connection (FIN, or an RST at its sequence) and
+                // starts a new one on the same port: the new one's handshake must not find it.
+                count_fwd(Fwd::EstablishedEnded, 1);
             }
         }
     }
@@ -144,7 +150,13 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
             }
             track_seq(pkt, e);
             e.last_seen_ns = now;
-            return Some(follow(pkt, e, 0, Reason::ToBackend));
+            let v = follow(pkt, e, 0, Reason::ToBackend);
+            // The client acknowledges the backend's SYN-ACK: the handshake is complete.
+            if tcp && !syn && e.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, e.peer_isn) {
+                let n = *e;
+                promote(key, &n);
+            }
+            return Some(v);
         }
     }
 
@@ -205,11 +217,13 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64) -> Verd
     if pkt.proto == PROTO_TCP {
         if e.flags & FLOW_CONTESTED != 0 {
             if pkt.seq == e.contest_isn.wrapping_add(1) {
-                // The contesting SYN's connection goes on (its handshake's ACK): it is the real
-                // one, and its unconfirmed entry takes this key over.
-                if let Some(n) = unsafe { BG_EMBRYO_V1.get(key) } {
+                // The contesting SYN's connection goes on: its handshake's ACK (acknowledging the
+                // backend's SYN-ACK, which a spoofer of the SYN never saw) makes it the real one,
+                // and its unconfirmed entry takes this key over.
+                let answered = |n: &FlowEntry| n.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, n.peer_isn);
+                if let Some(n) = unsafe { BG_EMBRYO_V1.get(key) }.filter(|n| answered(n)) {
                     let mut n = *n;
-                    n.flags &= !FLOW_LOST;
+                    n.flags &= !(FLOW_LOST | FLOW_ANSWERED);
                     track_seq(pkt, &mut n);
                     if BG_FLOWS_V2.insert(key, &n, 0).is_ok() {
                         if BG_EMBRYO_V1.remove(key).is_ok() {
@@ -270,7 +284,16 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
     let fkey = key.forward_key(vip, vip_port);
     if pkt.proto == PROTO_TCP {
         if pkt.has(TCP_SYN) && pkt.has(TCP_ACK) {
-            confirm(&fkey, cfg, |e| pkt.ack == e.isn.wrapping_add(1));
+            // The backend answers the SYN: noted (with its ISN); the client's ACK of it will
+            // confirm the flow. A SYN-ACK alone proves nothing about the client (a spoofed SYN
+            // gets one too).
+            if let Some(e) = BG_EMBRYO_V1.get_ptr_mut(&fkey) {
+                let e = unsafe { &mut *e };
+                if pkt.ack == e.isn.wrapping_add(1) {
+                    e.flags |= FLOW_ANSWERED;
+                    e.peer_isn = pkt.seq;
+                }
+            }
         } else if !pkt.has(TCP_RST) && lost_flows_waiting() {
             confirm(&fkey, cfg, |e| e.flags & FLOW_LOST != 0);
         }
@@ -307,8 +330,22 @@ fn confirm(fkey: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
             return;
         }
     }
+    let n = *e;
+    promote(fkey, &n);
+}
+
+/// Whether an acknowledgment number acknowledges the backend's SYN-ACK (ISN `peer_isn`): its
+/// SYN and at most `RST_WINDOW` bytes after it. A blind guess hits with odds of 1 in 65536.
+#[inline(always)]
+fn acks_peer(ack: u32, peer_isn: u32) -> bool {
+    ack.wrapping_sub(peer_isn.wrapping_add(1)) <= RST_WINDOW
+}
+
+/// Moves an unconfirmed entry to the established table.
+#[inline(always)]
+fn promote(fkey: &FlowKey, e: &FlowEntry) {
     let mut n = *e;
-    n.flags &= !FLOW_LOST;
+    n.flags &= !(FLOW_LOST | FLOW_ANSWERED);
     let stored = match BG_FLOWS_V2.insert(fkey, &n, BPF_NOEXIST) {
         Ok(()) => {
             count_fwd(Fwd::FlowsConfirmed, 1);
@@ -400,7 +437,8 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
         isn: if syn { pkt.seq } else { 0 },
         seq_next: pkt.seq.wrapping_add(syn as u32),
         contest_isn: 0,
-        _pad: [0; 2],
+        peer_isn: 0,
+        _pad: 0,
     };
     track_seq(pkt, &mut entry);
     if preview {

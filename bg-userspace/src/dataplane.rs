@@ -739,7 +739,8 @@ impl Dataplane {
             }
         }
         let confirmed = self.fwd_count(Fwd::FlowsConfirmed)?;
-        counts.evicted = confirmed.saturating_sub(self.removed_by_agent).saturating_sub(counts.entries);
+        let ended = self.fwd_count(Fwd::EstablishedEnded)?;
+        counts.evicted = confirmed.saturating_sub(self.removed_by_agent + ended).saturating_sub(counts.entries);
         Ok(counts)
     }
 

@@ -9,3 +9,4 @@ pub mod packet;
 pub mod paths;
 pub mod run;
 pub mod topology;
+pub mod wire;

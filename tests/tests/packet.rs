@@ -190,7 +190,8 @@ fn every_edge_case_has_its_stated_action() {
     let rows = vec![
         row("TCP SYN to VIP:80", syn().build(), Rewritten(CLIENT, BLUE), Reason::NewFlow),
         row("TCP data on that flow", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).payload(b"GET / HTTP/1.1\r\n\r\n").build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
-        row("backend SYN-ACK (acks the SYN: confirms the flow)", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_SYN | TCP_ACK).ack(packet::DEFAULT_SEQ + 1).build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
+        row("backend SYN-ACK acknowledging the SYN (noted, confirms nothing yet)", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_SYN | TCP_ACK).seq(0x0a0b_0c0d).ack(packet::DEFAULT_SEQ + 1).build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
+        row("client ACK of it (the handshake completes: confirmed)", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).seq(packet::DEFAULT_SEQ + 1).ack(0x0a0b_0c0e).build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
         row("backend response", Pkt::tcp(sa(BLUE), sa(CLIENT), TCP_ACK).payload(b"blue\n").build(), Rewritten(VIP, CLIENT), Reason::FromBackend),
         row("retransmitted SYN stays on its flow", syn().build(), Rewritten(CLIENT, BLUE), Reason::ToBackend),
         row("TTL 1 on an established flow", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).ttl(1).build(), Pass, Reason::PassTtlExpired),
@@ -254,7 +255,7 @@ fn every_edge_case_has_its_stated_action() {
     assert_eq!(packet::parse_v4(&out).l4_checksum, 0xffff, "a computed UDP checksum of 0 is sent as 0xffff");
 
     // Drops and passes created no flow entries: only the rows that started flows did.
-    // Eight rows started flows; the backend's SYN-ACK and the UDP reply confirmed two of them.
+    // Eight rows started flows; the completed handshake and the UDP reply confirmed two of them.
     let flows = dp.flow_counts().unwrap();
     assert_eq!(flows.flows, [8, 0], "flows per color [blue, green]");
     assert_eq!((flows.entries, flows.unconfirmed_entries), (2, 6), "one entry per flow: established, unconfirmed");
@@ -858,11 +859,12 @@ fn flow_table_pressure_is_counted() {
     for i in 0..2000u32 {
         let client = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + 2 + (i >> 10)), 10000 + (i & 1023) as u16);
         run(&dp, &Pkt::tcp(client, sa(VIP), TCP_SYN).seq(i).build());
-        run(&dp, &Pkt::tcp(sa(BLUE), client, TCP_SYN | TCP_ACK).ack(i + 1).build());
+        run(&dp, &Pkt::tcp(sa(BLUE), client, TCP_SYN | TCP_ACK).seq(9).ack(i + 1).build());
+        run(&dp, &Pkt::tcp(client, sa(VIP), TCP_ACK).seq(i + 1).ack(10).build());
     }
     let f = dp.flow_counts().unwrap();
     assert_eq!(dp.fwd_count(Fwd::FlowsCreated).unwrap(), 2000, "one entry created per flow");
-    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2000, "each confirmed by its SYN-ACK");
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2000, "each confirmed by its completed handshake");
     assert_eq!(f.unconfirmed_entries, 0, "confirmed entries left the unconfirmed table");
     assert!(f.entries <= 1024, "the table holds at most its size: {f:?}");
     assert_eq!(f.evicted, 2000 - f.entries, "evictions = confirmed - present: {f:?}");
@@ -909,22 +911,30 @@ fn a_new_syn_follows_the_active_color_and_nothing_recorded_earlier_captures_it()
     let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_SYN).seq(77).build());
     assert_rewritten(&out, c2, sa(GREEN), b"", "the SYN after the flip is not captured by the bare ACK's entry");
     // Its handshake completes on green.
-    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), c2, TCP_SYN | TCP_ACK).ack(78).build());
+    let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), c2, TCP_SYN | TCP_ACK).seq(500).ack(78).build());
     assert_rewritten(&out, sa(VIP), c2, b"", "green's SYN-ACK");
-    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(78).build());
+    let (_, out) = run(&dp, &Pkt::tcp(c2, sa(VIP), TCP_ACK).seq(78).ack(501).build());
     assert_rewritten(&out, c2, sa(GREEN), b"", "handshake ACK on green");
     let f = dp.flow_counts().unwrap();
     // c1: one unconfirmed entry (its second SYN replaced the first), on green; c2: established
     // on green.
     assert_eq!((f.entries, f.unconfirmed_entries, f.flows), (1, 1, [0, 2]));
 
-    // A SYN-ACK that does not acknowledge the SYN confirms nothing.
+    // Only a completed handshake confirms: not a SYN-ACK for another SYN, not a SYN-ACK alone
+    // (a spoofed SYN gets one too), not a client ACK that does not acknowledge the SYN-ACK.
     let c3 = sa("10.0.0.2:45003");
     run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_SYN).seq(1000).build());
-    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).ack(5000).build());
+    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).seq(3000).ack(5000).build());
+    run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_ACK).seq(1001).ack(3001).build());
     assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "a SYN-ACK for another SYN confirms nothing");
-    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).ack(1001).build());
-    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2, "the right one does");
+    run(&dp, &Pkt::tcp(sa(GREEN), c3, TCP_SYN | TCP_ACK).seq(3000).ack(1001).build());
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "a SYN-ACK alone confirms nothing");
+    for wrong in [3000u32, 3001 + 70_000, 0x7000_0000] {
+        run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_ACK).seq(1001).ack(wrong).build());
+    }
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "an ACK that does not acknowledge the SYN-ACK confirms nothing");
+    run(&dp, &Pkt::tcp(c3, sa(VIP), TCP_ACK).seq(1001).ack(3001).build());
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 2, "the handshake's ACK does");
 }
 
 /// A SYN with a new ISN on an open established flow goes to the active color as a new flow,
@@ -950,12 +960,24 @@ fn a_syn_contesting_an_open_flow_takes_over_only_when_its_client_goes_on_with_it
     assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "green's SYN-ACK did not take over the open flow");
 
     // Real: the client started over (ISN 777); its ACK of green's SYN-ACK carries 778.
+    // A spoofer who also sends the ACK of its SYN (seq = its ISN + 1) cannot know green's ISN:
+    // no takeover either.
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_SYN).seq(888).build());
+    assert_rewritten(&out, c, sa(GREEN), b"", "second spoofed SYN");
+    run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).seq(60_000).ack(889).build());
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(889).ack(123_456_789).build());
+    assert_rewritten(&out, c, sa(BLUE), b"", "a blind ACK for the spoofed SYN stays with the live connection");
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(next).payload(b"still").build());
+    assert_rewritten(&out, c, sa(BLUE), b"still", "the old connection goes on: blue");
+
+    // Real: the client started over (ISN 777); its ACK of green's SYN-ACK carries 778 and
+    // acknowledges green's ISN.
     let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_SYN).seq(777).build());
     assert_rewritten(&out, c, sa(GREEN), b"", "new connection's SYN");
-    run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).ack(778).build());
-    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).build());
+    run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).seq(90_000).ack(778).build());
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).ack(90_001).build());
     assert_rewritten(&out, c, sa(GREEN), b"", "its handshake ACK takes the 4-tuple over");
-    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).payload(b"GET").build());
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(778).ack(90_001).payload(b"GET").build());
     assert_rewritten(&out, c, sa(GREEN), b"GET", "and stays on green");
     let f = dp.flow_counts().unwrap();
     assert_eq!((f.entries, f.unconfirmed_entries, f.flows), (1, 0, [0, 1]), "one established flow, on green");

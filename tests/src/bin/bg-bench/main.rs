@@ -56,7 +56,8 @@ fn entry(to: SocketAddrV4) -> FlowEntry {
         isn: 0x0102_0303,
         seq_next: 0x0102_0304,
         contest_isn: 0,
-        _pad: [0; 2],
+        peer_isn: 0,
+        _pad: 0,
     }
 }
 
