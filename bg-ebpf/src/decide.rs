@@ -116,23 +116,17 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
         let now = if ages { now_ns() } else { 0 };
         if !(ages && e.expired(pkt.proto, true, now, cfg)) {
             if !syn {
-                return Some(established(pkt, key, e, now));
+                return Some(established(pkt, key, e, now, cfg));
             }
             if e.isn == pkt.seq {
                 // A retransmission of the SYN that started it.
                 return Some(follow(pkt, e, now, Reason::ToBackend));
             }
-            if e.flags & FLOW_CLOSING == 0 {
-                // A new SYN on an open flow: it may be a new connection (the client lost the
-                // old one) or a spoof. It goes to the active color as a new flow below; the
-                // old entry stays until the client's next packet says which one is real.
-                e.flags |= FLOW_CONTESTED;
-                e.contest_isn = pkt.seq;
-            } else if BG_FLOWS_V2.remove(key).is_ok() {
-                // The client ended the old connection (FIN, or an RST at its sequence) and
-                // starts a new one on the same port: the new one's handshake must not find it.
-                count_fwd(Fwd::EstablishedEnded, 1);
-            }
+            // A new SYN on a live flow: a new connection (the client lost or closed the old
+            // one) or a spoof. It goes to the active color as a new flow below; the old entry
+            // stays, contested, until the client's next packet says which one is real.
+            e.flags |= FLOW_CONTESTED;
+            e.contest_isn = pkt.seq;
         }
     }
     let now = now_ns();
@@ -213,28 +207,36 @@ fn track_seq(pkt: &Packet, e: &mut FlowEntry) {
 
 /// A packet of an established flow.
 #[inline(always)]
-fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64) -> Verdict {
+fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &DpConfig) -> Verdict {
     if pkt.proto == PROTO_TCP {
         if e.flags & FLOW_CONTESTED != 0 {
+            // One packet decides, and only once: a contest is never open to repeated guesses.
+            e.flags &= !FLOW_CONTESTED;
             if pkt.seq == e.contest_isn.wrapping_add(1) {
-                // The contesting SYN's connection goes on: its handshake's ACK (acknowledging the
-                // backend's SYN-ACK, which a spoofer of the SYN never saw) makes it the real one,
-                // and its unconfirmed entry takes this key over.
-                let answered = |n: &FlowEntry| n.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, n.peer_isn);
-                if let Some(n) = unsafe { BG_EMBRYO_V1.get(key) }.filter(|n| answered(n)) {
-                    let mut n = *n;
-                    n.flags &= !(FLOW_LOST | FLOW_ANSWERED);
-                    track_seq(pkt, &mut n);
-                    if BG_FLOWS_V2.insert(key, &n, 0).is_ok() {
+                if let Some(n) = BG_EMBRYO_V1.get_ptr_mut(key) {
+                    let n = unsafe { &mut *n };
+                    // The contesting SYN's connection goes on. Its handshake's ACK acknowledges
+                    // the new backend's SYN-ACK (which a spoofer of the SYN never saw): it is the
+                    // real one. After a clean close (the old entry closing) its ACK is enough:
+                    // its SYN-ACK may have come back through another gateway.
+                    let answered = n.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, n.peer_isn);
+                    let live = !n.expired(PROTO_TCP, false, now_ns(), cfg);
+                    if live && (answered || e.flags & FLOW_CLOSING != 0) {
+                        let mut m = *n;
+                        m.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+                        track_seq(pkt, &mut m);
+                        // Written in place: no LRU slot is taken for a key that has one.
+                        *e = m;
                         if BG_EMBRYO_V1.remove(key).is_ok() {
                             count_fwd(Fwd::FlowsRemoved, 1);
                         }
-                        return follow(pkt, &mut n, 0, Reason::ToBackend);
+                        return follow(pkt, e, 0, Reason::ToBackend);
+                    }
+                    // A spoof's guess: its unconfirmed entry goes, and with it the contest.
+                    if BG_EMBRYO_V1.remove(key).is_ok() {
+                        count_fwd(Fwd::FlowsRemoved, 1);
                     }
                 }
-            } else {
-                // The old connection goes on: the SYN was not its client's.
-                e.flags &= !FLOW_CONTESTED;
             }
         }
         track_seq(pkt, e);
@@ -243,7 +245,9 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64) -> Verd
                 e.flags |= FLOW_CLOSING;
                 e.last_seen_ns = now_ns();
             }
-        } else if pkt.has(TCP_FIN) && e.flags & FLOW_CLOSING == 0 {
+        } else if pkt.has(TCP_FIN) && e.flags & FLOW_CLOSING == 0 && in_window(pkt.seq, e.seq_next) {
+            // A FIN near what the client sent (a blind one far from it would let an idle
+            // connection expire).
             e.flags |= FLOW_CLOSING;
             e.last_seen_ns = now_ns();
         }
@@ -289,16 +293,26 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
             // gets one too).
             if let Some(e) = BG_EMBRYO_V1.get_ptr_mut(&fkey) {
                 let e = unsafe { &mut *e };
-                if pkt.ack == e.isn.wrapping_add(1) {
+                if pkt.ack == e.isn.wrapping_add(1) && from_its_backend(e, key) {
                     e.flags |= FLOW_ANSWERED;
                     e.peer_isn = pkt.seq;
                 }
             }
         } else if !pkt.has(TCP_RST) && lost_flows_waiting() {
-            confirm(&fkey, cfg, |e| e.flags & FLOW_LOST != 0);
+            confirm(&fkey, key, cfg, |e| e.flags & FLOW_LOST != 0);
+        }
+    } else if let Some(e) = BG_FLOWS_V2.get_ptr_mut(&fkey) {
+        // A confirmed UDP flow: its replies keep it alive too (a server that pushes to a quiet
+        // client must not see its flow expire and move).
+        let e = unsafe { &mut *e };
+        if from_its_backend(e, key) {
+            let now = now_ns();
+            if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                e.last_seen_ns = now;
+            }
         }
     } else {
-        confirm(&fkey, cfg, |_| true);
+        confirm(&fkey, key, cfg, |_| true);
     }
     rewrite(pkt, End::Src, &vip, vip_port);
     Verdict { reason: Reason::FromBackend, color }
@@ -314,15 +328,14 @@ fn lost_flows_waiting() -> bool {
 }
 
 const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
 
 /// Moves the unconfirmed entry of `fkey` to the established table when `ok` says this reply
 /// confirms it. Not over an open established entry of the same key (a contested one): there
 /// the client's next packet decides.
 #[inline(always)]
-fn confirm(fkey: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
+fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
     let Some(e) = (unsafe { BG_EMBRYO_V1.get(fkey) }) else { return };
-    if !ok(e) {
+    if !ok(e) || !from_its_backend(e, reply) {
         return;
     }
     if let Some(old) = unsafe { BG_FLOWS_V2.get(fkey) } {
@@ -332,6 +345,13 @@ fn confirm(fkey: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
     }
     let n = *e;
     promote(fkey, &n);
+}
+
+/// Whether a reply (backend → client key) comes from the backend the flow was sent to: a
+/// packet forged with another backend's address confirms nothing.
+#[inline(always)]
+fn from_its_backend(e: &FlowEntry, reply: &FlowKey) -> bool {
+    e.backend == reply.src && e.backend_port == reply.sport
 }
 
 /// Whether an acknowledgment number acknowledges the backend's SYN-ACK (ISN `peer_isn`): its
@@ -346,14 +366,16 @@ fn acks_peer(ack: u32, peer_isn: u32) -> bool {
 fn promote(fkey: &FlowKey, e: &FlowEntry) {
     let mut n = *e;
     n.flags &= !(FLOW_LOST | FLOW_ANSWERED);
-    let stored = match BG_FLOWS_V2.insert(fkey, &n, BPF_NOEXIST) {
-        Ok(()) => {
+    // One insert (an LRU map takes a slot before it checks the flags): over a closing or
+    // expired entry of a previous connection on this 4-tuple, or under a new key.
+    let stored = if unsafe { BG_FLOWS_V2.get(fkey) }.is_some() {
+        BG_FLOWS_V2.insert(fkey, &n, 0).is_ok()
+    } else {
+        let ok = BG_FLOWS_V2.insert(fkey, &n, BPF_NOEXIST).is_ok();
+        if ok {
             count_fwd(Fwd::FlowsConfirmed, 1);
-            true
         }
-        // Over a closing or expired entry of a previous connection on this 4-tuple.
-        Err(err) if err == -EEXIST => BG_FLOWS_V2.insert(fkey, &n, 0).is_ok(),
-        Err(_) => false,
+        ok
     };
     if stored && BG_EMBRYO_V1.remove(fkey).is_ok() {
         count_fwd(Fwd::FlowsRemoved, 1);
@@ -452,15 +474,16 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
         // mapping (its client port reused now) must not claim this flow's replies.
         let _ = BG_PREVIEW_REPLIES_V1.remove(&key.reply_key(backend.addr, backend.port));
     }
-    match BG_EMBRYO_V1.insert(key, &entry, BPF_NOEXIST) {
-        Ok(()) => count_fwd(Fwd::FlowsCreated, 1),
-        // An expired or replaced entry under the same key.
-        Err(e) if e == -EEXIST => {
-            if BG_EMBRYO_V1.insert(key, &entry, 0).is_err() {
-                return Verdict::untouched(Reason::DropFlowTableFull);
-            }
+    // One insert (an LRU map takes a slot before it checks the flags): over an expired or
+    // replaced entry under the same key, or under a new one.
+    if unsafe { BG_EMBRYO_V1.get(key) }.is_some() {
+        if BG_EMBRYO_V1.insert(key, &entry, 0).is_err() {
+            return Verdict::untouched(Reason::DropFlowTableFull);
         }
-        Err(_) => return Verdict::untouched(Reason::DropFlowTableFull),
+    } else if BG_EMBRYO_V1.insert(key, &entry, BPF_NOEXIST).is_ok() {
+        count_fwd(Fwd::FlowsCreated, 1);
+    } else {
+        return Verdict::untouched(Reason::DropFlowTableFull);
     }
     if lost {
         if let Some(g) = BG_GATE_V1.get_ptr_mut(0) {

@@ -44,7 +44,11 @@ pub fn process(e: &IcmpError) -> Verdict {
         return Verdict { reason: Reason::IcmpToClient, color: r.color };
     }
     // Quoted VIP → client (a reply we rewrote): the error is addressed to the VIP and belongs
-    // to the backend of the flow client → VIP.
+    // to the backend of the flow client → VIP. Only as such: an error about a VIP reply sent to
+    // anyone else would carry the backend's address to them once rewritten.
+    if read_addr(e.l3, e.family, End::Dst) != inner_src {
+        return stray();
+    }
     let fkey = FlowKey { src: inner_dst, dst: inner_src, sport: ports[1], dport: ports[0], proto: e.inner_proto, family: e.family, _pad: [0; 2] };
     let entry = match unsafe { BG_FLOWS_V2.get(&fkey) } {
         Some(x) => x,
@@ -55,8 +59,6 @@ pub fn process(e: &IcmpError) -> Verdict {
     };
     let (backend, port, color) = (entry.backend, entry.backend_port, entry.color);
     rewrite_quoted(e, End::Src, &backend, port);
-    if read_addr(e.l3, e.family, End::Dst) == inner_src {
-        rewrite_icmp_outer(e, End::Dst, &backend);
-    }
+    rewrite_icmp_outer(e, End::Dst, &backend);
     Verdict { reason: Reason::IcmpToBackend, color }
 }

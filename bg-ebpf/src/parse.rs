@@ -260,6 +260,12 @@ fn parse_l4(ctx: &XdpContext, eth: *mut EthHdr, l3: *mut u8, family: u8, proto: 
         let (seq, ack, doff) = unsafe {
             (u32::from_be((b.add(4) as *const u32).read_unaligned()), u32::from_be((b.add(8) as *const u32).read_unaligned()), (*b.add(12) >> 4) as usize)
         };
+        // A data offset under 5 words is no TCP header.
+        if doff < 5 {
+            return None;
+        }
+        // The payload ends where the IP length says, but never past the frame.
+        let ip_end = ip_end.min(ctx.data_end() - ctx.data());
         Some(Packet {
             eth,
             l3,

@@ -177,6 +177,12 @@ fn every_edge_case_has_its_stated_action() {
         f
     };
 
+    // A TCP header claiming 4 words.
+    let doff4 = |dst: &str| {
+        let mut f = Pkt::tcp(sa("10.0.0.2:40901"), sa(dst), TCP_SYN).build();
+        f[14 + 20 + 12] = 4 << 4;
+        f
+    };
     // Another IP protocol (47 is GRE): the TCP frame relabelled, IP checksum fixed.
     let other_proto = |dst: &str, proto: u8| {
         let mut f = Pkt::tcp(sa("10.0.0.2:40900"), sa(dst), 0).build();
@@ -220,6 +226,8 @@ fn every_edge_case_has_its_stated_action() {
         row("bare Ethernet header (LLDP type)", bare_eth, Pass, Reason::PassNotIp),
         row("IPv4 header cut at 10 bytes", truncated(syn().build(), 14 + 10), Pass, Reason::PassTruncated),
         row("TCP header cut at 10 bytes, to the VIP", truncated(syn().build(), 14 + 20 + 10), Drop, Reason::DropMalformed),
+        row("TCP data offset 4 (under a header's 5 words), to the VIP", doff4(VIP), Drop, Reason::DropMalformed),
+        row("TCP data offset 4, to another host", doff4(other), Pass, Reason::PassTruncated),
         row("TCP header cut at 10 bytes, to another host", truncated(Pkt::tcp(sa(CLIENT), sa(other), TCP_SYN).build(), 14 + 20 + 10), Pass, Reason::PassTruncated),
         row("UDP header cut at 4 bytes, to the VIP", truncated(Pkt::udp(sa(CLIENT), sa(DNS)).build(), 14 + 20 + 4), Drop, Reason::DropMalformed),
         row("IPv4 options (IHL 7), SYN to the VIP", Pkt::tcp(sa("10.0.0.2:40100"), sa(VIP), TCP_SYN).options(&[1, 1, 1, 1, 0x44, 4, 5, 0]).build(), Rewritten("10.0.0.2:40100", BLUE), Reason::NewFlow),
@@ -967,6 +975,9 @@ fn a_syn_contesting_an_open_flow_takes_over_only_when_its_client_goes_on_with_it
     run(&dp, &Pkt::tcp(sa(GREEN), c, TCP_SYN | TCP_ACK).seq(60_000).ack(889).build());
     let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(889).ack(123_456_789).build());
     assert_rewritten(&out, c, sa(BLUE), b"", "a blind ACK for the spoofed SYN stays with the live connection");
+    // One guess only: the contest is over, even the right acknowledgment takes nothing over now.
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(889).ack(60_001).build());
+    assert_rewritten(&out, c, sa(BLUE), b"", "no second guess");
     let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(next).payload(b"still").build());
     assert_rewritten(&out, c, sa(BLUE), b"still", "the old connection goes on: blue");
 
@@ -1049,4 +1060,52 @@ fn replies_need_no_flow_state_except_to_the_gateway_itself_and_for_preview_flows
     assert_rewritten(&out, pc, sa(GREEN), b"", "main-VIP SYN from the reused port");
     let (_, out) = run(&dp, &Pkt::tcp(sa(GREEN), pc, TCP_SYN | TCP_ACK).ack(4243).build());
     assert_rewritten(&out, sa(VIP), pc, b"", "its SYN-ACK from the main VIP");
+}
+
+/// Packets forged to confirm or end flows: a SYN-ACK from another backend's address, a UDP
+/// "reply" from the wrong backend, a FIN far from what the client sent; and an ICMP error about
+/// a VIP reply addressed to a third host, which must not learn the backend's address.
+#[test]
+fn forged_answers_confirm_nothing_blind_fins_end_nothing_and_icmp_errors_leak_no_backend() {
+    let config = CONFIG.replace(r#"blue = ["10.1.0.2:8080"]"#, r#"blue = ["10.1.0.2:8080", "10.1.0.3:8080"]"#).replace("max_new_flows_per_sec = 0", "max_new_flows_per_sec = 0\nclosing_timeout_secs = 1");
+    let mut dp = dataplane(&config);
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    // Find a client whose flow goes to 10.1.0.2 (so 10.1.0.3 is "another backend").
+    let c = (41000..41100u16)
+        .map(|p| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), p))
+        .find(|c| {
+            let (_, out) = run(&dp, &Pkt::tcp(*c, sa(VIP), TCP_SYN).seq(1).build());
+            packet::parse_v4(&out).dst == sa(BLUE)
+        })
+        .expect("a flow to 10.1.0.2");
+    run(&dp, &Pkt::tcp(sa("10.1.0.3:8080"), c, TCP_SYN | TCP_ACK).seq(500).ack(2).build());
+    run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(2).ack(501).build());
+    let confirmed = dp.fwd_count(Fwd::FlowsConfirmed).unwrap();
+    assert_eq!(confirmed, 0, "a SYN-ACK from another backend's address noted nothing");
+    run(&dp, &Pkt::tcp(sa(BLUE), c, TCP_SYN | TCP_ACK).seq(700).ack(2).build());
+    run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(2).ack(701).build());
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "its own backend's did");
+
+    // UDP: a "reply" from the other backend's address confirms nothing.
+    let u = sa("10.0.0.2:41500");
+    let (_, out) = run(&dp, &packet::udp(u, sa(DNS), b"q"));
+    let to = packet::parse_v4(&out).dst;
+    let wrong = if to == sa(BLUE_DNS) { "10.2.0.2:5353" } else { BLUE_DNS };
+    run(&dp, &packet::udp(sa(wrong), u, b"forged"));
+    assert_eq!(dp.fwd_count(Fwd::FlowsConfirmed).unwrap(), 1, "a UDP reply from the wrong backend confirms nothing");
+
+    // A FIN far from what the client sent does not mark the flow closing: idle past the closing
+    // timeout it still follows its backend after a flip.
+    dp.select(Color::Green).unwrap();
+    run(&dp, &Pkt::tcp(c, sa(VIP), TCP_FIN | TCP_ACK).seq(9_000_000).ack(701).build());
+    std::thread::sleep(Duration::from_millis(2100));
+    let (_, out) = run(&dp, &Pkt::tcp(c, sa(VIP), TCP_ACK).seq(2).ack(701).payload(b"x").build());
+    assert_rewritten(&out, c, sa(BLUE), b"x", "a blind FIN ended nothing");
+
+    // An error about a VIP reply (VIP -> client) sent to a third host, not to the VIP: left
+    // alone (rewritten, its quote would name the backend to that host).
+    let reply = Pkt::tcp(sa(VIP), c, TCP_ACK).payload(&[1; 100]).build();
+    let err = packet::icmp_error(ip("10.0.0.1"), ip("10.0.0.77"), 3, 4, 1280, &reply, 20);
+    let (action, out) = run(&dp, &err);
+    assert_eq!((action, &out), (XDP_PASS, &err), "an error about a VIP reply to a third host passes untouched");
 }
