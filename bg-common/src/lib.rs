@@ -330,8 +330,23 @@ pub struct FlowEntry {
     /// TCP, with `FLOW_ANSWERED`: the backend's ISN (from its SYN-ACK, host order). The
     /// client's ACK of it completes the handshake and confirms the flow.
     pub peer_isn: u32,
-    pub _pad: u32,
+    /// The next-hop cache of the client → backend direction (redirect forwarding): valid while
+    /// `bpf_ktime_get_coarse_ns() >> NH_EPOCH_SHIFT` equals `nh_epoch` (about a second), for
+    /// packets of at most `nh_len` bytes of IP (the longest one the FIB said fits), so a route
+    /// or neighbour change is seen within a second and a larger packet is looked up again
+    /// (and answered "too big" when it is).
+    pub nh_epoch: u32,
+    /// The egress interface; 0: nothing cached.
+    pub nh_ifindex: u32,
+    pub nh_len: u16,
+    pub _pad: u16,
+    /// Destination and source MAC for the egress.
+    pub nh_macs: [u8; 12],
+    pub _pad2: u32,
 }
+
+/// `FlowEntry::nh_epoch` is the coarse clock shifted by this (2^30 ns, about 1.07 s).
+pub const NH_EPOCH_SHIFT: u32 = 30;
 
 impl FlowEntry {
     /// Whether the entry is over at `now_ns` by the idle rules: unconfirmed entries after
@@ -690,7 +705,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<BackendSet>(), 8 + 20 * MAX_BACKENDS);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowEntry>(), 48);
+        assert_eq!(size_of::<FlowEntry>(), 72);
         assert_eq!(size_of::<ReplyNat>(), 20);
         assert_eq!(size_of::<PreviewReply>(), 20);
         assert_eq!(size_of::<DpConfig>(), 40);

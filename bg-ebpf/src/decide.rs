@@ -45,12 +45,19 @@ pub struct Verdict {
     pub reason: Reason,
     /// The flow's color for rewritten packets, else `NO_COLOR`.
     pub color: u8,
+    /// The flow entry a client's packet followed (its next hop is cached there), or null.
+    pub entry: *mut FlowEntry,
 }
 
 impl Verdict {
     #[inline(always)]
-    fn untouched(reason: Reason) -> Verdict {
-        Verdict { reason, color: NO_COLOR }
+    pub fn untouched(reason: Reason) -> Verdict {
+        Verdict { reason, color: NO_COLOR, entry: core::ptr::null_mut() }
+    }
+
+    #[inline(always)]
+    pub fn rewritten(reason: Reason, color: u8) -> Verdict {
+        Verdict { reason, color, entry: core::ptr::null_mut() }
     }
 }
 
@@ -136,19 +143,22 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
         if !e.expired(pkt.proto, false, now, cfg) && !(syn && e.isn != pkt.seq) {
             if tcp && pkt.has(TCP_RST) {
                 // An RST during the handshake ends it when it fits what the client sent.
-                let v = follow(pkt, e, now, Reason::ToBackend);
+                let mut v = follow(pkt, e, now, Reason::ToBackend);
                 if in_window(pkt.seq, e.seq_next) && BG_EMBRYO_V1.remove(key).is_ok() {
                     count_fwd(Fwd::FlowsRemoved, 1);
+                    // The element is free now: nothing may be written through it.
+                    v.entry = core::ptr::null_mut();
                 }
                 return Some(v);
             }
             track_seq(pkt, e);
             e.last_seen_ns = now;
-            let v = follow(pkt, e, 0, Reason::ToBackend);
+            let mut v = follow(pkt, e, 0, Reason::ToBackend);
             // The client acknowledges the backend's SYN-ACK: the handshake is complete.
             if tcp && !syn && e.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, e.peer_isn) {
-                let n = *e;
-                promote(key, &n);
+                promote(key, e);
+                // The unconfirmed element may be free now: nothing may be written through it.
+                v.entry = core::ptr::null_mut();
             }
             return Some(v);
         }
@@ -222,11 +232,12 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &D
                     let answered = n.flags & FLOW_ANSWERED != 0 && acks_peer(pkt.ack, n.peer_isn);
                     let live = !n.expired(PROTO_TCP, false, now_ns(), cfg);
                     if live && (answered || e.flags & FLOW_CLOSING != 0) {
-                        let mut m = *n;
-                        m.flags &= !(FLOW_LOST | FLOW_ANSWERED);
-                        track_seq(pkt, &mut m);
-                        // Written in place: no LRU slot is taken for a key that has one.
-                        *e = m;
+                        // Written in place (no LRU slot is taken for a key that has one), copied
+                        // element to element (not through the small stack).
+                        unsafe { core::ptr::copy_nonoverlapping(n as *const FlowEntry, e as *mut FlowEntry, 1) };
+                        e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+                        e.nh_ifindex = 0;
+                        track_seq(pkt, e);
                         if BG_EMBRYO_V1.remove(key).is_ok() {
                             count_fwd(Fwd::FlowsRemoved, 1);
                         }
@@ -264,7 +275,7 @@ fn follow(pkt: &Packet, e: &mut FlowEntry, now: u64, reason: Reason) -> Verdict 
     }
     let (backend, port) = (e.backend, e.backend_port);
     rewrite(pkt, End::Dst, &backend, port);
-    Verdict { reason, color: e.color }
+    Verdict { reason, color: e.color, entry: e as *mut FlowEntry }
 }
 
 /// A backend → client packet: the static map names the VIP. Replies also confirm flows: a
@@ -315,7 +326,7 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
         confirm(&fkey, key, cfg, |_| true);
     }
     rewrite(pkt, End::Src, &vip, vip_port);
-    Verdict { reason: Reason::FromBackend, color }
+    Verdict::rewritten(Reason::FromBackend, color)
 }
 
 /// Whether a lost flow started recently enough to still be waiting for its confirmation.
@@ -334,7 +345,8 @@ const BPF_NOEXIST: u64 = 1;
 /// the client's next packet decides.
 #[inline(always)]
 fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
-    let Some(e) = (unsafe { BG_EMBRYO_V1.get(fkey) }) else { return };
+    let Some(e) = BG_EMBRYO_V1.get_ptr_mut(fkey) else { return };
+    let e = unsafe { &mut *e };
     if !ok(e) || !from_its_backend(e, reply) {
         return;
     }
@@ -343,8 +355,7 @@ fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEnt
             return;
         }
     }
-    let n = *e;
-    promote(fkey, &n);
+    promote(fkey, e);
 }
 
 /// Whether a reply (backend → client key) comes from the backend the flow was sent to: a
@@ -363,15 +374,17 @@ fn acks_peer(ack: u32, peer_isn: u32) -> bool {
 
 /// Moves an unconfirmed entry to the established table.
 #[inline(always)]
-fn promote(fkey: &FlowKey, e: &FlowEntry) {
-    let mut n = *e;
-    n.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+/// `e` is the unconfirmed element itself (it is about to be removed): it is inserted from where
+/// it is, with no copy on the program's small stack.
+fn promote(fkey: &FlowKey, e: &mut FlowEntry) {
+    e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+    e.nh_ifindex = 0;
     // One insert (an LRU map takes a slot before it checks the flags): over a closing or
     // expired entry of a previous connection on this 4-tuple, or under a new key.
     let stored = if unsafe { BG_FLOWS_V2.get(fkey) }.is_some() {
-        BG_FLOWS_V2.insert(fkey, &n, 0).is_ok()
+        BG_FLOWS_V2.insert(fkey, e, 0).is_ok()
     } else {
-        let ok = BG_FLOWS_V2.insert(fkey, &n, BPF_NOEXIST).is_ok();
+        let ok = BG_FLOWS_V2.insert(fkey, e, BPF_NOEXIST).is_ok();
         if ok {
             count_fwd(Fwd::FlowsConfirmed, 1);
         }
@@ -460,7 +473,12 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
         seq_next: pkt.seq.wrapping_add(syn as u32),
         contest_isn: 0,
         peer_isn: 0,
+        nh_epoch: 0,
+        nh_ifindex: 0,
+        nh_len: 0,
         _pad: 0,
+        nh_macs: [0; 12],
+        _pad2: 0,
     };
     track_seq(pkt, &mut entry);
     if preview {
@@ -492,5 +510,5 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     }
     rewrite(pkt, End::Dst, &backend.addr, backend.port);
     crate::count_new_flow(color);
-    Verdict { reason, color }
+    Verdict::rewritten(reason, color)
 }

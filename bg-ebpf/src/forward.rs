@@ -8,10 +8,10 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use bg_common::{DpConfig, Fwd, DP_FLAG_REDIRECT, FAMILY_V4};
+use bg_common::{DpConfig, FlowEntry, Fwd, DP_FLAG_REDIRECT, FAMILY_V4, NH_EPOCH_SHIFT};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
 use crate::{
@@ -36,6 +36,9 @@ pub struct Out {
     /// For TCP/UDP: the packet and what its rewrite replaced (None for ICMP errors, which are
     /// small enough for any link).
     pub flow: Option<(Packet, Undo)>,
+    /// The flow entry a client's packet followed, whose next-hop cache this packet may use and
+    /// fill; null for replies, new flows and everything else.
+    pub entry: *mut FlowEntry,
 }
 
 /// The end of a packet the rewrite changed, and its address and port before (raw).
@@ -56,6 +59,21 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
     // smaller than 1280.
     if !redirect && (out.flow.is_none() || ctx.data_end() - ctx.data() <= EthHdr::LEN + 576) {
         return (xdp_action::XDP_PASS, Fwd::Kernel);
+    }
+    let ip_len = ip_total_len(out);
+    // The flow's cached next hop: one clock read instead of the FIB lookup.
+    let epoch = if out.entry.is_null() { 0 } else { (unsafe { bpf_ktime_get_coarse_ns() } >> NH_EPOCH_SHIFT) as u32 };
+    if !out.entry.is_null() {
+        let e = unsafe { &*out.entry };
+        if e.nh_ifindex != 0 && e.nh_epoch == epoch && ip_len <= e.nh_len {
+            decrement_ttl(out.l3, out.family);
+            unsafe {
+                let macs = &e.nh_macs;
+                (*out.eth).dst_addr.copy_from_slice(&macs[..6]);
+                (*out.eth).src_addr.copy_from_slice(&macs[6..]);
+            }
+            return (unsafe { bpf_redirect(e.nh_ifindex, 0) } as u32, Fwd::Redirect);
+        }
     }
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.l4_protocol = out.proto;
@@ -102,6 +120,21 @@ pub fn forward(ctx: &XdpContext, out: &Out, cfg: &DpConfig) -> (u32, Fwd) {
                 (*out.eth).dst_addr = p.dmac;
                 (*out.eth).src_addr = p.smac;
             }
+            if !out.entry.is_null() {
+                // Cache this next hop in the flow for about a second, for packets up to this
+                // long (the longest the FIB said fits, in this epoch).
+                let e = unsafe { &mut *out.entry };
+                if e.nh_epoch != epoch || e.nh_ifindex != p.ifindex {
+                    e.nh_len = 0;
+                }
+                e.nh_epoch = epoch;
+                e.nh_ifindex = p.ifindex;
+                if ip_len > e.nh_len {
+                    e.nh_len = ip_len;
+                }
+                e.nh_macs[..6].copy_from_slice(&p.dmac);
+                e.nh_macs[6..].copy_from_slice(&p.smac);
+            }
             let action = unsafe { bpf_redirect(p.ifindex, 0) } as u32;
             (action, Fwd::Redirect)
         }
@@ -125,5 +158,17 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, undo: &Undo, mtu: u32) -> (u32, Fwd) 
     match pmtu::too_big(ctx, pkt.family, &vip, mtu, l4_off) {
         Some(action) => (action, Fwd::TooBigAnswered),
         None => (xdp_action::XDP_DROP, Fwd::TooBigDropped),
+    }
+}
+
+/// The IP packet's total length by its header (IPv6: payload length + 40).
+#[inline(always)]
+fn ip_total_len(out: &Out) -> u16 {
+    unsafe {
+        if out.family == FAMILY_V4 {
+            u16::from_be_bytes((*(out.l3 as *const Ipv4Hdr)).tot_len)
+        } else {
+            u16::from_be_bytes((*(out.l3 as *const Ipv6Hdr)).payload_len).wrapping_add(Ipv6Hdr::LEN as u16)
+        }
     }
 }

@@ -6,7 +6,7 @@
 use bg_common::{BackendKey, FlowKey, Reason, REPLY_HAS_PREVIEW};
 
 use crate::{
-    decide::{Verdict, NO_COLOR},
+    decide::Verdict,
     maps::{BG_EMBRYO_V1, BG_FLOWS_V2, BG_PREVIEW_REPLIES_V1, BG_REPLIES_V1},
     parse::{is_vip, read_addr, End, IcmpError},
     rewrite::{rewrite_icmp_outer, rewrite_quoted},
@@ -19,7 +19,7 @@ pub fn process(e: &IcmpError) -> Verdict {
     let stray = || {
         // An error sent to a VIP about no flow bg has is a stray; one passing through, not ours.
         let to_vip = is_vip(read_addr(e.l3, e.family, End::Dst), e.family);
-        Verdict { reason: if to_vip { Reason::DropStray } else { Reason::PassNotOurs }, color: NO_COLOR }
+        Verdict::untouched(if to_vip { Reason::DropStray } else { Reason::PassNotOurs })
     };
     if !crate::decide::maybe_ours(&inner_src) && !crate::decide::maybe_ours(&inner_dst) {
         return stray();
@@ -41,7 +41,7 @@ pub fn process(e: &IcmpError) -> Verdict {
         if read_addr(e.l3, e.family, End::Src) == inner_dst {
             rewrite_icmp_outer(e, End::Src, &vip);
         }
-        return Verdict { reason: Reason::IcmpToClient, color: r.color };
+        return Verdict::rewritten(Reason::IcmpToClient, r.color);
     }
     // Quoted VIP → client (a reply we rewrote): the error is addressed to the VIP and belongs
     // to the backend of the flow client → VIP. Only as such: an error about a VIP reply sent to
@@ -60,5 +60,5 @@ pub fn process(e: &IcmpError) -> Verdict {
     let (backend, port, color) = (entry.backend, entry.backend_port, entry.color);
     rewrite_quoted(e, End::Src, &backend, port);
     rewrite_icmp_outer(e, End::Dst, &backend);
-    Verdict { reason: Reason::IcmpToBackend, color }
+    Verdict::rewritten(Reason::IcmpToBackend, color)
 }

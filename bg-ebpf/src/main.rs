@@ -51,12 +51,13 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
             } else {
                 Undo { end: End::Dst, addr: key.dst, port: key.dport }
             };
-            let out = Out { eth: pkt.eth, l3: pkt.l3, family: pkt.family, proto: pkt.proto, ports: unsafe { *pkt.ports }, flow: Some((pkt, undo)) };
+            let entry = verdict.entry;
+            let out = Out { eth: pkt.eth, l3: pkt.l3, family: pkt.family, proto: pkt.proto, ports: unsafe { *pkt.ports }, flow: Some((pkt, undo)), entry };
             (verdict, out)
         }
         Ok(Parsed::Icmp(e)) => {
             let proto = if e.family == bg_common::FAMILY_V4 { bg_common::PROTO_ICMP } else { bg_common::PROTO_ICMPV6 };
-            (icmp::process(&e), Out { eth: e.eth, l3: e.l3, family: e.family, proto, ports: [0, 0], flow: None })
+            (icmp::process(&e), Out { eth: e.eth, l3: e.l3, family: e.family, proto, ports: [0, 0], flow: None, entry: core::ptr::null_mut() })
         }
     };
     if verdict.color == decide::NO_COLOR {

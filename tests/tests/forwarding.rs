@@ -152,6 +152,24 @@ fn rewritten_packets_are_redirected_when_the_neighbour_is_known_else_passed() {
     assert_eq!(&out[14 + 48..], &big6[14..14 + 48], "the packet quoted as the client sent it");
     assert_eq!(dp.fwd_count(Fwd::TooBigAnswered).unwrap(), 3);
 
+    // The per-flow next-hop cache: a flow's small packets are redirected from it (right MACs,
+    // TTL decremented) without a FIB lookup, but a packet longer than any the FIB said fits is
+    // looked up again, and answered "too big" when it is.
+    let c = sa("10.0.0.2:40020");
+    run(&dp, &Pkt::tcp(c, sa("10.100.0.1:80"), TCP_SYN).build());
+    for i in 0..3 {
+        let (action, out) = run(&dp, &Pkt::tcp(c, sa("10.100.0.1:80"), packet::TCP_ACK).payload(b"small").build());
+        assert_eq!(action, XDP_REDIRECT, "small packet {i}: redirected");
+        let p = packet::parse_v4(&out);
+        assert_eq!((p.dst, p.ttl, p.eth_dst), (sa("10.1.0.2:8080"), 63, BACKEND_MAC), "small packet {i}: rewritten, TTL and MACs as the FIB says");
+        assert!(p.ip_checksum_ok && p.l4_checksum_ok);
+    }
+    let big = Pkt::tcp(c, sa("10.100.0.1:80"), packet::TCP_ACK).payload(&[0x5a; 1450]).build();
+    let (action, out) = run(&dp, &big);
+    assert_eq!(action, XDP_PASS, "a cached flow's packet above the MTU: not redirected from the cache");
+    assert_too_big_v4(&big, &out, "10.100.0.1", "10.0.0.2", 1400);
+    assert_eq!(dp.fwd_count(Fwd::TooBigAnswered).unwrap(), 4);
+
     // No route to the backend: the kernel decides (and answers unreachable).
     let syn = Pkt::tcp(sa("10.0.0.2:40003"), sa("10.100.0.1:82"), TCP_SYN).build();
     let (action, out) = run(&dp, &syn);

@@ -50,8 +50,9 @@ impl Rng {
     }
 }
 
-/// A 4096-entry table (its unconfirmed table at the 1024 minimum), a client reusing 8000
-/// ports (more than the table holds) at full speed, 100 flips: every connection that starts
+/// A 4096-entry table (its unconfirmed table at the 1024 minimum), a client reusing 12000
+/// ports (connect() takes the even ones: 6000 4-tuples, more than the table holds) at full
+/// speed, 100 flips: every connection that starts
 /// after a flip returned (and before the next one began) is answered by the new color, none
 /// fails, and none needs a SYN retransmit. Hosts keep no TIME_WAIT, so ports come round at
 /// once: with one client address, TIME_WAIT on the backends would make the harness, not bg,
@@ -62,7 +63,7 @@ fn a_small_table_under_port_reuse_sends_every_new_connection_to_the_color_of_eac
     for ns in [&t.client, &t.blue, &t.green] {
         ns.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"]).unwrap();
     }
-    t.client.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 47999"]).unwrap();
+    t.client.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 51999"]).unwrap();
     let config = t.config().replace("flow_table_size = 16384", "flow_table_size = 4096");
     assert!(config.contains("flow_table_size = 4096"));
     std::fs::write(t.config_path(), config).unwrap();

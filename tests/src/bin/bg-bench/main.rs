@@ -57,7 +57,12 @@ fn entry(to: SocketAddrV4) -> FlowEntry {
         seq_next: 0x0102_0304,
         contest_isn: 0,
         peer_isn: 0,
+        nh_epoch: 0,
+        nh_ifindex: 0,
+        nh_len: 0,
         _pad: 0,
+        nh_macs: [0; 12],
+        _pad2: 0,
     }
 }
 
