@@ -142,6 +142,22 @@ fn exchange(c: &mut BufReader<TcpStream>, color: &str, msg: &str) -> Result<(), 
     }
 }
 
+/// `n` echo connections to the VIP from the client, each answered once by blue (so confirmed:
+/// established), then left idle.
+fn open_idle(t: &Topology, n: usize) -> Vec<BufReader<TcpStream>> {
+    let echo = SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
+    let _in = InNetns::enter(&t.client).unwrap();
+    (0..n)
+        .map(|i| {
+            let c = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = BufReader::new(c);
+            exchange(&mut c, "blue", &format!("hello {i}")).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
+            c
+        })
+        .collect()
+}
+
 /// A SYN flood and a bare-ACK flood, each at ten times the rate bound (1000 new flows/s) for
 /// 10 s from one silent spoofed source, into a 4096-entry table, while 1000 idle connections
 /// and 4 streams are open:
@@ -161,19 +177,7 @@ fn floods_at_ten_times_the_rate_bound_leave_idle_connections_and_streams_alone()
     let resets0 = resets(&t);
 
     // 1000 idle connections, each answered once by blue (confirmed: established).
-    let echo = SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
-    let mut idle: Vec<BufReader<TcpStream>> = {
-        let _in = InNetns::enter(&t.client).unwrap();
-        (0..1000)
-            .map(|i| {
-                let c = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut c = BufReader::new(c);
-                exchange(&mut c, "blue", &format!("hello {i}")).unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
-                c
-            })
-            .collect()
-    };
+    let mut idle = open_idle(&t, 1000);
     assert!(status(&t)["flows"]["entries"].as_u64().unwrap() >= 1000, "the idle connections are established");
 
     let gw_mac = mac(&t.gw, "gw-c").unwrap();
@@ -242,19 +246,7 @@ fn spoofed_rsts_across_every_source_port_break_no_live_connection() {
     let _agent = t.start_agent().unwrap();
     t.wait_healthy().unwrap();
     let resets0 = resets(&t);
-    let echo = SocketAddr::new(VIP.parse().unwrap(), ECHO_PORT);
-    let mut idle: Vec<BufReader<TcpStream>> = {
-        let _in = InNetns::enter(&t.client).unwrap();
-        (0..20)
-            .map(|i| {
-                let c = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut c = BufReader::new(c);
-                exchange(&mut c, "blue", &format!("hello {i}")).unwrap();
-                c
-            })
-            .collect()
-    };
+    let mut idle = open_idle(&t, 20);
     let gw_mac = mac(&t.gw, "gw-c").unwrap();
     let stop = AtomicBool::new(false);
     let (sent, seen) = std::thread::scope(|s| {

@@ -503,7 +503,17 @@ pub fn throughput(smoke: bool) -> anyhow::Result<Value> {
             let sw = setup(&t, which)?;
             let target = if which == "direct" { format!("http://{BLUE}:8080/") } else { format!("http://{VIP}:{VIP_PORT}/") };
             for (mode, close) in [("keepalive", false), ("new_connection", true)] {
-                let r = wrk(&t, &target, secs, close)?;
+                // bg's rate bound, at its default, must drop no new flow of a load this machine
+                // can generate: counted around each run.
+                let bound_drops = |t: &Topology| -> anyhow::Result<u64> {
+                    let v: Value = serde_json::from_slice(&t.bgctl(&["stats", "--json"])?.stdout)?;
+                    v["reasons"].as_array().and_then(|a| a.iter().find(|r| r[0] == "drop_new_flow_rate")).and_then(|r| r[1].as_u64()).context("drop_new_flow_rate in bgctl stats")
+                };
+                let drops0 = if which == "bg" { bound_drops(&t)? } else { 0 };
+                let mut r = wrk(&t, &target, secs, close)?;
+                if which == "bg" {
+                    r["rate_bound_drops"] = json!(bound_drops(&t)? - drops0);
+                }
                 eprintln!("bench: round {round} {which:<9} {mode:<15} {:>9.0} req/s p50 {:>6.0} us p99 {:>7.0} us, {} SYN retransmits, {} listen drops", r["rps"].as_f64().unwrap_or(0.0), r["p50_us"].as_f64().unwrap_or(0.0), r["p99_us"].as_f64().unwrap_or(0.0), r["syn_retransmits"], r["listen_drops"]);
                 if std::env::var_os("BG_BENCH_DEBUG").is_some() {
                     for ns in [&t.client, &t.gw, &t.blue] {

@@ -29,7 +29,7 @@ pub fn violations(all: &Value) -> Vec<String> {
     for run in r["network"]["runs"].as_array().into_iter().flatten() {
         let res = &run["result"];
         let who = format!("{} {} (wrk)", run["contender"].as_str().unwrap_or("?"), run["mode"].as_str().unwrap_or("?"));
-        for key in ["syn_retransmits", "listen_drops"] {
+        for key in ["syn_retransmits", "listen_drops", "rate_bound_drops"] {
             if let Some(n) = res[key].as_u64().filter(|n| *n > 0) {
                 v.push(format!("{who}: {n} {}", key.replace('_', " ")));
             }
