@@ -236,7 +236,6 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &D
                         // element to element (not through the small stack).
                         unsafe { core::ptr::copy_nonoverlapping(n as *const FlowEntry, e as *mut FlowEntry, 1) };
                         e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
-                        e.nh_ifindex = 0;
                         track_seq(pkt, e);
                         if BG_EMBRYO_V1.remove(key).is_ok() {
                             count_fwd(Fwd::FlowsRemoved, 1);
@@ -378,7 +377,6 @@ fn acks_peer(ack: u32, peer_isn: u32) -> bool {
 /// it is, with no copy on the program's small stack.
 fn promote(fkey: &FlowKey, e: &mut FlowEntry) {
     e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
-    e.nh_ifindex = 0;
     // One insert (an LRU map takes a slot before it checks the flags): over a closing or
     // expired entry of a previous connection on this 4-tuple, or under a new key.
     let stored = if unsafe { BG_FLOWS_V2.get(fkey) }.is_some() {
@@ -408,7 +406,8 @@ fn martian(src: &[u32; 4], family: u8) -> bool {
         let low_zero = src[0] == 0 && src[1] == 0 && src[2] == 0;
         first == 0xff || mapped || (low_zero && (src[3] == 0 || src[3] == 1u32.to_be()))
     };
-    bogus || is_vip(*src, family)
+    // A VIP's bit is in the address filter: only then the exact lookup.
+    bogus || (maybe_ours(src) && is_vip(*src, family))
 }
 
 /// The new-flow rate bound: true when this second's budget, shared by every CPU, is spent.
