@@ -11,6 +11,7 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::{TracePointContext, XdpContext},
 };
+use aya_log_ebpf::warn;
 use bg_common::{EgressState, EGRESS_NO_REDIRECT, PROBE_ETHERTYPE};
 use network_types::eth::EthHdr;
 
@@ -57,15 +58,22 @@ pub fn redirect_err(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     let ifindex = to as u32;
-    match BG_EGRESS_V1.get_ptr_mut(&ifindex) {
+    let newly = match BG_EGRESS_V1.get_ptr_mut(&ifindex) {
         Some(e) => unsafe {
+            let was = (*e).flags & EGRESS_NO_REDIRECT != 0;
             (*e).flags |= EGRESS_NO_REDIRECT;
             (*e).last_err = err;
             (*e).errors += 1;
+            !was
         },
         None => {
             let _ = BG_EGRESS_V1.insert(&ifindex, &EgressState { flags: EGRESS_NO_REDIRECT, last_err: err, errors: 1 }, BPF_NOEXIST);
+            true
         }
+    };
+    // Once per egress turning to the kernel path (a rare event; the agent's log says so).
+    if newly {
+        warn!(ctx, "XDP_REDIRECT into ifindex {} failed (errno {}): its packets take the kernel path from now on", ifindex, -err);
     }
     0
 }

@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::{tracepoint, xdp},
     programs::{TracePointContext, XdpContext},
 };
+use aya_log_ebpf::warn;
 use bg_common::{Fwd, Reason};
 
 use crate::{
@@ -39,7 +40,7 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
     #[cfg(feature = "variant")]
     let _ = BG_CONFIG_V2.get(0);
     let (verdict, out) = match parse::parse(&ctx) {
-        Err(reason) => return finish(reason),
+        Err(reason) => return finish(&ctx, reason),
         Ok(Parsed::Flow(pkt)) => {
             let key = pkt.key();
             let verdict = decide::process(&pkt, &key);
@@ -61,7 +62,7 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
         }
     };
     if verdict.color == decide::NO_COLOR {
-        return finish(verdict.reason);
+        return finish(&ctx, verdict.reason);
     }
     count(verdict.reason);
     if let Some(c) = BG_COLOR_STATS_V1.get_ptr_mut(verdict.color as u32 & 1) {
@@ -100,13 +101,31 @@ pub fn bg_redirect_err(ctx: TracePointContext) -> u32 {
 /// Counts the reason of a packet that was not rewritten and returns its action: drop for the
 /// drop reasons (only ever for packets addressed to a VIP), pass untouched for the rest.
 #[inline(always)]
-fn finish(reason: Reason) -> u32 {
+fn finish(ctx: &XdpContext, reason: Reason) -> u32 {
     count(reason);
     if reason.is_drop() {
+        if (reason == Reason::DropStray || reason == Reason::DropFlowTableFull) && log_allowed(reason) {
+            warn!(ctx, "dropped a packet to a VIP: {} (at most one such line a second per CPU; bgctl stats counts them all)", reason.name());
+        }
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
     }
+}
+
+/// Rare events reach the agent's log through aya-log, at most one line a second per CPU and
+/// reason: a flood of strays costs one clock read each, not a log record each.
+#[inline(always)]
+fn log_allowed(reason: Reason) -> bool {
+    let Some(last) = maps::BG_LOG_RATE_V1.get_ptr_mut(reason as u32) else { return false };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    unsafe {
+        if now.wrapping_sub(*last) < 1_000_000_000 && *last != 0 {
+            return false;
+        }
+        *last = now;
+    }
+    true
 }
 
 #[inline(always)]

@@ -101,3 +101,7 @@ pub static BG_EGRESS_V1: HashMap<u32, EgressState> = HashMap::with_max_entries(M
 /// their redirect errors (the tracepoint fires for every XDP program on the host).
 #[map]
 pub static BG_PROG_IDS_V1: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Per-CPU, per `Reason`: when a log line about that reason was last written (coarse clock).
+#[map]
+pub static BG_LOG_RATE_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);

@@ -534,6 +534,26 @@ impl State {
     }
 }
 
+/// Forwards the data plane's log records (aya-log, a ring buffer) to this agent's log as they
+/// arrive.
+fn spawn_data_plane_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd; it moves into the AsyncFd and stays open,
+    // the same fd, until the AsyncFd drops it.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    match fd {
+        Ok(mut fd) => {
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { return };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot watch the data plane's log records"),
+    }
+}
+
 /// Before the program is attached: watch for failed redirects and probe every interface, so
 /// an egress that cannot take redirects (a fresh veth pair: GRO off at the peer) goes through
 /// the kernel from the first packet on instead of dropping it. Without the watch (tracefs not
@@ -599,6 +619,9 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         .and_then(|p| parse_color(&p.active))
         .unwrap_or(config.initial_color);
     let mut dp = Dataplane::open(object, &config, Some(&config.pin_dir), initial).map_err(undo)?;
+    if let Some(logger) = dp.take_logger() {
+        spawn_data_plane_log(logger);
+    }
     if config.forwarding == Forwarding::Redirect {
         check_redirects(&mut dp, &config);
     }

@@ -947,6 +947,19 @@ impl Dataplane {
             .collect())
     }
 
+    /// The reader of the programs' log records (aya-log): rare data-plane events (a failed
+    /// redirect, strays dropped at a VIP, a full flow table), each kind at most once a second
+    /// per CPU. Taken once; None when the object has no log map.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "the data plane's log records cannot be read; its rare events will not be logged");
+                None
+            }
+        }
+    }
+
     /// Sends `ifindex`'s packets through the kernel path from now on.
     pub fn mark_no_redirect(&mut self, ifindex: u32) -> anyhow::Result<()> {
         let mut e = self.egress_state(ifindex)?.unwrap_or_default();
