@@ -10,8 +10,12 @@ pub const MAP_SERVICES: &str = "BG_SERVICES_V1";
 pub const MAP_VIP_ADDRS: &str = "BG_VIP_ADDRS_V1";
 pub const MAP_BACKEND_SETS: &str = "BG_BACKEND_SETS_V1";
 pub const MAP_RINGS: &str = "BG_RINGS_V1";
-pub const MAP_FLOWS: &str = "BG_FLOWS_V2";
-pub const MAP_EMBRYO: &str = "BG_EMBRYO_V1";
+/// Established flows, IPv4 (`FlowKey4`) and IPv6 (`FlowKey`).
+pub const MAP_FLOWS4: &str = "BG_FLOWS4_V1";
+pub const MAP_FLOWS6: &str = "BG_FLOWS6_V1";
+/// Unconfirmed flows, IPv4 and IPv6.
+pub const MAP_EMBRYO4: &str = "BG_EMBRYO4_V1";
+pub const MAP_EMBRYO6: &str = "BG_EMBRYO6_V1";
 pub const MAP_REPLIES: &str = "BG_REPLIES_V1";
 pub const MAP_PREVIEW_REPLIES: &str = "BG_PREVIEW_REPLIES_V1";
 pub const MAP_GATE: &str = "BG_GATE_V1";
@@ -25,15 +29,17 @@ pub const MAP_ADDR_FILTER: &str = "BG_ADDR_FILTER_V1";
 pub const MAP_EGRESS: &str = "BG_EGRESS_V1";
 pub const MAP_PROG_IDS: &str = "BG_PROG_IDS_V1";
 /// Every map, in pin order.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_SERVICES,
     MAP_VIP_ADDRS,
     MAP_BACKEND_SETS,
     MAP_RINGS,
-    MAP_FLOWS,
-    MAP_EMBRYO,
+    MAP_FLOWS4,
+    MAP_FLOWS6,
+    MAP_EMBRYO4,
+    MAP_EMBRYO6,
     MAP_REPLIES,
     MAP_PREVIEW_REPLIES,
     MAP_GATE,

@@ -1,6 +1,6 @@
 //! Flow state and backend choice: which backend a client's packet goes to, which VIP a reply
 //! comes from. The rules (README "Flow rules", each counted as a `Reason`):
-//! - one entry per flow, keyed by the client → VIP 5-tuple, in one of two tables: unconfirmed
+//! - one entry per flow, keyed by the client → VIP 5-tuple, in one of two tables (a pair each, IPv4 and IPv6: `flows`): unconfirmed
 //!   (`EMBRYO`: a SYN, a first datagram, a lost flow's packet) until confirmed, then
 //!   established (`FLOWS`). TCP is confirmed when the handshake completes (the client
 //!   acknowledges the backend's SYN-ACK, whose ISN a blind spoofer cannot know); a lost flow
@@ -29,8 +29,9 @@ use bg_common::{
 
 use crate::{
     count_fwd,
+    flows::{self, Table::{Established, Unconfirmed}},
     maps::{
-        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V2, BG_EMBRYO_V1, BG_FLOWS_V2, BG_GATE_V1,
+        BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V2, BG_GATE_V1,
         BG_LOCAL_ADDRS_V1, BG_LOCAL_FILTER_V1, BG_PREVIEW_REPLIES_V1, BG_RATE_V2, BG_REPLIES_V1, BG_RINGS_V1,
         BG_SERVICES_V1,
     },
@@ -116,7 +117,7 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
     let tcp = pkt.proto == PROTO_TCP;
     let syn = tcp && pkt.has(TCP_SYN) && !pkt.has(TCP_ACK);
     // Established: one lookup for the packets of a confirmed flow.
-    if let Some(e) = BG_FLOWS_V2.get_ptr_mut(key) {
+    if let Some(e) = flows::get(Established, key) {
         let e = unsafe { &mut *e };
         // Only UDP and closing TCP entries age; an open TCP flow needs no clock read.
         let ages = !tcp || e.flags & FLOW_CLOSING != 0;
@@ -138,13 +139,14 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
     }
     let now = now_ns();
     // Unconfirmed.
-    if let Some(e) = BG_EMBRYO_V1.get_ptr_mut(key) {
+    let embryo = flows::get(Unconfirmed, key);
+    if let Some(e) = embryo {
         let e = unsafe { &mut *e };
         if !e.expired(pkt.proto, false, now, cfg) && !(syn && e.isn != pkt.seq) {
             if tcp && pkt.has(TCP_RST) {
                 // An RST during the handshake ends it when it fits what the client sent.
                 let mut v = follow(pkt, e, now, Reason::ToBackend);
-                if in_window(pkt.seq, e.seq_next) && BG_EMBRYO_V1.remove(key).is_ok() {
+                if in_window(pkt.seq, e.seq_next) && flows::remove(Unconfirmed, key) {
                     count_fwd(Fwd::FlowsRemoved, 1);
                     // The element is free now: nothing may be written through it.
                     v.entry = core::ptr::null_mut();
@@ -191,7 +193,7 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
     if over_rate(cfg, now) {
         return Some(Verdict::untouched(Reason::DropNewFlowRate));
     }
-    Some(new_flow(pkt, key, service, cfg, now, reason))
+    Some(new_flow(pkt, key, service, cfg, now, reason, embryo.is_some()))
 }
 
 /// Whether `seq` is within `RST_WINDOW` of `next` (either side, modulo 2^32).
@@ -223,7 +225,7 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &D
             // One packet decides, and only once: a contest is never open to repeated guesses.
             e.flags &= !FLOW_CONTESTED;
             if pkt.seq == e.contest_isn.wrapping_add(1) {
-                if let Some(n) = BG_EMBRYO_V1.get_ptr_mut(key) {
+                if let Some(n) = flows::get(Unconfirmed, key) {
                     let n = unsafe { &mut *n };
                     // The contesting SYN's connection goes on. Its handshake's ACK acknowledges
                     // the new backend's SYN-ACK (which a spoofer of the SYN never saw): it is the
@@ -237,13 +239,13 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &D
                         unsafe { core::ptr::copy_nonoverlapping(n as *const FlowEntry, e as *mut FlowEntry, 1) };
                         e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
                         track_seq(pkt, e);
-                        if BG_EMBRYO_V1.remove(key).is_ok() {
+                        if flows::remove(Unconfirmed, key) {
                             count_fwd(Fwd::FlowsRemoved, 1);
                         }
                         return follow(pkt, e, 0, Reason::ToBackend);
                     }
                     // A spoof's guess: its unconfirmed entry goes, and with it the contest.
-                    if BG_EMBRYO_V1.remove(key).is_ok() {
+                    if flows::remove(Unconfirmed, key) {
                         count_fwd(Fwd::FlowsRemoved, 1);
                     }
                 }
@@ -301,7 +303,7 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
             // The backend answers the SYN: noted (with its ISN); the client's ACK of it will
             // confirm the flow. A SYN-ACK alone proves nothing about the client (a spoofed SYN
             // gets one too).
-            if let Some(e) = BG_EMBRYO_V1.get_ptr_mut(&fkey) {
+            if let Some(e) = flows::get(Unconfirmed, &fkey) {
                 let e = unsafe { &mut *e };
                 if pkt.ack == e.isn.wrapping_add(1) && from_its_backend(e, key) {
                     e.flags |= FLOW_ANSWERED;
@@ -311,7 +313,7 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
         } else if !pkt.has(TCP_RST) && lost_flows_waiting() {
             confirm(&fkey, key, cfg, |e| e.flags & FLOW_LOST != 0);
         }
-    } else if let Some(e) = BG_FLOWS_V2.get_ptr_mut(&fkey) {
+    } else if let Some(e) = flows::get(Established, &fkey) {
         // A confirmed UDP flow: its replies keep it alive too (a server that pushes to a quiet
         // client must not see its flow expire and move).
         let e = unsafe { &mut *e };
@@ -344,12 +346,12 @@ const BPF_NOEXIST: u64 = 1;
 /// the client's next packet decides.
 #[inline(always)]
 fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
-    let Some(e) = BG_EMBRYO_V1.get_ptr_mut(fkey) else { return };
+    let Some(e) = flows::get(Unconfirmed, fkey) else { return };
     let e = unsafe { &mut *e };
     if !ok(e) || !from_its_backend(e, reply) {
         return;
     }
-    if let Some(old) = unsafe { BG_FLOWS_V2.get(fkey) } {
+    if let Some(old) = flows::get(Established, fkey).map(|p| unsafe { &*p }) {
         if old.flags & FLOW_CLOSING == 0 && !old.expired(fkey.proto, true, now_ns(), cfg) {
             return;
         }
@@ -379,16 +381,16 @@ fn promote(fkey: &FlowKey, e: &mut FlowEntry) {
     e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
     // One insert (an LRU map takes a slot before it checks the flags): over a closing or
     // expired entry of a previous connection on this 4-tuple, or under a new key.
-    let stored = if unsafe { BG_FLOWS_V2.get(fkey) }.is_some() {
-        BG_FLOWS_V2.insert(fkey, e, 0).is_ok()
+    let stored = if flows::get(Established, fkey).is_some() {
+        flows::insert(Established, fkey, e, 0)
     } else {
-        let ok = BG_FLOWS_V2.insert(fkey, e, BPF_NOEXIST).is_ok();
+        let ok = flows::insert(Established, fkey, e, BPF_NOEXIST);
         if ok {
             count_fwd(Fwd::FlowsConfirmed, 1);
         }
         ok
     };
-    if stored && BG_EMBRYO_V1.remove(fkey).is_ok() {
+    if stored && flows::remove(Unconfirmed, fkey) {
         count_fwd(Fwd::FlowsRemoved, 1);
     }
 }
@@ -441,7 +443,7 @@ fn over_rate(cfg: &DpConfig, now: u64) -> bool {
 
 /// Picks a backend of the active color by Maglev, records an unconfirmed entry, rewrites.
 #[inline(always)]
-fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, now: u64, reason: Reason) -> Verdict {
+fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, now: u64, reason: Reason, embryo_present: bool) -> Verdict {
     let Some(selector) = BG_ACTIVE_V1.get(0) else {
         return Verdict::untouched(Reason::DropNoBackend);
     };
@@ -493,11 +495,11 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     }
     // One insert (an LRU map takes a slot before it checks the flags): over an expired or
     // replaced entry under the same key, or under a new one.
-    if unsafe { BG_EMBRYO_V1.get(key) }.is_some() {
-        if BG_EMBRYO_V1.insert(key, &entry, 0).is_err() {
+    if embryo_present {
+        if !flows::insert(Unconfirmed, key, &entry, 0) {
             return Verdict::untouched(Reason::DropFlowTableFull);
         }
-    } else if BG_EMBRYO_V1.insert(key, &entry, BPF_NOEXIST).is_ok() {
+    } else if flows::insert(Unconfirmed, key, &entry, BPF_NOEXIST) {
         count_fwd(Fwd::FlowsCreated, 1);
     } else {
         return Verdict::untouched(Reason::DropFlowTableFull);

@@ -7,7 +7,8 @@ use bg_common::{BackendKey, FlowKey, Reason, REPLY_HAS_PREVIEW};
 
 use crate::{
     decide::Verdict,
-    maps::{BG_EMBRYO_V1, BG_FLOWS_V2, BG_PREVIEW_REPLIES_V1, BG_REPLIES_V1},
+    flows::{self, Table},
+    maps::{BG_PREVIEW_REPLIES_V1, BG_REPLIES_V1},
     parse::{is_vip, read_addr, End, IcmpError},
     rewrite::{rewrite_icmp_outer, rewrite_quoted},
 };
@@ -50,12 +51,9 @@ pub fn process(e: &IcmpError) -> Verdict {
         return stray();
     }
     let fkey = FlowKey { src: inner_dst, dst: inner_src, sport: ports[1], dport: ports[0], proto: e.inner_proto, family: e.family, _pad: [0; 2] };
-    let entry = match unsafe { BG_FLOWS_V2.get(&fkey) } {
-        Some(x) => x,
-        None => match unsafe { BG_EMBRYO_V1.get(&fkey) } {
-            Some(x) => x,
-            None => return stray(),
-        },
+    let entry = match flows::get(Table::Established, &fkey).or_else(|| flows::get(Table::Unconfirmed, &fkey)) {
+        Some(x) => unsafe { &*x },
+        None => return stray(),
     };
     let (backend, port, color) = (entry.backend, entry.backend_port, entry.color);
     rewrite_quoted(e, End::Src, &backend, port);

@@ -12,6 +12,7 @@
 
 mod decide;
 mod egress;
+mod flows;
 mod forward;
 mod icmp;
 mod maps;

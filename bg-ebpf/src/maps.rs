@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    ADDR_FILTER_WORDS, BackendKey, BackendSet, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, PreviewReply,
+    ADDR_FILTER_WORDS, BackendKey, BackendSet, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4, PreviewReply,
     RateWindow, ReplyNat, Selector, ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_EGRESS,
     MAX_LOCAL_ADDRS, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
 };
@@ -38,17 +38,21 @@ pub static BG_BACKEND_SETS_V1: Array<BackendSet> =
 #[map]
 pub static BG_RINGS_V1: Array<u32> = Array::with_max_entries(SLOTS * RING_SIZE, 0);
 
-/// Established flows (confirmed by their backend's answer), by client → VIP 5-tuple; size
-/// `flow_table_size`, set by the agent at load time. Only confirmations insert here, so new
-/// and unconfirmed flows can never evict an established one.
+/// Established flows (confirmed by their backend's answer), by client → VIP 5-tuple, IPv4 and
+/// IPv6 (see `flows`); size `flow_table_size` each, set by the agent at load time. Only
+/// confirmations insert here, so new and unconfirmed flows can never evict an established one.
 #[map]
-pub static BG_FLOWS_V2: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static BG_FLOWS4_V1: LruHashMap<FlowKey4, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+#[map]
+pub static BG_FLOWS6_V1: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Unconfirmed flows (a SYN, a first UDP datagram, a lost flow's packet; no answer from the
-/// backend yet), by client → VIP 5-tuple; size `unconfirmed_table_size`. Floods churn this
-/// table only.
+/// backend yet), by client → VIP 5-tuple, IPv4 and IPv6; size `unconfirmed_table_size` each.
+/// Floods churn these tables only.
 #[map]
-pub static BG_EMBRYO_V1: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 8, 0);
+pub static BG_EMBRYO4_V1: LruHashMap<FlowKey4, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 8, 0);
+#[map]
+pub static BG_EMBRYO6_V1: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE / 8, 0);
 
 /// Static reverse NAT: a backend's address, port and protocol → its service's VIP and color.
 /// Replies need no per-flow state, so no eviction can leak a backend's address.

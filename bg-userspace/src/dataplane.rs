@@ -17,13 +17,13 @@ use aya::{
 use bg_common::{
     maglev,
     pin::{
-        ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_EMBRYO, MAP_FLOWS, MAP_FWD_STATS, MAP_GATE,
+        ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_EMBRYO4, MAP_EMBRYO6, MAP_FLOWS4, MAP_FLOWS6, MAP_FWD_STATS, MAP_GATE,
         MAP_LOCAL_ADDRS, MAP_LOCAL_FILTER, MAP_PREVIEW_REPLIES, MAP_REPLIES,
         MAP_ADDR_FILTER, MAP_EGRESS, MAP_PROG_IDS, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS,
         PROBE_PROGRAM, PROGRAM, REDIRECT_ERR_PROGRAM,
     },
     addr_filter_bit, ADDR_FILTER_WORDS,
-    ring_base, slot_color, Backend, BackendKey, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey,
+    ring_base, slot_color, Backend, BackendKey, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4,
     Fwd, PreviewReply, ReplyNat, MAX_BACKENDS, MAX_LOCAL_ADDRS, REPLY_HAS_PREVIEW,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
     EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, PROBE_ETHERTYPE, RING_SIZE, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, SLOTS,
@@ -170,8 +170,10 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_VIP_ADDRS => (MapType::Hash, size_of::<VipAddr>() as u32, 4, MAX_SERVICES),
         MAP_BACKEND_SETS => (MapType::Array, 4, size_of::<BackendSet>() as u32, SLOTS * MAX_SERVICES),
         MAP_RINGS => (MapType::Array, 4, 4, SLOTS * n * RING_SIZE),
-        MAP_FLOWS => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.flow_table_size),
-        MAP_EMBRYO => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.unconfirmed_table_size),
+        MAP_FLOWS4 => (MapType::LruHash, size_of::<FlowKey4>() as u32, size_of::<FlowEntry>() as u32, config.flow_table_size),
+        MAP_FLOWS6 => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.flow_table_size),
+        MAP_EMBRYO4 => (MapType::LruHash, size_of::<FlowKey4>() as u32, size_of::<FlowEntry>() as u32, config.unconfirmed_table_size),
+        MAP_EMBRYO6 => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<FlowEntry>() as u32, config.unconfirmed_table_size),
         MAP_REPLIES => (MapType::Hash, size_of::<BackendKey>() as u32, size_of::<ReplyNat>() as u32, MAX_SERVICES * 2 * MAX_BACKENDS as u32),
         MAP_PREVIEW_REPLIES => (MapType::LruHash, size_of::<FlowKey>() as u32, size_of::<PreviewReply>() as u32, config.unconfirmed_table_size),
         MAP_GATE => (MapType::Array, 4, 8, 1),
@@ -220,8 +222,8 @@ pub fn check_pinned_layout(dir: &Path, config: &Config) -> anyhow::Result<bool> 
         }
         if info.max_entries() != entries {
             let hint = match name {
-                MAP_FLOWS => "flow_table_size differs from the config",
-                MAP_EMBRYO | MAP_PREVIEW_REPLIES => "unconfirmed_table_size differs from the config",
+                MAP_FLOWS4 | MAP_FLOWS6 => "flow_table_size differs from the config",
+                MAP_EMBRYO4 | MAP_EMBRYO6 | MAP_PREVIEW_REPLIES => "unconfirmed_table_size differs from the config",
                 MAP_RINGS => "the number of services differs from the config",
                 _ => "it was made by another bg version",
             };
@@ -312,8 +314,10 @@ impl Dataplane {
         let rings = SLOTS * config.services.len() as u32 * RING_SIZE;
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(MAP_FLOWS, config.flow_table_size)
-            .map_max_entries(MAP_EMBRYO, config.unconfirmed_table_size)
+            .map_max_entries(MAP_FLOWS4, config.flow_table_size)
+            .map_max_entries(MAP_FLOWS6, config.flow_table_size)
+            .map_max_entries(MAP_EMBRYO4, config.unconfirmed_table_size)
+            .map_max_entries(MAP_EMBRYO6, config.unconfirmed_table_size)
             .map_max_entries(MAP_PREVIEW_REPLIES, config.unconfirmed_table_size)
             .map_max_entries(MAP_RINGS, rings);
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
@@ -722,20 +726,23 @@ impl Dataplane {
         let cfg = cfg.get(&0, 0)?;
         let now = monotonic_ns();
         let mut counts = FlowCounts::default();
-        for (name, confirmed) in [(MAP_FLOWS, true), (MAP_EMBRYO, false)] {
-            let table: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map(name)?)?;
-            for item in table.iter() {
-                let Ok((key, entry)) = item else { continue };
+        for (name, confirmed, v4) in FLOW_TABLES {
+            let mut one = |proto: u8, entry: &FlowEntry| {
                 if confirmed {
                     counts.entries += 1;
                 } else {
                     counts.unconfirmed_entries += 1;
                 }
-                if entry.expired(key.proto, confirmed, now, &cfg) {
+                if entry.expired(proto, confirmed, now, &cfg) {
                     counts.expired += 1;
                 } else if let Some(c) = Color::from_u8(entry.color) {
                     counts.flows[c as usize] += 1;
                 }
+            };
+            if v4 {
+                walk_flows::<FlowKey4>(self.map(name)?, |k, e| one(k.proto, e))?;
+            } else {
+                walk_flows::<FlowKey>(self.map(name)?, |k, e| one(k.proto, e))?;
             }
         }
         let confirmed = self.fwd_count(Fwd::FlowsConfirmed)?;
@@ -749,16 +756,10 @@ impl Dataplane {
     /// which answers with a RST that the client sees from the VIP; UDP starts a new flow.
     pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
         let mut removed = [0u64; 2];
-        for (i, name) in [MAP_FLOWS, MAP_EMBRYO].into_iter().enumerate() {
-            let mut table: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map_mut(name)?)?;
-            let doomed: Vec<FlowKey> =
-                table.iter().filter_map(|item| item.ok()).filter(|(_, e)| e.color == color as u8).map(|(k, _)| k).collect();
-            for k in doomed {
-                // An entry may already be gone (confirmed, LRU): not an error.
-                if table.remove(&k).is_ok() {
-                    removed[i] += 1;
-                }
-            }
+        for (name, confirmed, v4) in FLOW_TABLES {
+            let map = self.map_mut(name)?;
+            let n = if v4 { remove_color::<FlowKey4>(map, color)? } else { remove_color::<FlowKey>(map, color)? };
+            removed[!confirmed as usize] += n;
         }
         self.removed_by_agent += removed[0];
         Ok(removed[0] + removed[1])
@@ -1015,9 +1016,35 @@ impl Dataplane {
 
     /// Writes one established flow entry directly.
     pub fn insert_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> anyhow::Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS)?)?;
-        flows.insert(key, entry, 0).context("writing a flow entry")
+        if key.family == FAMILY_V4 {
+            let mut flows: HashMap<&mut MapData, FlowKey4, FlowEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS4)?)?;
+            flows.insert(key.v4(), entry, 0).context("writing a flow entry")
+        } else {
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(self.map_mut(MAP_FLOWS6)?)?;
+            flows.insert(key, entry, 0).context("writing a flow entry")
+        }
     }
+}
+
+/// The flow tables: (name, established, IPv4 keys).
+const FLOW_TABLES: [(&str, bool, bool); 4] =
+    [(MAP_FLOWS4, true, true), (MAP_FLOWS6, true, false), (MAP_EMBRYO4, false, true), (MAP_EMBRYO6, false, false)];
+
+/// Calls `f` for every entry of a flow table keyed by `K`.
+fn walk_flows<K: aya::Pod>(map: &aya::maps::Map, mut f: impl FnMut(&K, &FlowEntry)) -> anyhow::Result<()> {
+    let table: HashMap<&MapData, K, FlowEntry> = HashMap::try_from(map)?;
+    for (key, entry) in table.iter().flatten() {
+        f(&key, &entry);
+    }
+    Ok(())
+}
+
+/// Removes every entry of `color` from a flow table keyed by `K`; returns how many.
+fn remove_color<K: aya::Pod>(map: &mut aya::maps::Map, color: Color) -> anyhow::Result<u64> {
+    let mut table: HashMap<&mut MapData, K, FlowEntry> = HashMap::try_from(map)?;
+    let doomed: Vec<K> = table.iter().flatten().filter(|(_, e)| e.color == color as u8).map(|(k, _)| k).collect();
+    // An entry may already be gone (confirmed, LRU): not an error.
+    Ok(doomed.iter().filter(|k| table.remove(k).is_ok()).count() as u64)
 }
 
 /// Removes a bg pin directory: links (which detaches the program once no process holds them)

@@ -474,7 +474,7 @@ fn a_reboot_comes_back_on_the_persisted_color_and_a_foreign_layout_is_refused() 
         .args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("BG_FLOWS_V2") && err.contains("flow_table_size differs") && err.contains("--cleanup"), "{err}");
+    assert!(err.contains("BG_FLOWS4_V1") && err.contains("flow_table_size differs") && err.contains("--cleanup"), "{err}");
     assert_eq!(t.get_vip().unwrap(), "green", "the refused start changed nothing");
 
     // A canary toward blue runs when the machine goes down.
@@ -506,7 +506,7 @@ fn a_reboot_comes_back_on_the_persisted_color_and_a_foreign_layout_is_refused() 
 /// differs, and the pinned state is left as it was.
 #[test]
 fn foreign_pinned_layouts_are_refused_each_with_its_reason() {
-    use bg_common::pin::{ALL_MAPS, MAP_ACTIVE, MAP_CONFIG, MAP_FLOWS, MAP_RATE};
+    use bg_common::pin::{ALL_MAPS, MAP_ACTIVE, MAP_CONFIG, MAP_FLOWS4, MAP_FLOWS6, MAP_RATE};
     use bg_tests::bpf::{pin_map, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
     use bg_userspace::{config::Config, dataplane::Dataplane};
     let object = std::fs::read(paths::ebpf_object()).unwrap();
@@ -515,9 +515,10 @@ fn foreign_pinned_layouts_are_refused_each_with_its_reason() {
     )
     .unwrap();
     type Plant = fn(&std::path::Path) -> anyhow::Result<()>;
-    let cases: [(&str, Plant, &[&str]); 4] = [
+    let cases: [(&str, Plant, &[&str]); 5] = [
         ("wrong map type", |p| pin_map(p, BPF_MAP_TYPE_HASH, 4, 4, 1), &[MAP_ACTIVE, "Hash", "expected Array"]),
-        ("wrong key size", |p| pin_map(p, BPF_MAP_TYPE_LRU_HASH, 36, 32, 4096), &[MAP_FLOWS, "key 36 B", "key 40 B"]),
+        ("wrong key size", |p| pin_map(p, BPF_MAP_TYPE_LRU_HASH, 36, 32, 4096), &[MAP_FLOWS6, "key 36 B", "key 40 B"]),
+        ("the full key in the IPv4 table", |p| pin_map(p, BPF_MAP_TYPE_LRU_HASH, 40, 32, 4096), &[MAP_FLOWS4, "key 40 B", "key 16 B"]),
         ("wrong value size", |p| pin_map(p, BPF_MAP_TYPE_ARRAY, 4, 24, 1), &[MAP_CONFIG, "value 24 B", "value 40 B"]),
         ("missing pin", |_| Ok(()), &[MAP_RATE, "missing", "incomplete"]),
     ];
