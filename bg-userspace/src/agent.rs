@@ -40,6 +40,16 @@ use crate::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The longest drain a flip can schedule (a day).
+pub const MAX_DRAIN_SECS: u64 = 86_400;
+/// The most audit events one `history` request returns (each answer must fit `MAX_LINE`).
+pub const MAX_HISTORY: usize = 1_000;
+/// Control connections served at once; more are answered with an error and closed.
+pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// How long a client may take to read an answer.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The flow sampler's shortest rest between walks.
+const FLOW_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Agent ticks (100 ms) between re-probes of the egress interfaces whose redirects failed.
 const REPROBE_TICKS: u64 = 50;
 
@@ -67,6 +77,11 @@ pub struct State {
     store: Store,
     pub health: health::Table,
     attachments: Vec<Attachment>,
+    /// Held while the agent runs: no second agent on this pin directory.
+    _pin_lock: PinLock,
+    /// The flow sampler's last counts; and handles of the status requests' own to walk.
+    pub flow_sample: FlowSample,
+    pub flow_tables: Arc<crate::dataplane::FlowTables>,
     /// The color a rollback returns to. (The active color and the canary share are not kept
     /// here: the selector in `dp` is their one source.)
     previous: Option<Color>,
@@ -96,10 +111,68 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     let st = nix::sys::statfs::statfs(root).context("checking /sys/fs/bpf")?;
     if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         info!("mounting bpffs at /sys/fs/bpf");
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("mounting bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)")?;
+        // Root only, as systemd mounts it: nobody else may plant pins beside bg's.
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+            .context("mounting bpffs at /sys/fs/bpf (mount -t bpf -o mode=0700 bpf /sys/fs/bpf)")?;
     }
     Ok(())
+}
+
+/// The pin directory is trusted with the data plane: it (and every directory on the way to it)
+/// must not be a symlink, and when it exists it must be a directory owned by root that no one
+/// else can write to. Checked before anything is adopted or created.
+pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut at = std::path::PathBuf::new();
+    for c in pin_dir.components() {
+        at.push(c);
+        let meta = match std::fs::symlink_metadata(&at) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("checking pin_dir {}", at.display())),
+        };
+        if meta.file_type().is_symlink() {
+            bail!(
+                "config field `pin_dir`: {} is a symbolic link; bg pins only into real directories \
+                 (point pin_dir at the directory itself)",
+                at.display()
+            );
+        }
+        if at == pin_dir {
+            if !meta.is_dir() {
+                bail!("config field `pin_dir`: {} exists and is not a directory; remove it or choose another pin_dir", at.display());
+            }
+            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                bail!(
+                    "config field `pin_dir`: {} is owned by uid {} with mode {:o}; bg adopts pinned state only from \
+                     a directory owned by root that group and others cannot write (check who made it, then \
+                     `chown root {p}; chmod 0700 {p}`, or remove it)",
+                    at.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777,
+                    p = at.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Holds an exclusive `flock` on the pin directory for as long as it lives: one agent (or
+/// cleanup) per pin directory, whatever socket each was given.
+pub struct PinLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+pub fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<PinLock> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = std::fs::File::open(pin_dir).with_context(|| format!("opening pin_dir {}", pin_dir.display()))?;
+    match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(PinLock(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "another bg agent (or cleanup) holds {}; stop it first, or give this one its own `pin_dir` and `socket`",
+            pin_dir.display()
+        ),
+        Err((_, e)) => Err(e).with_context(|| format!("locking pin_dir {}", pin_dir.display())),
+    }
 }
 
 fn check_interfaces(config: &Config) -> anyhow::Result<()> {
@@ -143,6 +216,12 @@ pub fn cleanup(config: &Config) -> anyhow::Result<()> {
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         bail!("an agent is still serving {}; stop it first (SIGTERM), then clean up", config.socket.display());
     }
+    check_pin_dir(&config.pin_dir)?;
+    let _lock = match lock_pin_dir(&config.pin_dir) {
+        Ok(l) => Some(l),
+        Err(_) if !config.pin_dir.exists() => None,
+        Err(e) => return Err(e),
+    };
     let removed = remove_pinned(&config.pin_dir).with_context(|| format!("removing {}", config.pin_dir.display()))?;
     let _ = std::fs::remove_file(&config.socket);
     if removed.is_empty() {
@@ -178,7 +257,7 @@ impl State {
     }
 
     fn backend_state(&self, addr: &SocketAddr) -> HState {
-        self.health.lock().unwrap().get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
+        crate::lock(&self.health).get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
     }
 
     /// Weights for `color` as health allows: configured weight, 0 for backends confirmed down.
@@ -198,7 +277,7 @@ impl State {
     /// A color is healthy when, in every service, at least `healthy_share` of its backends
     /// passed their last `rise` checks. Returns the failing backends otherwise.
     fn color_health(&self, color: Color) -> (bool, Vec<String>) {
-        let table = self.health.lock().unwrap();
+        let table = crate::lock(&self.health);
         let mut ok = true;
         let mut failing = Vec::new();
         for s in &self.config.services {
@@ -218,7 +297,7 @@ impl State {
     }
 
     fn health_snapshot(&self) -> serde_json::Value {
-        let table = self.health.lock().unwrap();
+        let table = crate::lock(&self.health);
         let mut out = serde_json::Map::new();
         for color in Color::ALL {
             let backends: Vec<serde_json::Value> = self
@@ -327,20 +406,27 @@ impl State {
                 failing.join("; ")
             );
         }
+        // Everything that can fail comes before the selector is written.
+        let now = Instant::now();
+        let deadline = |secs: u64, what: &str| {
+            now.checked_add(Duration::from_secs(secs)).ok_or_else(|| anyhow!("{what} of {secs} s is too long for this host's clock"))
+        };
+        let drain_until = drain_secs.map(|s| deadline(s, "a drain")).transpose()?;
+        let watch_until = deadline(self.config.watch_window_secs, "a watch window")?;
         let switch = self.dp.route(target_active, permille)?;
         if target_active != from {
             self.previous = Some(from);
             self.active_since = Instant::now();
         }
-        self.generation += 1;
+        self.generation = self.generation.saturating_add(1);
         self.flips_total += 1;
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
-        self.drain = drain_secs.map(|s| (from, Instant::now() + Duration::from_secs(s), self.generation));
+        self.drain = drain_until.map(|until| (from, until, self.generation));
         // A flip forced past a failing gate opens no watch window: the operator overrode the
         // health verdict, and rolling back on that same verdict would undo the override.
         let forced = force && !healthy;
         self.watch = (self.config.watch_window_secs > 0 && !forced)
-            .then(|| (to, Instant::now() + Duration::from_secs(self.config.watch_window_secs), self.generation));
+            .then_some((to, watch_until, self.generation));
         self.persist();
         let event = if percent.is_some() { "canary" } else { event };
         self.audit(json!({"event": event, "from": from.name(), "to": to.name(), "generation": self.generation,
@@ -365,7 +451,7 @@ impl State {
         let from = self.active();
         let result = if self.canary_permille() != 0 {
             let switch = self.dp.route(from, 0)?;
-            self.generation += 1;
+            self.generation = self.generation.saturating_add(1);
             self.persist();
             self.audit(json!({"event": "rollback", "from": from.name(), "to": from.name(), "generation": self.generation,
                 "uid": who.json(), "reason": format!("{reason}: canary to {} cancelled", from.other().name())}));
@@ -461,7 +547,8 @@ impl State {
 
     pub fn status(&self) -> anyhow::Result<Status> {
         let active = self.dp.active()?;
-        let table = self.health.lock().unwrap().clone();
+        let sample = crate::lock(&self.flow_sample).clone();
+        let table = crate::lock(&self.health).clone();
         let colors = Color::ALL.map(|c| {
             let (healthy, _) = self.color_health(c);
             let w = self.effective_weights(c);
@@ -512,7 +599,8 @@ impl State {
             health: colors.to_vec(),
             interfaces: self.attachments.clone(),
             egress: self.egress()?,
-            flows: self.dp.flow_counts()?,
+            flows: sample.as_ref().map(|(c, _)| *c).unwrap_or_default(),
+            flows_age_ms: sample.as_ref().map(|(_, at)| at.elapsed().as_millis() as u64),
             flow_table_size: self.config.flow_table_size,
             unconfirmed_table_size: self.config.unconfirmed_table_size,
             pin_dir: self.config.pin_dir.display().to_string(),
@@ -532,6 +620,29 @@ impl State {
             adopted: self.dp.adopted,
         })
     }
+}
+
+/// The flow sampler's last counts and when they were taken.
+pub type FlowSample = Arc<Mutex<Option<(crate::dataplane::FlowCounts, Instant)>>>;
+
+/// Walks the flow tables on a thread of its own, holding no lock of the agent's (status and
+/// scrapes read the last sample; a walk at a million flows takes seconds). It rests at least
+/// as long as each walk took, and at least `FLOW_SAMPLE_EVERY`: half a core at most.
+fn spawn_flow_sampler(tables: Arc<crate::dataplane::FlowTables>) -> anyhow::Result<FlowSample> {
+    let sample: FlowSample = Arc::new(Mutex::new(None));
+    let out = sample.clone();
+    std::thread::Builder::new()
+        .name("bg-flow-sampler".into())
+        .spawn(move || loop {
+            let started = Instant::now();
+            match tables.counts() {
+                Ok(c) => *crate::lock(&out) = Some((c, Instant::now())),
+                Err(e) => warn!(error = %format!("{e:#}"), "walking the flow tables failed"),
+            }
+            std::thread::sleep(started.elapsed().max(FLOW_SAMPLE_EVERY));
+        })
+        .context("starting the flow sampler")?;
+    Ok(sample)
 }
 
 /// Forwards the data plane's log records (aya-log, a ring buffer) to this agent's log as they
@@ -600,6 +711,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     let store = Store::open(&config.state_dir)?;
     let persisted = store.load()?;
 
+    check_pin_dir(&config.pin_dir)?;
     let fresh = !config.pin_dir.exists();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -607,6 +719,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         .create(&config.pin_dir)
         .with_context(|| format!("creating pin directory {}", config.pin_dir.display()))?;
     std::fs::set_permissions(&config.pin_dir, std::fs::Permissions::from_mode(0o700))?;
+    let pin_lock = lock_pin_dir(&config.pin_dir)?;
     // Undo a fresh start that fails half-way: nothing pinned stays behind.
     let undo = |e: anyhow::Error| {
         if fresh {
@@ -639,7 +752,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         previous = p.previous.as_deref().and_then(parse_color);
         if parse_color(&p.active) != Some(active) {
             warn!(kernel = active.name(), file = %p.active, "the data plane's active color differs from the state file; the data plane wins");
-            generation += 1;
+            generation = generation.saturating_add(1);
             previous = Some(active.other());
         }
     }
@@ -656,11 +769,16 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     let published = [Color::Blue, Color::Green].map(|c| {
         config.services.iter().map(|s| s.backends(c).iter().map(|b| b.weight).collect()).collect()
     });
+    let flow_tables = Arc::new(dp.flow_tables()?);
+    let flow_sample = spawn_flow_sampler(flow_tables.clone())?;
     let state = State {
+        flow_sample,
+        flow_tables,
         dp,
         store,
         health: health_table.clone(),
         attachments,
+        _pin_lock: pin_lock,
         previous,
         generation,
         active_since: Instant::now(),
@@ -683,23 +801,24 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     let state = Arc::new(Mutex::new(state));
 
     {
-        let backends = all_backends(&state.lock().unwrap().config);
+        let backends = all_backends(&crate::lock(&state).config);
         health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")));
     }
     // Read out first: the lock must not be held across the await.
-    let metrics_listen = state.lock().unwrap().config.metrics_listen;
+    let metrics_listen = crate::lock(&state).config.metrics_listen;
     if let Some(addr) = metrics_listen {
         metrics::serve(addr, state.clone()).await?;
     }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let mut st = state.lock().unwrap();
+                let mut st = crate::lock(&state);
                 ticks += 1;
                 if ticks % REPROBE_TICKS == 0 {
                     if st.config.forwarding == Forwarding::Redirect {
@@ -714,22 +833,37 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
                 st.run_due_drain();
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((mut stream, _)) => {
                     let state = state.clone();
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        // Over the cap: said, and closed, without waiting on the client.
+                        tokio::spawn(async move {
+                            let r = Response::Error { message: format!(
+                                "too many control connections open (at most {MAX_CONTROL_CONNECTIONS}); close some and retry") };
+                            let line = format!("{}\n", serde_json::to_string(&r).unwrap_or_default());
+                            let _ = tokio::time::timeout(CONTROL_WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
+                        });
+                        continue;
+                    };
                     tokio::spawn(async move {
                         if let Err(e) = serve(stream, state).await {
-                            warn!(error = %e, "control connection failed");
+                            warn!(error = %format!("{e:#}"), "control connection failed");
                         }
+                        drop(permit);
                     });
                 }
-                Err(e) => warn!(error = %e, "accept on control socket failed"),
+                Err(e) => {
+                    // Out of fds, say: back off instead of spinning on the error.
+                    warn!(error = %e, "accept on control socket failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             },
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
         }
     }
     drop(listener);
-    let st = state.lock().unwrap();
+    let st = crate::lock(&state);
     st.store.flush();
     let _ = std::fs::remove_file(&st.config.socket);
     info!(
@@ -768,24 +902,51 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
         };
         let mut out = serde_json::to_string(&response)?;
         out.push('\n');
-        write.write_all(out.as_bytes()).await?;
+        // A client that does not read its answer loses its connection, not the agent's time.
+        tokio::time::timeout(CONTROL_WRITE_TIMEOUT, write.write_all(out.as_bytes()))
+            .await
+            .context("the client did not read its answer")??;
     }
     Ok(())
 }
 
 /// One request. The state lock serializes flips: each gets its own generation.
 fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
-    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = crate::lock(state);
     let result = match req {
-        Request::Status => st.status().map(Response::Status),
+        Request::Status { count_flows: false } => st.status().map(Response::Status),
+        Request::Status { count_flows: true } => {
+            // Walked after the lock is let go: a walk of any length delays no flip.
+            let status = st.status();
+            let tables = st.flow_tables.clone();
+            drop(st);
+            return match status.and_then(|mut s| {
+                s.flows = tables.counts()?;
+                s.flows_age_ms = Some(0);
+                Ok(s)
+            }) {
+                Ok(s) => Response::Status(s),
+                Err(e) => Response::Error { message: format!("{e:#}") },
+            };
+        }
         Request::Stats => st.dp.counters().map(Response::Stats),
-        Request::History { limit } => st.store.history(limit.unwrap_or(50)).map(|events| Response::History { events }),
-        Request::Flip { color, drain_secs, percent, force } => match (parse_color(&color), percent) {
-            (None, _) => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
-            (_, Some(p)) if !(1..=99).contains(&p) => {
+        Request::History { limit } => match limit.unwrap_or(50) {
+            n @ 1..=MAX_HISTORY => st.store.history(n).map(|events| Response::History { events }),
+            n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),
+        },
+        Request::Flip { color, drain_secs, percent, force } => match (parse_color(&color), percent, drain_secs) {
+            (None, _, _) => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
+            (_, Some(p), _) if !(1..=99).contains(&p) => {
                 Err(anyhow!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)"))
             }
-            (Some(c), _) => st.flip(c, percent, drain_secs, force, who, "requested", "flip").map(Response::Flipped),
+            (_, Some(_), Some(_)) => Err(anyhow!(
+                "--drain with --percent: a canary keeps both colors live, so there is nothing to drain; \
+                 drain on the full flip (`bgctl flip COLOR --drain SECS`)"
+            )),
+            (_, _, Some(d)) if d > MAX_DRAIN_SECS => {
+                Err(anyhow!("--drain {d} is out of range; use 0 to {MAX_DRAIN_SECS} seconds"))
+            }
+            (Some(c), _, _) => st.flip(c, percent, drain_secs, force, who, "requested", "flip").map(Response::Flipped),
         },
         Request::Rollback { force } => st.rollback(force, who, "requested").map(Response::Flipped),
     };

@@ -49,6 +49,10 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Walk the flow tables for this answer (O(flows): seconds at a million) instead of
+        /// showing the agent's last sample (a few seconds old at most).
+        #[arg(long)]
+        count_flows: bool,
     },
     /// Send new flows to COLOR (live flows stay where they are). Refused if COLOR is unhealthy.
     Flip {
@@ -148,7 +152,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { json } => output(call(&socket, &Request::Status)?, json),
+        Command::Status { json, count_flows } => output(call(&socket, &Request::Status { count_flows })?, json),
         Command::Flip { color, percent, drain, force, json } => {
             if color != "blue" && color != "green" {
                 bail!("unknown color `{color}`; use `blue` or `green`");
@@ -297,7 +301,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
     let mut last: Option<(std::time::Instant, [u64; 2])> = None;
     let mut n = 0;
     loop {
-        let Response::Status(s) = call(socket, &Request::Status)? else { bail!("the agent did not answer status") };
+        let Response::Status(s) = call(socket, &Request::Status { count_flows: false })? else { bail!("the agent did not answer status") };
         let Response::Stats(c) = call(socket, &Request::Stats)? else { bail!("the agent did not answer stats") };
         let now = std::time::Instant::now();
         let new = [c.colors[0].new_flows, c.colors[1].new_flows];

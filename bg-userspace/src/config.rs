@@ -300,13 +300,32 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     if addr.port() == 0 {
         return Err(field_err(field, format!("`{s}` has port 0; give the real port")));
     }
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() || is_broadcast(addr.ip()) {
-        return Err(field_err(
-            field,
-            format!("`{s}` is not a unicast host address; give the host's own address"),
-        ));
+    if let SocketAddr::V6(v6) = addr {
+        if v6.scope_id() != 0 {
+            return Err(field_err(
+                field,
+                format!("`{s}` has a scope id; bg forwards by routes, not by interface: give a global or unique-local address"),
+            ));
+        }
+    }
+    if let Some(what) = not_a_host(addr.ip()) {
+        return Err(field_err(field, format!("`{s}` is {what}; give a routable unicast address of another host")));
     }
     Ok(addr)
+}
+
+/// Why `ip` cannot be a VIP or a backend behind a gateway, if it cannot.
+fn not_a_host(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("the unspecified address"),
+        _ if ip.is_multicast() => Some("a multicast address"),
+        _ if ip.is_loopback() => Some("a loopback address (it never leaves the host it is on)"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address (169.254.0.0/16 is not routed)"),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("a link-local address (fe80::/10 is not routed)"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Some("an IPv4-mapped IPv6 address (write the IPv4 address)"),
+        _ => None,
+    }
 }
 
 /// A backend is `"addr:port"` or `{ address = "addr:port", weight = N }`.
@@ -336,10 +355,6 @@ fn parse_backend(field: &str, v: &toml::Value) -> Result<BackendAddr, ConfigErro
         }
         other => Err(field_err(field, format!("`{other}` is not a backend; {usage}"))),
     }
-}
-
-fn is_broadcast(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
 impl RawConfig {
@@ -539,10 +554,68 @@ impl RawConfig {
             None => Some(DEFAULT_METRICS.parse().expect("valid default")),
         };
         let health = self.health.validate()?;
+        // A backend at any VIP's address (another service's, or a preview's) would have its
+        // packets taken for VIP traffic.
+        let vip_ips: Vec<(IpAddr, String)> = services
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                std::iter::once((s.vip.ip(), format!("service[{i}].vip")))
+                    .chain(s.preview_vip.map(|p| (p.ip(), format!("service[{i}].preview_vip"))))
+            })
+            .collect();
+        for (i, s) in services.iter().enumerate() {
+            for (color, list) in [("blue", &s.blue), ("green", &s.green)] {
+                for (j, b) in list.iter().enumerate() {
+                    if let Some((_, at)) = vip_ips.iter().find(|(ip, _)| *ip == b.addr.ip()) {
+                        return Err(field_err(
+                            format!("service[{i}].{color}[{j}]"),
+                            format!("`{}` has the address of a VIP ({at}); a backend must be another host", b.addr),
+                        ));
+                    }
+                }
+            }
+        }
+        let watch_window_secs = self.watch_window_secs.unwrap_or(DEFAULT_WATCH_WINDOW_SECS);
+        if watch_window_secs > MAX_WATCH_WINDOW_SECS {
+            return Err(field_err("watch_window_secs", format!("use 0 (off) to {MAX_WATCH_WINDOW_SECS} seconds")));
+        }
+        let pin_dir = self.pin_dir.unwrap_or_else(|| PathBuf::from(bg_common::pin::DEFAULT_PIN_DIR));
+        if !pin_dir.is_absolute() || pin_dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(field_err("pin_dir", format!("`{}` must be an absolute path without `..`", pin_dir.display())));
+        }
+        if pin_dir.components().eq(Path::new("/sys/fs/bpf").components()) {
+            return Err(field_err(
+                "pin_dir",
+                "is the bpffs root; give bg a directory of its own under it, such as \"/sys/fs/bpf/bg\"",
+            ));
+        }
+        let socket = self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        if !socket.is_absolute() {
+            return Err(field_err("socket", format!("`{}` must be an absolute path", socket.display())));
+        }
+        let state_dir = self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(field_err("state_dir", format!("`{}` must be an absolute path", state_dir.display())));
+        }
+        let kernel_bytes = flow_memory_bytes(flow_table_size, unconfirmed_table_size);
+        if let Some(ram) = mem_total_bytes() {
+            if kernel_bytes > ram / MAX_RAM_SHARE_DIVISOR {
+                return Err(field_err(
+                    "flow_table_size",
+                    format!(
+                        "{flow_table_size} entries (with unconfirmed_table_size {unconfirmed_table_size}) take about {} MiB of \
+                         kernel memory, more than a quarter of this host's RAM ({} MiB); use a smaller table",
+                        kernel_bytes >> 20,
+                        ram >> 20
+                    ),
+                ));
+            }
+        }
         Ok(Config {
-            state_dir: self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            state_dir,
             metrics_listen,
-            watch_window_secs: self.watch_window_secs.unwrap_or(DEFAULT_WATCH_WINDOW_SECS),
+            watch_window_secs,
             health,
             interfaces: self.interfaces,
             forwarding: self.forwarding,
@@ -550,8 +623,8 @@ impl RawConfig {
             closing_timeout_secs,
             max_new_flows_per_sec: self.max_new_flows_per_sec.unwrap_or(DEFAULT_NEW_FLOWS_PER_SEC),
             xdp_mode: self.xdp_mode,
-            pin_dir: self.pin_dir.unwrap_or_else(|| PathBuf::from(bg_common::pin::DEFAULT_PIN_DIR)),
-            socket: self.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            pin_dir,
+            socket,
             flow_table_size,
             unconfirmed_table_size,
             unconfirmed_timeout_secs,
@@ -559,6 +632,34 @@ impl RawConfig {
             services,
         })
     }
+}
+
+/// The longest automatic-rollback window (a day).
+pub const MAX_WATCH_WINDOW_SECS: u64 = 86_400;
+/// The flow tables may take at most 1/4 of the host's RAM.
+const MAX_RAM_SHARE_DIVISOR: u64 = 4;
+
+/// Kernel memory of the flow tables (LRU maps are preallocated): per family, an element is the
+/// kernel's header (hash node, LRU node, hash: 48 B) + key + `FlowEntry`, and each map has a
+/// 16-byte bucket per entry rounded up to a power of two; the preview reply map is sized like
+/// the unconfirmed tables.
+pub fn flow_memory_bytes(flow_table_size: u32, unconfirmed_table_size: u32) -> u64 {
+    let entry = std::mem::size_of::<bg_common::FlowEntry>() as u64;
+    let per_flow = (48 + 16 + entry) + (48 + 40 + entry);
+    let buckets = |n: u32| 16 * (n as u64).next_power_of_two();
+    let preview = 48 + 40 + std::mem::size_of::<bg_common::PreviewReply>() as u64;
+    (flow_table_size as u64 + unconfirmed_table_size as u64) * per_flow
+        + 2 * (buckets(flow_table_size) + buckets(unconfirmed_table_size))
+        + unconfirmed_table_size as u64 * preview
+        + buckets(unconfirmed_table_size)
+}
+
+/// MemTotal from /proc/meminfo, when it can be read.
+fn mem_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl RawHealth {
@@ -779,5 +880,67 @@ green = ["10.2.0.2:8080"]
         assert!(e.contains("flow_table_size"), "{e}");
         let e = err_of(&format!("initial_color = \"red\"\n{GOOD}"));
         assert!(e.contains("initial_color") && e.contains("\"blue\""), "{e}");
+    }
+
+    /// Configs that parse as TOML but would give a wrong data plane: each refused, naming the
+    /// field and what is wrong with it.
+    #[test]
+    fn cross_checks_name_the_field_and_the_reason() {
+        let two = format!(
+            "{GOOD}\n[[service]]\nname = \"api\"\nvip = \"10.100.0.2:80\"\npreview_vip = \"10.100.0.3:80\"\nblue = [\"10.1.0.9:80\"]\ngreen = [\"10.2.0.9:80\"]\n"
+        );
+        Config::parse(&two).expect("two services");
+        let v6 = GOOD.replace("10.100.0.1:80", "[fd00::100]:80").replace("\"10.1.0.2:8080\", \"10.1.0.3:8080\"", "\"[fd00:1::2]:8080\"").replace("\"10.2.0.2:8080\"", "\"[fd00:2::2]:8080\"");
+        Config::parse(&v6).expect("IPv6");
+        let cases: &[(String, &str, &str)] = &[
+            (two.replace("\"10.1.0.9:80\"", "\"10.100.0.1:8080\""), "service[1].blue[0]", "address of a VIP (service[0].vip)"),
+            (two.replace("\"10.1.0.3:8080\"", "\"10.100.0.3:8080\""), "service[0].blue[1]", "address of a VIP (service[1].preview_vip)"),
+            (GOOD.replace("\"10.1.0.3:8080\"", "\"127.0.0.1:8080\""), "service[0].blue[1]", "loopback"),
+            (GOOD.replace("\"10.1.0.3:8080\"", "\"169.254.1.1:8080\""), "service[0].blue[1]", "link-local"),
+            (GOOD.replace("\"10.1.0.3:8080\"", "\"0.0.0.0:8080\""), "service[0].blue[1]", "unspecified"),
+            (GOOD.replace("\"10.1.0.3:8080\"", "\"224.0.0.1:8080\""), "service[0].blue[1]", "multicast"),
+            (GOOD.replace("\"10.1.0.3:8080\"", "\"255.255.255.255:8080\""), "service[0].blue[1]", "broadcast"),
+            (GOOD.replace("10.100.0.1:80", "127.0.0.2:80"), "service[0].vip", "loopback"),
+            (v6.replace("\"[fd00:1::2]:8080\"", "\"[fe80::2%2]:8080\""), "service[0].blue[0]", "scope id"),
+            (v6.replace("\"[fd00:1::2]:8080\"", "\"[fe80::2]:8080\""), "service[0].blue[0]", "link-local"),
+            (v6.replace("\"[fd00:1::2]:8080\"", "\"[::ffff:10.1.0.2]:8080\""), "service[0].blue[0]", "IPv4-mapped"),
+            (v6.replace("\"[fd00:1::2]:8080\"", "\"[::1]:8080\""), "service[0].blue[0]", "loopback"),
+            (format!("pin_dir = \"/sys/fs/bpf\"\n{GOOD}"), "pin_dir", "bpffs root"),
+            (format!("pin_dir = \"/sys/fs/bpf/\"\n{GOOD}"), "pin_dir", "bpffs root"),
+            (format!("pin_dir = \"bg\"\n{GOOD}"), "pin_dir", "absolute"),
+            (format!("pin_dir = \"/sys/fs/bpf/bg/../x\"\n{GOOD}"), "pin_dir", "`..`"),
+            (format!("socket = \"bg.sock\"\n{GOOD}"), "socket", "absolute"),
+            (format!("state_dir = \"var/lib/bg\"\n{GOOD}"), "state_dir", "absolute"),
+            (format!("watch_window_secs = 9223372036854775807\n{GOOD}"), "watch_window_secs", "0 (off) to 86400"),
+            (format!("watch_window_secs = 86401\n{GOOD}"), "watch_window_secs", "0 (off) to 86400"),
+            (format!("udp_idle_timeout_secs = 0\n{GOOD}"), "udp_idle_timeout_secs", "1 to 86400"),
+            (format!("closing_timeout_secs = 99999\n{GOOD}"), "closing_timeout_secs", "1 to 3600"),
+            (format!("unconfirmed_timeout_secs = 0\n{GOOD}"), "unconfirmed_timeout_secs", "1 to 300"),
+            (format!("unconfirmed_table_size = 100\n{GOOD}"), "unconfirmed_table_size", "out of range"),
+            (format!("max_new_flows_per_sec = -1\n{GOOD}"), "max_new_flows_per_sec", ""),
+            (format!("flow_table_size = 4294967296\n{GOOD}"), "flow_table_size", ""),
+        ];
+        for (text, field, why) in cases {
+            let e = err_of(text);
+            assert!(e.contains(&format!("`{field}`")) && e.contains(why), "expected `{field}` and `{why}` in: {e}");
+        }
+    }
+
+    /// The flow tables' kernel memory is estimated from the element layout; a table that needs
+    /// more than a quarter of RAM is refused with both figures.
+    #[test]
+    fn flow_tables_larger_than_a_quarter_of_ram_are_refused() {
+        // 65536 + 8192 entries: 2 x (136 + 160) B per entry, buckets and the preview map.
+        let b = flow_memory_bytes(65536, 8192);
+        assert!((20 << 20..30 << 20).contains(&b), "{} MiB", b >> 20);
+        let ram = mem_total_bytes().expect("/proc/meminfo");
+        let too_big = (1u32 << 26).min(((ram / 4 / 296) as u32).saturating_mul(2));
+        if flow_memory_bytes(too_big, (too_big / 8).max(1024)) > ram / 4 {
+            let e = err_of(&format!("flow_table_size = {too_big}\n{GOOD}"));
+            assert!(e.contains("`flow_table_size`") && e.contains("quarter of this host's RAM"), "{e}");
+        } else {
+            // A host with more than 4 x the largest table's memory: the largest is accepted.
+            Config::parse(&format!("flow_table_size = {too_big}\n{GOOD}")).expect("fits in a quarter of RAM");
+        }
     }
 }

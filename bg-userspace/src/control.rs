@@ -21,7 +21,13 @@ pub const MAX_LINE: usize = 4 << 20;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
+    /// The agent's state. Flow figures are the background sampler's last walk of the flow
+    /// tables (`flows_age_ms` old); with `count_flows`, the tables are walked for this answer
+    /// (O(entries), outside the agent's lock: it delays no flip).
+    Status {
+        #[serde(default)]
+        count_flows: bool,
+    },
     Flip {
         color: String,
         /// Seconds after which the previous color's remaining flows are ended (see README).
@@ -122,6 +128,9 @@ pub struct Status {
     /// How packets leave by each interface bg knows: by redirect or through the kernel, and why.
     pub egress: Vec<Egress>,
     pub flows: FlowCounts,
+    /// How old `flows` is (ms); None before the sampler's first walk.
+    #[serde(default)]
+    pub flows_age_ms: Option<u64>,
     pub flow_table_size: u32,
     #[serde(default)]
     pub unconfirmed_table_size: u32,

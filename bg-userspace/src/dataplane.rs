@@ -5,6 +5,10 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -296,7 +300,7 @@ pub struct Dataplane {
     /// after it exits).
     links: Vec<FdLink>,
     /// Flow entries removed from userspace (drains), for the eviction arithmetic.
-    removed_by_agent: u64,
+    removed_by_agent: Arc<AtomicU64>,
     /// Whether the maps were adopted from pinned state.
     pub adopted: bool,
 }
@@ -341,7 +345,7 @@ impl Dataplane {
             selector: Selector::new(0, 1, 0),
             released: [None; SLOTS as usize],
             links: Vec::new(),
-            removed_by_agent: 0,
+            removed_by_agent: Arc::new(AtomicU64::new(0)),
             adopted,
         };
         {
@@ -720,35 +724,30 @@ impl Dataplane {
         Ok(c)
     }
 
-    /// Walks both flow tables. O(entries): for status, not for a hot loop.
+    /// Walks the flow tables. O(entries): for tests and one-off reads; the agent samples them
+    /// on its own thread (`flow_tables`).
     pub fn flow_counts(&self) -> anyhow::Result<FlowCounts> {
-        let cfg: Array<&MapData, DpConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
-        let cfg = cfg.get(&0, 0)?;
-        let now = monotonic_ns();
-        let mut counts = FlowCounts::default();
-        for (name, confirmed, v4) in FLOW_TABLES {
-            let mut one = |proto: u8, entry: &FlowEntry| {
-                if confirmed {
-                    counts.entries += 1;
-                } else {
-                    counts.unconfirmed_entries += 1;
-                }
-                if entry.expired(proto, confirmed, now, &cfg) {
-                    counts.expired += 1;
-                } else if let Some(c) = Color::from_u8(entry.color) {
-                    counts.flows[c as usize] += 1;
-                }
-            };
-            if v4 {
-                walk_flows::<FlowKey4>(self.map(name)?, |k, e| one(k.proto, e))?;
-            } else {
-                walk_flows::<FlowKey>(self.map(name)?, |k, e| one(k.proto, e))?;
-            }
+        let tables = FLOW_TABLES.map(|(name, _, _)| name);
+        let mut maps = Vec::with_capacity(4);
+        for name in tables {
+            maps.push(self.map(name)?);
         }
-        let confirmed = self.fwd_count(Fwd::FlowsConfirmed)?;
-        let ended = self.fwd_count(Fwd::EstablishedEnded)?;
-        counts.evicted = confirmed.saturating_sub(self.removed_by_agent + ended).saturating_sub(counts.entries);
-        Ok(counts)
+        count_flows(self.map(MAP_CONFIG)?, self.map(MAP_FWD_STATS)?, &maps, self.removed_by_agent.load(Ordering::Relaxed))
+    }
+
+    /// Handles of their own on the flow tables (and what counting them reads), for a thread
+    /// that walks them without the agent's lock.
+    pub fn flow_tables(&self) -> anyhow::Result<FlowTables> {
+        let mut tables = Vec::with_capacity(4);
+        for (name, _, _) in FLOW_TABLES {
+            tables.push(dup_map(self.map(name)?)?);
+        }
+        Ok(FlowTables {
+            config: dup_map(self.map(MAP_CONFIG)?)?,
+            fwd: dup_map(self.map(MAP_FWD_STATS)?)?,
+            tables,
+            removed_by_agent: self.removed_by_agent.clone(),
+        })
     }
 
     /// Removes every flow entry of `color` (established and unconfirmed); returns how many were
@@ -761,7 +760,7 @@ impl Dataplane {
             let n = if v4 { remove_color::<FlowKey4>(map, color)? } else { remove_color::<FlowKey>(map, color)? };
             removed[!confirmed as usize] += n;
         }
-        self.removed_by_agent += removed[0];
+        self.removed_by_agent.fetch_add(removed[0], Ordering::Relaxed);
         Ok(removed[0] + removed[1])
     }
 
@@ -1024,6 +1023,69 @@ impl Dataplane {
             flows.insert(key, entry, 0).context("writing a flow entry")
         }
     }
+}
+
+/// The flow tables and what counting them reads, on handles of their own (`Dataplane::flow_tables`).
+pub struct FlowTables {
+    config: aya::maps::Map,
+    fwd: aya::maps::Map,
+    tables: Vec<aya::maps::Map>,
+    removed_by_agent: Arc<AtomicU64>,
+}
+
+impl FlowTables {
+    /// Walks every flow table: O(entries), a syscall or two per entry.
+    pub fn counts(&self) -> anyhow::Result<FlowCounts> {
+        let maps: Vec<&aya::maps::Map> = self.tables.iter().collect();
+        count_flows(&self.config, &self.fwd, &maps, self.removed_by_agent.load(Ordering::Relaxed))
+    }
+}
+
+/// A second handle (a duplicated fd) on a map.
+fn dup_map(map: &aya::maps::Map) -> anyhow::Result<aya::maps::Map> {
+    use aya::maps::Map;
+    use std::os::fd::AsFd;
+    let dup = |m: &MapData| -> anyhow::Result<MapData> {
+        Ok(MapData::from_fd(m.fd().as_fd().try_clone_to_owned().context("duplicating a map fd")?)?)
+    };
+    Ok(match map {
+        Map::LruHashMap(m) => Map::LruHashMap(dup(m)?),
+        Map::Array(m) => Map::Array(dup(m)?),
+        Map::PerCpuArray(m) => Map::PerCpuArray(dup(m)?),
+        _ => bail!("no second handle for this kind of map"),
+    })
+}
+
+/// Flow counts from the tables (`FLOW_TABLES` order), the config and the forwarding counters.
+fn count_flows(config: &aya::maps::Map, fwd: &aya::maps::Map, tables: &[&aya::maps::Map], removed_by_agent: u64) -> anyhow::Result<FlowCounts> {
+    let cfg: Array<&MapData, DpConfig> = Array::try_from(config)?;
+    let cfg = cfg.get(&0, 0)?;
+    let now = monotonic_ns();
+    let mut counts = FlowCounts::default();
+    for ((_, confirmed, v4), map) in FLOW_TABLES.into_iter().zip(tables) {
+        let mut one = |proto: u8, entry: &FlowEntry| {
+            if confirmed {
+                counts.entries += 1;
+            } else {
+                counts.unconfirmed_entries += 1;
+            }
+            if entry.expired(proto, confirmed, now, &cfg) {
+                counts.expired += 1;
+            } else if let Some(c) = Color::from_u8(entry.color) {
+                counts.flows[c as usize] += 1;
+            }
+        };
+        if v4 {
+            walk_flows::<FlowKey4>(map, |k, e| one(k.proto, e))?;
+        } else {
+            walk_flows::<FlowKey>(map, |k, e| one(k.proto, e))?;
+        }
+    }
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(fwd)?;
+    let sum = |f: Fwd| -> anyhow::Result<u64> { Ok(stats.get(&(f as u32), 0)?.iter().sum()) };
+    let (confirmed, ended) = (sum(Fwd::FlowsConfirmed)?, sum(Fwd::EstablishedEnded)?);
+    counts.evicted = confirmed.saturating_sub(removed_by_agent + ended).saturating_sub(counts.entries);
+    Ok(counts)
 }
 
 /// The flow tables: (name, established, IPv4 keys).

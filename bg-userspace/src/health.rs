@@ -118,7 +118,7 @@ pub async fn check(backend: SocketAddr, h: &Health) -> (bool, String) {
 /// backend changes state.
 pub fn spawn(backends: Vec<(SocketAddr, Health)>, table: Table, changed: Arc<dyn Fn(SocketAddr, State) + Send + Sync>) {
     for (addr, h) in backends {
-        table.lock().unwrap().entry(addr).or_default();
+        crate::lock(&table).entry(addr).or_default();
         let (table, changed) = (table.clone(), changed.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(h.interval);
@@ -127,7 +127,7 @@ pub fn spawn(backends: Vec<(SocketAddr, Health)>, table: Table, changed: Arc<dyn
                 tick.tick().await;
                 let (ok, what) = check(addr, &h).await;
                 let new_state = {
-                    let mut t = table.lock().unwrap();
+                    let mut t = crate::lock(&table);
                     let b = t.entry(addr).or_default();
                     b.record(ok, what, h.rise, h.fall).then_some(b.state)
                 };

@@ -39,7 +39,8 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Vec<
 pub fn render(st: &State) -> anyhow::Result<String> {
     let mut out = String::new();
     let counters = st.dp.counters()?;
-    let flows = st.dp.flow_counts()?;
+    let sample = *crate::lock(&st.flow_sample);
+    let flows = sample.map(|(c, _)| c).unwrap_or_default();
     let color = |c: Color| vec![("color", c.name().to_owned())];
     let per_color = |f: &dyn Fn(usize) -> f64| -> Vec<(Vec<(&str, String)>, f64)> {
         Color::ALL.iter().map(|c| (color(*c), f(*c as usize))).collect()
@@ -66,6 +67,8 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     family(&mut out, "bg_flow_table_entries", "gauge", "Established flow table entries in use (one per flow).", &[(vec![], flows.entries as f64)]);
     family(&mut out, "bg_flow_table_size", "gauge", "Established flow table capacity in entries.", &[(vec![], st.config.flow_table_size as f64)]);
     family(&mut out, "bg_flow_table_evictions_total", "counter", "Established entries the LRU evicted (confirmed - drained - present).", &[(vec![], flows.evicted as f64)]);
+    family(&mut out, "bg_flow_sample_age_seconds", "gauge", "Age of the flow figures (the agent walks the flow tables in the background); -1 before the first walk.",
+        &[(vec![], sample.map(|(_, at)| at.elapsed().as_secs_f64()).unwrap_or(-1.0))]);
     family(&mut out, "bg_unconfirmed_entries", "gauge", "Unconfirmed flow table entries in use (no answer from the backend yet).", &[(vec![], flows.unconfirmed_entries as f64)]);
     family(&mut out, "bg_unconfirmed_table_size", "gauge", "Unconfirmed flow table capacity in entries.", &[(vec![], st.config.unconfirmed_table_size as f64)]);
     let reasons: Vec<_> = counters.reasons.iter().map(|(r, n)| (vec![("reason", r.clone())], *n as f64)).collect();
@@ -77,7 +80,7 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     family(&mut out, "bg_egress_redirect", "gauge", "1 when packets leaving by this interface use XDP_REDIRECT, 0 when they go through the kernel.", &path);
     let errs: Vec<_> = egress.iter().map(|e| (vec![("interface", e.interface.clone())], e.redirect_errors as f64)).collect();
     family(&mut out, "bg_redirect_errors_total", "counter", "XDP redirects into this interface that failed (xdp:xdp_redirect_err).", &errs);
-    let table = st.health.lock().unwrap().clone();
+    let table = crate::lock(&st.health).clone();
     let mut up = Vec::new();
     for s in &st.config.services {
         for c in Color::ALL {
@@ -114,7 +117,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result
                 };
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let response = if req.starts_with("GET /metrics ") {
-                    match tokio::task::spawn_blocking(move || render(&state.lock().unwrap())).await {
+                    match tokio::task::spawn_blocking(move || render(&crate::lock(&state))).await {
                         Ok(Ok(body)) => format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()

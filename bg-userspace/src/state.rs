@@ -21,6 +21,30 @@ pub struct Persisted {
     pub canary_permille: u32,
 }
 
+impl Persisted {
+    /// Every field in range: colors by name, a canary share a flip can set (1 to 99%, per
+    /// mille), a generation that can still count up.
+    pub fn check(&self) -> Result<(), String> {
+        let color = |s: &str| matches!(s, "blue" | "green");
+        if !color(&self.active) {
+            return Err(format!("active = {:?}, not \"blue\" or \"green\"", self.active));
+        }
+        if let Some(p) = self.previous.as_deref().filter(|p| !color(p)) {
+            return Err(format!("previous = {p:?}, not \"blue\" or \"green\""));
+        }
+        if self.canary_permille != 0 && !(10..=990).contains(&self.canary_permille) {
+            return Err(format!("canary_permille = {}, not 0 or 10 to 990", self.canary_permille));
+        }
+        if self.generation == 0 || self.generation > MAX_GENERATION {
+            return Err(format!("generation = {}, not 1 to {MAX_GENERATION}", self.generation));
+        }
+        Ok(())
+    }
+}
+
+/// Generations count flips; 2^53 (exact in every JSON reader) is beyond any real count.
+pub const MAX_GENERATION: u64 = 1 << 53;
+
 pub struct Store {
     dir: PathBuf,
     /// The background writer of `state.json` (see `save_in_background`).
@@ -44,7 +68,7 @@ impl Store {
     /// after a reboot; an agent crash leaves the pinned data plane, which a restarted agent
     /// reads instead. `flush` waits for the writer.
     pub fn save_in_background(&self, state: Persisted) {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = crate::lock(&self.writer);
         if w.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<Persisted>();
             let store = Store { dir: self.dir.clone(), writer: std::sync::Mutex::new(None) };
@@ -65,7 +89,7 @@ impl Store {
 
     /// Waits until the background writer has written everything handed to it.
     pub fn flush(&self) {
-        if let Some((tx, handle)) = self.writer.lock().unwrap().take() {
+        if let Some((tx, handle)) = crate::lock(&self.writer).take() {
             drop(tx);
             let _ = handle.join();
         }
@@ -79,26 +103,59 @@ impl Store {
         self.dir.join("audit.jsonl")
     }
 
+    /// Reads `state.json`, if there is one. A file that is not a whole, valid state (empty
+    /// after a power loss, edited, from elsewhere) is refused with what is wrong and how to
+    /// recover; nothing is guessed.
     pub fn load(&self) -> anyhow::Result<Option<Persisted>> {
         let path = self.state_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
-                format!("{} is not a bg state file; move it away to start from the config", path.display())
-            })?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        let recover = format!(
+            "move it away (`mv {p} {p}.bad`) to start from the config's initial_color; a pinned data plane, \
+             if there is one, keeps its active color",
+            p = path.display()
+        );
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}; {recover}", path.display())),
+        };
+        if text.trim().is_empty() {
+            anyhow::bail!("{} is empty (cut short by a crash or power loss?); {recover}", path.display());
         }
+        let p: Persisted = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bg state file; {recover}", path.display()))?;
+        if let Err(what) = p.check() {
+            anyhow::bail!("{} holds an invalid state ({what}); {recover}", path.display());
+        }
+        Ok(Some(p))
     }
 
-    /// Writes the state atomically (temporary file, rename); not fsynced (a power loss may lose
-    /// the latest flips: the data plane is gone then too, and the agent comes back on the color
-    /// last written).
+    /// Writes the state so that a crash or power loss at any moment leaves the old file or the
+    /// new one, whole: a fresh temporary file (`O_EXCL|O_NOFOLLOW`: never through a link
+    /// planted there), fsynced, renamed over `state.json`, and the directory fsynced.
     pub fn save(&self, state: &Persisted) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.state_path();
         let tmp = self.dir.join("state.json.tmp");
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        // A temporary file left by a crash mid-write (or anything else put there) goes first.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        drop(f);
         std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", self.dir.display()))?;
         Ok(())
     }
 
@@ -164,6 +221,44 @@ mod tests {
         let h = store.history(3).unwrap();
         assert_eq!(h.iter().map(|e| e["generation"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4]);
         assert!(h[0]["time"].as_str().unwrap().ends_with('Z'));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every state file that is not a whole, valid state is refused, naming what is wrong and
+    /// how to recover; nothing is guessed from it.
+    #[test]
+    fn bad_state_files_are_refused_with_the_way_out() {
+        let dir = std::env::temp_dir().join(format!("bg-state-bad-{}", std::process::id()));
+        let store = Store::open(&dir).unwrap();
+        let good = r#"{"active": "green", "previous": "blue", "generation": 7, "canary_permille": 0}"#;
+        std::fs::write(store.state_path(), good).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().generation, 7);
+        for (text, why) in [
+            ("", "is empty"),
+            ("\n  \n", "is empty"),
+            ("{\"active\": \"gre", "not a bg state file"),
+            ("[1, 2]", "not a bg state file"),
+            (r#"{"previous": null, "generation": 3}"#, "not a bg state file"),
+            (r#"{"active": "red", "previous": null, "generation": 3}"#, "active = \"red\""),
+            (r#"{"active": "blue", "previous": "purple", "generation": 3}"#, "previous = \"purple\""),
+            (r#"{"active": "blue", "previous": null, "generation": 0}"#, "generation = 0"),
+            (r#"{"active": "blue", "previous": null, "generation": 18446744073709551615}"#, "generation = 18446744073709551615"),
+            (r#"{"active": "blue", "previous": null, "generation": -1}"#, "not a bg state file"),
+            (r#"{"active": "blue", "previous": null, "generation": 3, "canary_permille": 1000}"#, "canary_permille = 1000"),
+            (r#"{"active": "blue", "previous": null, "generation": 3, "canary_permille": 5}"#, "canary_permille = 5"),
+        ] {
+            std::fs::write(store.state_path(), text).unwrap();
+            let e = format!("{:#}", store.load().expect_err(text));
+            assert!(e.contains(why) && e.contains(".bad`") && e.contains("initial_color"), "{text:?}: expected `{why}` in: {e}");
+        }
+        // A link planted at the temporary file's name is replaced, never written through.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("state.json.tmp")).unwrap();
+        store.save(&Persisted { active: "blue".into(), previous: None, generation: 9, canary_permille: 0 }).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(store.load().unwrap().unwrap().generation, 9);
+        assert!(!dir.join("state.json.tmp").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,7 +24,7 @@ fn vip(port: u16) -> SocketAddr {
 }
 
 fn status(t: &Topology) -> serde_json::Value {
-    serde_json::from_slice(&t.bgctl(&["status", "--json"]).expect("status").stdout).expect("status JSON")
+    serde_json::from_slice(&t.bgctl(&["status", "--json", "--count-flows"]).expect("status").stdout).expect("status JSON")
 }
 
 fn history(t: &Topology) -> Vec<serde_json::Value> {
@@ -405,8 +405,17 @@ fn metrics_are_served_on_loopback() {
     t.wait_healthy().unwrap();
     t.bgctl(&["flip", "green"]).unwrap();
     assert_eq!(t.get_vip().unwrap(), "green");
-    let out = t.gw.exec(&["curl", "-sS", "--fail", "--max-time", "5", "http://127.0.0.1:9477/metrics"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    // Flow figures come from the agent's sampler (a walk every second or so): a scrape shows
+    // the GET's flow within a few seconds.
+    let scrape = || String::from_utf8_lossy(&t.gw.exec(&["curl", "-sS", "--fail", "--max-time", "5", "http://127.0.0.1:9477/metrics"]).unwrap().stdout).into_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut text = scrape();
+    while !text.lines().any(|l| l == "bg_flow_table_entries 1") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        text = scrape();
+    }
+    let age = text.lines().find_map(|l| l.strip_prefix("bg_flow_sample_age_seconds ")).and_then(|v| v.parse::<f64>().ok());
+    assert!(age.is_some_and(|a| (0.0..3.0).contains(&a)), "the sample's age is exported and recent: {age:?}");
     for line in [
         "bg_active_color{color=\"green\"} 1",
         "bg_active_color{color=\"blue\"} 0",
@@ -437,6 +446,7 @@ fn metrics_are_served_on_loopback() {
         ("bg_flow_table_entries", "gauge"),
         ("bg_flow_table_size", "gauge"),
         ("bg_flow_table_evictions_total", "counter"),
+        ("bg_flow_sample_age_seconds", "gauge"),
         ("bg_xdp_packets_total", "counter"),
         ("bg_forwarding_total", "counter"),
         ("bg_egress_redirect", "gauge"),

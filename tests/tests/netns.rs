@@ -25,7 +25,7 @@ fn xdp_attached(t: &Topology, iface: &str) -> bool {
 }
 
 fn status_json(t: &Topology) -> serde_json::Value {
-    let out = t.bgctl(&["status", "--json"]).expect("bgctl status --json");
+    let out = t.bgctl(&["status", "--json", "--count-flows"]).expect("bgctl status --json");
     serde_json::from_slice(&out.stdout).expect("status is JSON")
 }
 
@@ -100,17 +100,65 @@ fn bad_commands_get_clear_errors_and_change_nothing() {
     assert!(!out.status.success(), "rollback with no flip must fail");
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back"));
 
-    // A malformed control request gets a JSON error, and the agent keeps serving.
-    {
-        use std::io::{BufRead, BufReader, Write};
+    // Bad control requests, each on a connection of its own: a JSON error naming what is wrong,
+    // and nothing changes (checked below: same generation, same color, no audit event).
+    use std::io::{BufRead, BufReader, Write};
+    let ask = |raw: &[u8]| -> String {
         let mut s = std::os::unix::net::UnixStream::connect(t.socket()).unwrap();
-        s.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(raw).unwrap();
         let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["result"], "error");
-        assert!(v["message"].as_str().unwrap().contains("bad request"), "{line}");
+        let _ = BufReader::new(&s).read_line(&mut line);
+        line
+    };
+    t.wait_healthy().expect("both colors healthy");
+    let audit_before = t.bgctl(&["history", "--json", "-n", "1000"]).unwrap().stdout.len();
+    let corpus: &[(&str, &str)] = &[
+        ("{\"op\":\"explode\"}", "bad request"),
+        ("not json", "bad request"),
+        ("[]", "bad request"),
+        ("{\"op\":null}", "bad request"),
+        ("{\"op\":\"flip\"}", "missing field `color`"),
+        ("{\"op\":\"flip\",\"color\":\"red\"}", "unknown color `red`"),
+        ("{\"op\":\"flip\",\"color\":\"\"}", "unknown color ``"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":0}", "--percent 0 is out of range"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":100}", "--percent 100 is out of range"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":4294967295}", "--percent 4294967295 is out of range"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":4294967296}", "bad request"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":-1}", "bad request"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":10.5}", "bad request"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"drain_secs\":18446744073709551615}", "--drain 18446744073709551615 is out of range"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"drain_secs\":86401}", "--drain 86401 is out of range"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"drain_secs\":-5}", "bad request"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"percent\":10,\"drain_secs\":5}", "--drain with --percent"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"force\":\"yes\"}", "bad request"),
+        ("{\"op\":\"flip\",\"color\":\"green\",\"colour\":\"blue\"}", "unknown field `colour`"),
+        ("{\"op\":\"history\",\"limit\":0}", "history limit 0 is out of range"),
+        ("{\"op\":\"history\",\"limit\":18446744073709551615}", "history limit 18446744073709551615 is out of range"),
+        ("{\"op\":\"status\",\"count_flows\":\"x\"}", "bad request"),
+        ("{\"op\":\"rollback\"}", "nothing to roll back"),
+        ("{\"op\":\"rollback\",\"force\":1}", "bad request"),
+    ];
+    for (req, want) in corpus {
+        let line = ask(format!("{req}\n").as_bytes());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req}: no JSON answer ({e}): {line:?}"));
+        assert_eq!(v["result"], "error", "{req}: {line}");
+        assert!(v["message"].as_str().unwrap().contains(want), "{req}: expected `{want}` in {line}");
     }
+    // Bytes that are not text, and a line longer than the protocol's 4 MiB: the connection
+    // ends, the agent serves the next one.
+    assert_eq!(ask(b"\xff\xfe\xfd\n"), "", "invalid UTF-8 ends its connection");
+    let mut long = vec![b' '; (4 << 20) + 16];
+    long.push(b'\n');
+    let line = ask(&long);
+    assert!(line.is_empty() || line.contains("bad request"), "an over-long line: {line:?}");
+    // A client that connects and says nothing delays no one else's request.
+    let silent = std::os::unix::net::UnixStream::connect(t.socket()).unwrap();
+    let started = std::time::Instant::now();
+    assert!(ask(b"{\"op\":\"status\"}\n").contains("\"result\":\"status\""));
+    assert!(started.elapsed() < Duration::from_secs(5), "status waited on a silent client");
+    drop(silent);
+    assert_eq!(t.bgctl(&["history", "--json", "-n", "1000"]).unwrap().stdout.len(), audit_before, "refused requests wrote no audit event");
 
     let s = status_json(&t);
     assert_eq!(s["active"], "blue");
@@ -172,6 +220,48 @@ fn a_second_agent_on_the_same_socket_is_refused() {
     // The first agent still answers and still owns its pins.
     assert!(t.bgctl(&["status"]).is_ok());
     assert!(t.pin_dir().exists());
+}
+
+/// The pin directory is trusted with the data plane: a symlink, a directory owned by another
+/// user, or one others can write to is refused before anything is loaded or pinned; and while
+/// an agent runs, a second one on the same pin directory (with another socket) is refused.
+#[test]
+fn untrusted_pin_dirs_and_a_second_agent_on_one_pin_dir_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Topology::create(&tag()).expect("topology");
+    let cfg = t.run_dir.join("pins.toml");
+    std::fs::write(&cfg, t.config()).unwrap();
+    let refused = || -> String {
+        let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", cfg.to_str().unwrap()]).output().unwrap();
+        assert!(!out.status.success(), "the agent started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let pins = t.pin_dir();
+    let real = bg_tests::run::PinDir::new("real").unwrap();
+    std::os::unix::fs::symlink(&real.0, &pins).unwrap();
+    let err = refused();
+    assert!(err.contains("`pin_dir`") && err.contains("is a symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&real.0).unwrap().count(), 0, "nothing pinned through the link");
+    std::fs::remove_file(&pins).unwrap();
+
+    std::fs::create_dir(&pins).unwrap();
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&pins, Some(nix::unistd::Uid::from_raw(1000)), None).unwrap();
+    let err = refused();
+    assert!(err.contains("`pin_dir`") && err.contains("owned by uid 1000"), "{err}");
+    nix::unistd::chown(&pins, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused();
+    assert!(err.contains("`pin_dir`") && err.contains("mode 777"), "{err}");
+    assert_eq!(std::fs::read_dir(&pins).unwrap().count(), 0, "nothing was pinned");
+    std::fs::remove_dir(&pins).unwrap();
+
+    let _agent = t.start_agent().expect("agent");
+    let other = t.run_dir.join("other.sock");
+    std::fs::write(&cfg, t.config().replace(t.socket().to_str().unwrap(), other.to_str().unwrap())).unwrap();
+    let err = refused();
+    assert!(err.contains("another bg agent (or cleanup) holds") && err.contains(pins.to_str().unwrap()), "{err}");
+    assert!(t.bgctl(&["status"]).is_ok(), "the first agent still answers");
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn tag() -> String {
 }
 
 fn status(t: &Topology) -> serde_json::Value {
-    serde_json::from_slice(&t.bgctl(&["status", "--json"]).unwrap().stdout).unwrap()
+    serde_json::from_slice(&t.bgctl(&["status", "--json", "--count-flows"]).unwrap().stdout).unwrap()
 }
 
 fn reason(t: &Topology, name: &str) -> u64 {

@@ -161,11 +161,12 @@ fn misses(all: &Value, rows: &[Row]) -> String {
         bullets.push(format!(
             "**Per-packet costs**: {}. The floor in this run is {} ns per run in repeat mode and {} ns in single runs; the machine's noise sits in \
              every row. Beyond it, a non-VIP packet pays the header walk, the flow key and two probes of the address filter; an established packet \
-             pays the LRU hash lookup of a 40-byte key (IPv6-sized for both families), the incremental IP and L4 checksum updates and per-CPU \
-             counters; a new flow pays two LRU inserts, the Maglev lookup and the rate window, and the single-run method a syscall between runs. \
-             On the default redirect path every rewritten packet also pays the FIB lookup, the MAC rewrite and `bpf_redirect`: {} ns of an \
-             established packet in this run (established with redirect minus the same with `forwarding = \"kernel\"`). Candidates, not done: \
-             caching the next hop per flow instead of a FIB lookup per packet, an IPv4-only flow key, one entry per flow.",
+             pays one LRU hash lookup (an IPv4 flow's key is 16 bytes), the incremental IP and L4 checksum updates, three per-CPU counters and, \
+             on the default redirect path, the next hop cached in its entry (a coarse clock read, the MAC rewrite, `bpf_redirect`): {} ns of an \
+             established packet in this run against the same with `forwarding = \"kernel\"` (no next hop at all). A new flow pays misses in the \
+             established and unconfirmed tables, the service lookup, the rate window, Maglev, one LRU insert and a FIB lookup, all on cold \
+             cache lines: single runs cross a syscall each, which is also why one hot flow costs more in single runs than in repeat mode. \
+             Not done: batching the counters into one per-CPU value, a per-CPU LRU for the unconfirmed table.",
             per_packet.join("; "),
             fmt(&p["floor_ns"], 1),
             fmt(&p["floor_single_ns"], 1),
