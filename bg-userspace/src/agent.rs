@@ -100,6 +100,8 @@ pub struct State {
     pub last_flip_ns: u64,
     /// Colors whose backends are all down (said once per transition).
     all_down_reported: [bool; 2],
+    /// The state changed since it was last handed to the state file's writer.
+    persist_due: bool,
 }
 
 pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
@@ -324,7 +326,14 @@ impl State {
         }
     }
 
-    fn persist(&self) {
+    /// Marks the state for `state.json`; the agent's next tick (within 100 ms) hands it to the
+    /// background writer, so a flip wakes no other thread on its way back to the client.
+    fn persist(&mut self) {
+        self.persist_due = true;
+    }
+
+    fn persist_now(&mut self) {
+        self.persist_due = false;
         let p = Persisted {
             active: self.active().name().into(),
             previous: self.previous.map(|c| c.name().into()),
@@ -771,7 +780,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     });
     let flow_tables = Arc::new(dp.flow_tables()?);
     let flow_sample = spawn_flow_sampler(flow_tables.clone())?;
-    let state = State {
+    let mut state = State {
         flow_sample,
         flow_tables,
         dp,
@@ -791,9 +800,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         auto_rollbacks_total: 0,
         last_flip_ns: 0,
         all_down_reported: [false; 2],
+        persist_due: false,
         config,
     };
-    state.persist();
+    state.persist_now();
     state.audit(json!({"event": "started", "to": active.name(), "generation": generation, "uid": "agent",
         "reason": if state.dp.adopted { "adopted pinned data plane state" } else { "fresh data plane" }}));
     info!(socket = %state.config.socket.display(), active = active.name(), generation, adopted = state.dp.adopted,
@@ -831,6 +841,9 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
                 st.apply_health();
                 st.check_watch();
                 st.run_due_drain();
+                if st.persist_due {
+                    st.persist_now();
+                }
             }
             accepted = listener.accept() => match accepted {
                 Ok((mut stream, _)) => {
@@ -863,7 +876,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     drop(listener);
-    let st = crate::lock(&state);
+    let mut st = crate::lock(&state);
+    if st.persist_due {
+        st.persist_now();
+    }
     st.store.flush();
     let _ = std::fs::remove_file(&st.config.socket);
     info!(
@@ -888,11 +904,14 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
     }
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => {
+            // Flips, rollbacks, status and stats take microseconds under the lock (no table
+            // walk, no file read): answered here, without a hop to another thread. Reading
+            // the audit log and walking the flow tables go to the blocking pool.
+            Ok(req @ (Request::History { .. } | Request::Status { count_flows: true })) => {
                 let state = state.clone();
-                // Map walks and health gates are blocking work: off the async threads.
                 tokio::task::spawn_blocking(move || handle(&state, req, Actor::Uid(uid))).await?
             }
+            Ok(req) => handle(&state, req, Actor::Uid(uid)),
             Err(e) => Response::Error {
                 message: format!(
                     "bad request ({e}); send one JSON object per line such as {{\"op\":\"status\"}}, \

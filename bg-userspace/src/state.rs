@@ -49,6 +49,8 @@ pub struct Store {
     dir: PathBuf,
     /// The background writer of `state.json` (see `save_in_background`).
     writer: std::sync::Mutex<Option<(std::sync::mpsc::Sender<Persisted>, std::thread::JoinHandle<()>)>>,
+    /// The audit log, open for appending.
+    audit_log: std::sync::Mutex<Option<File>>,
 }
 
 impl Store {
@@ -60,7 +62,7 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating state directory {} (config `state_dir`)", dir.display()))?;
-        Ok(Store { dir: dir.to_owned(), writer: std::sync::Mutex::new(None) })
+        Ok(Store { dir: dir.to_owned(), writer: std::sync::Mutex::new(None), audit_log: std::sync::Mutex::new(None) })
     }
 
     /// Hands the state to a background writer that always writes the latest one: a flip does
@@ -71,7 +73,7 @@ impl Store {
         let mut w = crate::lock(&self.writer);
         if w.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<Persisted>();
-            let store = Store { dir: self.dir.clone(), writer: std::sync::Mutex::new(None) };
+            let store = Store { dir: self.dir.clone(), writer: std::sync::Mutex::new(None), audit_log: std::sync::Mutex::new(None) };
             let handle = std::thread::spawn(move || {
                 while let Ok(mut latest) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
@@ -168,15 +170,26 @@ impl Store {
             let ms = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
             obj.insert("unix_ms".into(), ms.into());
         }
-        let path = self.audit_path();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening audit log {}", path.display()))?;
         let mut line = serde_json::to_string(&event)?;
         line.push('\n');
-        f.write_all(line.as_bytes())?;
+        // Opened once and kept (a flip pays one write, not a path walk and an open).
+        let mut log = crate::lock(&self.audit_log);
+        if log.is_none() {
+            let path = self.audit_path();
+            *log = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening audit log {}", path.display()))?,
+            );
+        }
+        let f = log.as_mut().expect("opened above");
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            // Opened again next time (the file may have been rotated away or its disk filled).
+            *log = None;
+            return Err(e).with_context(|| format!("appending to {}", self.audit_path().display()));
+        }
         Ok(())
     }
 
