@@ -31,7 +31,7 @@ use crate::{
     config::{parse_color, Config, Forwarding},
     control::{
         BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, Request, Response, ServiceStatus, Status,
-        WatchStatus, MAX_LINE,
+        WatchStatus, MAX_BACKENDS_PAGE, MAX_LINE, STATUS_BACKENDS,
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
     health::{self, State as HState},
@@ -189,6 +189,19 @@ fn check_interfaces(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard one (health checks hold a socket each).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+                Err(e) => warn!(error = %e, soft, "could not raise the open-file limit"),
+            }
+        }
+    }
+}
+
 /// Refuses to start over a live agent; removes a stale socket left by a dead one.
 fn claim_socket(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
@@ -298,23 +311,55 @@ impl State {
         (ok, failing)
     }
 
+    /// Per color: counts per state and the backends not up (at most `STATUS_BACKENDS`), for
+    /// audit lines that stay small at any number of backends.
     fn health_snapshot(&self) -> serde_json::Value {
-        let table = crate::lock(&self.health);
         let mut out = serde_json::Map::new();
-        for color in Color::ALL {
-            let backends: Vec<serde_json::Value> = self
-                .config
-                .services
-                .iter()
-                .flat_map(|s| s.backends(color).iter().map(move |b| (s, b)))
-                .map(|(s, b)| {
-                    let h = table.get(&b.addr).cloned().unwrap_or_default();
-                    json!({"service": s.name, "backend": b.addr.to_string(), "state": h.state, "last": h.last})
-                })
-                .collect();
-            out.insert(color.name().into(), json!(backends));
+        for h in self.color_statuses() {
+            out.insert(h.color.clone(), json!({"up": h.up, "down": h.down, "unknown": h.unknown,
+                "not_up": h.backends.iter().map(|b| json!({"service": b.service, "backend": b.backend, "state": b.state, "last": b.last})).collect::<Vec<_>>(),
+                "not_listed": h.backends_not_listed}));
         }
         serde_json::Value::Object(out)
+    }
+
+    /// Every backend of `color` (or both) with its health, in config order.
+    fn backend_statuses(&self, color: Option<Color>) -> Vec<(Color, BackendStatus)> {
+        let table = crate::lock(&self.health);
+        let mut v = Vec::new();
+        for c in Color::ALL.into_iter().filter(|c| color.is_none_or(|x| x == *c)) {
+            for s in &self.config.services {
+                for b in s.backends(c) {
+                    let h = table.get(&b.addr).cloned().unwrap_or_default();
+                    v.push((c, BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state: h.state, last: h.last }));
+                }
+            }
+        }
+        v
+    }
+
+    /// Health per color: the gate's verdict, counts per state, the backends not up.
+    fn color_statuses(&self) -> Vec<ColorHealth> {
+        Color::ALL
+            .into_iter()
+            .map(|c| {
+                let (healthy, _) = self.color_health(c);
+                let w = self.effective_weights(c);
+                let all = self.backend_statuses(Some(c));
+                let count = |st: HState| all.iter().filter(|(_, b)| b.state == st).count();
+                let not_up: Vec<BackendStatus> = all.iter().filter(|(_, b)| b.state != HState::Up).map(|(_, b)| b.clone()).collect();
+                ColorHealth {
+                    color: c.name().into(),
+                    healthy,
+                    all_down: w.iter().any(|s| s.iter().all(|x| *x == 0)),
+                    up: count(HState::Up),
+                    down: count(HState::Down),
+                    unknown: count(HState::Unknown),
+                    backends_not_listed: not_up.len().saturating_sub(STATUS_BACKENDS),
+                    backends: not_up.into_iter().take(STATUS_BACKENDS).collect(),
+                }
+            })
+            .collect()
     }
 
     fn audit(&self, mut event: serde_json::Value) {
@@ -557,32 +602,6 @@ impl State {
     pub fn status(&self) -> anyhow::Result<Status> {
         let active = self.dp.active()?;
         let sample = crate::lock(&self.flow_sample).clone();
-        let table = crate::lock(&self.health).clone();
-        let colors = Color::ALL.map(|c| {
-            let (healthy, _) = self.color_health(c);
-            let w = self.effective_weights(c);
-            ColorHealth {
-                color: c.name().into(),
-                healthy,
-                all_down: w.iter().any(|s| s.iter().all(|x| *x == 0)),
-                backends: self
-                    .config
-                    .services
-                    .iter()
-                    .flat_map(|s| s.backends(c).iter().map(move |b| (s, b)))
-                    .map(|(s, b)| {
-                        let h = table.get(&b.addr).cloned().unwrap_or_default();
-                        BackendStatus {
-                            service: s.name.clone(),
-                            backend: b.addr.to_string(),
-                            weight: b.weight,
-                            state: h.state,
-                            last: h.last,
-                        }
-                    })
-                    .collect(),
-            }
-        });
         Ok(Status {
             active: active.name().into(),
             previous: self.previous.map(|c| c.name().into()),
@@ -601,11 +620,11 @@ impl State {
                     vip: s.vip.to_string(),
                     preview_vip: s.preview_vip.map(|p| p.to_string()),
                     protocol: s.protocol.name().into(),
-                    blue: s.blue.iter().map(|b| b.addr.to_string()).collect(),
-                    green: s.green.iter().map(|b| b.addr.to_string()).collect(),
+                    blue: s.blue.len(),
+                    green: s.green.len(),
                 })
                 .collect(),
-            health: colors.to_vec(),
+            health: self.color_statuses(),
             interfaces: self.attachments.clone(),
             egress: self.egress()?,
             flows: sample.as_ref().map(|(c, _)| *c).unwrap_or_default(),
@@ -715,6 +734,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         None => require_embedded_object()?,
     };
     check_interfaces(&config)?;
+    raise_open_file_limit();
     claim_socket(&config.socket)?;
     ensure_bpffs(&config.pin_dir)?;
     let store = Store::open(&config.state_dir)?;
@@ -949,6 +969,25 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
             };
         }
         Request::Stats => st.dp.counters().map(Response::Stats),
+        Request::Backends { color, state, offset, limit } => {
+            let limit = limit.unwrap_or(MAX_BACKENDS_PAGE);
+            let color = match color.as_deref() {
+                None => Ok(None),
+                Some(c) => parse_color(c).map(Some).ok_or_else(|| anyhow!("unknown color `{c}`; use `blue` or `green`")),
+            };
+            match color {
+                Err(e) => Err(e),
+                Ok(_) if !(1..=MAX_BACKENDS_PAGE).contains(&limit) => {
+                    Err(anyhow!("limit {limit} is out of range; use 1 to {MAX_BACKENDS_PAGE} backends per page"))
+                }
+                Ok(c) => {
+                    let matching: Vec<BackendStatus> =
+                        st.backend_statuses(c).into_iter().map(|(_, b)| b).filter(|b| state.is_none_or(|x| x == b.state)).collect();
+                    let total = matching.len();
+                    Ok(Response::Backends { total, offset, backends: matching.into_iter().skip(offset).take(limit).collect() })
+                }
+            }
+        }
         Request::History { limit } => match limit.unwrap_or(50) {
             n @ 1..=MAX_HISTORY => st.store.history(n).map(|events| Response::History { events }),
             n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),

@@ -85,6 +85,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every backend with its health (all pages), optionally of one color or in one state.
+    Backends {
+        /// `blue` or `green`.
+        #[arg(long)]
+        color: Option<String>,
+        /// `up`, `down` or `unknown`.
+        #[arg(long, value_parser = ["up", "down", "unknown"])]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit log: every flip, rollback, refusal and automatic action.
     History {
         /// How many of the latest events.
@@ -166,6 +177,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollback { force, json } => output(call(&socket, &Request::Rollback { force })?, json),
         Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
+        Command::Backends { color, state, json } => backends(&socket, color, state, json),
         Command::History { limit, json } => output(call(&socket, &Request::History { limit: Some(limit) })?, json),
         Command::Watch { interval_ms, count, json } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count, json),
     }
@@ -188,9 +200,42 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
         Response::Flipped(f) => print_flip(&f),
         Response::Stats(c) => print_stats(&c),
         Response::History { events } => print_history(&events),
+        Response::Backends { backends, .. } => print_backends(&backends),
         Response::Error { .. } => unreachable!(),
     }
     Ok(())
+}
+
+/// Fetches every page of the backend list (each answer stays under the protocol's line limit).
+fn backends(socket: &std::path::Path, color: Option<String>, state: Option<String>, json: bool) -> anyhow::Result<()> {
+    let state: Option<crate::health::State> = state.map(|s| serde_json::from_value(serde_json::json!(s))).transpose()?;
+    let mut all = Vec::new();
+    loop {
+        let req = Request::Backends { color: color.clone(), state, offset: all.len(), limit: None };
+        match call(socket, &req)? {
+            Response::Backends { total, backends, .. } => {
+                let done = backends.is_empty() || all.len() + backends.len() >= total;
+                all.extend(backends);
+                if done {
+                    break;
+                }
+            }
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("the agent answered {other:?} to a backends request"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print_backends(&all);
+    }
+    Ok(())
+}
+
+fn print_backends(list: &[crate::control::BackendStatus]) {
+    for b in list {
+        println!("{:<10} {:<28} weight {:<4} {:<8} {}", b.service, b.backend, b.weight, format!("{:?}", b.state).to_lowercase(), b.last);
+    }
 }
 
 fn print_stats(c: &Counters) {
@@ -278,14 +323,17 @@ fn print_status(s: &Status) {
         } else {
             "NOT healthy"
         };
-        println!("{mark} {} ({verdict})", h.color);
+        println!("{mark} {} ({verdict}): {} up, {} down, {} unknown", h.color, h.up, h.down, h.unknown);
         for b in &h.backends {
             println!("    {:<10} {:<28} {:<8} {}", b.service, b.backend, format!("{:?}", b.state).to_lowercase(), b.last);
+        }
+        if h.backends_not_listed > 0 {
+            println!("    ... and {} more not up (`bgctl backends --color {} --state down`)", h.backends_not_listed, h.color);
         }
     }
     for svc in &s.services {
         let preview = svc.preview_vip.as_ref().map(|p| format!(" (preview {p} -> idle color)")).unwrap_or_default();
-        println!("service {} {}/{}{preview}", svc.name, svc.vip, svc.protocol);
+        println!("service {} {}/{}{preview}: {} blue, {} green backends", svc.name, svc.vip, svc.protocol, svc.blue, svc.green);
     }
     let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
     println!("interfaces: {}", ifs.join(", "));
@@ -331,7 +379,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
         screen += "\n\n";
         screen += &format!("{:<7} {:>12} {:>12} {:>10}  health\n", "color", "new flows/s", "live flows", "packets");
         for (i, h) in s.health.iter().enumerate() {
-            let up = h.backends.iter().filter(|b| b.state == crate::health::State::Up).count();
+            let up = h.up;
             screen += &format!(
                 "{:<7} {:>12.1} {:>12} {:>10}  {} ({up}/{} up)\n",
                 h.color,
@@ -339,7 +387,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
                 s.flows.flows[i],
                 c.colors[i].packets,
                 if h.healthy { "healthy" } else { "NOT healthy" },
-                h.backends.len()
+                h.up + h.down + h.unknown
             );
         }
         print!("{screen}");

@@ -45,6 +45,18 @@ pub enum Request {
         force: bool,
     },
     Stats,
+    /// Every backend with its health, filtered and paged (`offset`, `limit` up to
+    /// `MAX_BACKENDS_PAGE`).
+    Backends {
+        #[serde(default)]
+        color: Option<String>,
+        #[serde(default)]
+        state: Option<HealthState>,
+        #[serde(default)]
+        offset: usize,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     History {
         #[serde(default)]
         limit: Option<usize>,
@@ -57,6 +69,8 @@ pub enum Response {
     Status(Status),
     Flipped(FlipResult),
     Stats(Counters),
+    /// One page of `Request::Backends`: `total` backends match, these start at `offset`.
+    Backends { total: usize, offset: usize, backends: Vec<BackendStatus> },
     History { events: Vec<serde_json::Value> },
     Error { message: String },
 }
@@ -67,8 +81,9 @@ pub struct ServiceStatus {
     pub vip: String,
     pub preview_vip: Option<String>,
     pub protocol: String,
-    pub blue: Vec<String>,
-    pub green: Vec<String>,
+    /// Backends per color (the addresses: `bgctl backends`).
+    pub blue: usize,
+    pub green: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,8 +102,21 @@ pub struct ColorHealth {
     pub healthy: bool,
     /// Some service has every backend of this color down.
     pub all_down: bool,
+    /// Backends of this color per health state.
+    pub up: usize,
+    pub down: usize,
+    pub unknown: usize,
+    /// The backends that are not up, at most `STATUS_BACKENDS` of them (the rest:
+    /// `backends_not_listed`; every backend: `bgctl backends`).
     pub backends: Vec<BackendStatus>,
+    #[serde(default)]
+    pub backends_not_listed: usize,
 }
+
+/// At most this many backends per color are listed in a status answer.
+pub const STATUS_BACKENDS: usize = 50;
+/// At most this many backends in one `backends` answer (a page).
+pub const MAX_BACKENDS_PAGE: usize = 5_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CanaryStatus {

@@ -62,9 +62,19 @@ pub fn require_embedded_object() -> anyhow::Result<&'static [u8]> {
 /// Runs a program load again when the verifier was interrupted: it gives up with EAGAIN when a
 /// signal is pending for the loading thread (libbpf retries the same way, up to 5 times).
 fn retry_interrupted(mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>) -> Result<(), aya::programs::ProgramError> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
     let mut attempt = 0;
     loop {
-        match load() {
+        // The verifier gives up with EAGAIN when a signal is pending for the loading thread
+        // (a busy process gets SIGCHLD after SIGCHLD): signals wait on this thread while it
+        // loads, and go to another thread meanwhile.
+        let mut old = SigSet::empty();
+        let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old)).is_ok();
+        let result = load();
+        if blocked {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        }
+        match result {
             Err(aya::programs::ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 4 => {
                 attempt += 1;
                 warn!(attempt, "the kernel verifier was interrupted (EAGAIN); loading again");

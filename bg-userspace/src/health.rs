@@ -74,12 +74,36 @@ impl BackendHealth {
 /// Results of all checks, by backend address. Shared between the checkers and the agent.
 pub type Table = Arc<Mutex<BTreeMap<SocketAddr, BackendHealth>>>;
 
+/// One check's outcome.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok(String),
+    Failed(String),
+    /// The check could not run for a reason on the agent's side (out of file descriptors,
+    /// buffers or local ports): says nothing about the backend, so it is not recorded.
+    Local(String),
+}
+
+/// Errors of the checker's own host, not of the backend.
+fn is_local(e: &std::io::Error) -> bool {
+    use nix::libc::{EADDRNOTAVAIL, EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL))
+}
+
 /// Runs one check.
-pub async fn check(backend: SocketAddr, h: &Health) -> (bool, String) {
+pub async fn check(backend: SocketAddr, h: &Health) -> Outcome {
     let start = Instant::now();
     let addr = SocketAddr::new(backend.ip(), h.port.unwrap_or(backend.port()));
+    let mut local = None;
     let result = tokio::time::timeout(h.timeout, async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let mut stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) if is_local(&e) => {
+                local = Some(format!("connect: {e}"));
+                return Err(String::new());
+            }
+            Err(e) => return Err(format!("connect: {e}")),
+        };
         if h.kind == HealthKind::Tcp {
             return Ok("connected".to_owned());
         }
@@ -107,25 +131,53 @@ pub async fn check(backend: SocketAddr, h: &Health) -> (bool, String) {
     })
     .await;
     let ms = start.elapsed().as_millis();
+    if let Some(e) = local {
+        return Outcome::Local(e);
+    }
     match result {
-        Ok(Ok(what)) => (true, format!("ok: {what} in {ms} ms")),
-        Ok(Err(e)) => (false, e),
-        Err(_) => (false, format!("timeout after {} ms", h.timeout.as_millis())),
+        Ok(Ok(what)) => Outcome::Ok(format!("ok: {what} in {ms} ms")),
+        Ok(Err(e)) => Outcome::Failed(e),
+        Err(_) => Outcome::Failed(format!("timeout after {} ms", h.timeout.as_millis())),
     }
 }
 
+/// Checks in flight at once, whatever the number of backends: each holds a socket. The agent
+/// raises its own open-file limit at start; this stays well inside the default 1024 too.
+pub const MAX_CONCURRENT_CHECKS: usize = 512;
+
 /// Starts one checker task per backend; each records into `table` and calls `changed` when a
-/// backend changes state.
+/// backend changes state. The first checks are spread over one interval (not all at once), and
+/// at most `MAX_CONCURRENT_CHECKS` run at any moment. A check that could not run for a local
+/// reason is not recorded (and logged at most once a second).
 pub fn spawn(backends: Vec<(SocketAddr, Health)>, table: Table, changed: Arc<dyn Fn(SocketAddr, State) + Send + Sync>) {
-    for (addr, h) in backends {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS));
+    let last_local_warning = Arc::new(Mutex::new(None::<Instant>));
+    let n = backends.len().max(1) as u32;
+    for (i, (addr, h)) in backends.into_iter().enumerate() {
         crate::lock(&table).entry(addr).or_default();
-        let (table, changed) = (table.clone(), changed.clone());
+        let (table, changed, permits, warned) = (table.clone(), changed.clone(), permits.clone(), last_local_warning.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(h.interval);
+            let offset = h.interval / n * i as u32;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, h.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let (ok, what) = check(addr, &h).await;
+                let outcome = {
+                    let Ok(_permit) = permits.acquire().await else { return };
+                    check(addr, &h).await
+                };
+                let (ok, what) = match outcome {
+                    Outcome::Ok(w) => (true, w),
+                    Outcome::Failed(w) => (false, w),
+                    Outcome::Local(e) => {
+                        let mut w = crate::lock(&warned);
+                        if w.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                            *w = Some(Instant::now());
+                            tracing::warn!(backend = %addr, error = %e, "a health check could not run on this host (not counted against the backend)");
+                        }
+                        continue;
+                    }
+                };
                 let new_state = {
                     let mut t = crate::lock(&table);
                     let b = t.entry(addr).or_default();
