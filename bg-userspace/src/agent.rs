@@ -34,7 +34,7 @@ use crate::{
         WatchStatus, MAX_BACKENDS_PAGE, MAX_LINE, STATUS_BACKENDS,
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
-    health::{self, State as HState},
+    health::{self, BackendHealth, State as HState},
     metrics,
     state::{Persisted, Store},
 };
@@ -277,15 +277,13 @@ impl State {
 
     /// Weights for `color` as health allows: configured weight, 0 for backends confirmed down.
     fn effective_weights(&self, color: Color) -> Vec<Vec<u32>> {
+        // One lock for the whole walk (tens of thousands of backends at the documented maximum).
+        let table = crate::lock(&self.health);
+        let state = |addr: &SocketAddr| table.get(addr).map(|b| b.state).unwrap_or(HState::Unknown);
         self.config
             .services
             .iter()
-            .map(|s| {
-                s.backends(color)
-                    .iter()
-                    .map(|b| if health::takes_flows(self.backend_state(&b.addr)) { b.weight } else { 0 })
-                    .collect()
-            })
+            .map(|s| s.backends(color).iter().map(|b| if health::takes_flows(state(&b.addr)) { b.weight } else { 0 }).collect())
             .collect()
     }
 
@@ -345,18 +343,33 @@ impl State {
             .map(|c| {
                 let (healthy, _) = self.color_health(c);
                 let w = self.effective_weights(c);
-                let all = self.backend_statuses(Some(c));
-                let count = |st: HState| all.iter().filter(|(_, b)| b.state == st).count();
-                let not_up: Vec<BackendStatus> = all.iter().filter(|(_, b)| b.state != HState::Up).map(|(_, b)| b.clone()).collect();
+                let table = crate::lock(&self.health);
+                let (mut counts, mut not_up, mut not_listed) = ([0usize; 3], Vec::new(), 0);
+                for s in &self.config.services {
+                    for b in s.backends(c) {
+                        let h = table.get(&b.addr);
+                        let state = h.map(|h| h.state).unwrap_or(HState::Unknown);
+                        counts[state as usize] += 1;
+                        if state == HState::Up {
+                            continue;
+                        }
+                        if not_up.len() == STATUS_BACKENDS {
+                            not_listed += 1;
+                            continue;
+                        }
+                        let last = h.map(|h| h.last.clone()).unwrap_or_else(|| BackendHealth::default().last);
+                        not_up.push(BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state, last });
+                    }
+                }
                 ColorHealth {
                     color: c.name().into(),
                     healthy,
                     all_down: w.iter().any(|s| s.iter().all(|x| *x == 0)),
-                    up: count(HState::Up),
-                    down: count(HState::Down),
-                    unknown: count(HState::Unknown),
-                    backends_not_listed: not_up.len().saturating_sub(STATUS_BACKENDS),
-                    backends: not_up.into_iter().take(STATUS_BACKENDS).collect(),
+                    up: counts[HState::Up as usize],
+                    down: counts[HState::Down as usize],
+                    unknown: counts[HState::Unknown as usize],
+                    backends_not_listed: not_listed,
+                    backends: not_up,
                 }
             })
             .collect()

@@ -4,6 +4,8 @@
 //!   keeps connections alive.
 //! - `--echo`: a long-lived line stream; every line is answered with `BODY LINE`.
 //! - `--udp`: every datagram is answered with `BODY DATAGRAM`, from the address it came to.
+//! - `--accept-close`: accepts and closes every connection on one thread (a target for TCP
+//!   health checks by the thousand).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -65,6 +67,7 @@ fn main() {
     let mut body = None;
     let mut echo_mode = false;
     let mut udp = false;
+    let mut accept_close = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -72,8 +75,9 @@ fn main() {
             "--body" => body = args.next(),
             "--echo" => echo_mode = true,
             "--udp" => udp = true,
+            "--accept-close" => accept_close = true,
             other => {
-                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo | --udp]");
+                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo | --udp | --accept-close]");
                 std::process::exit(2);
             }
         }
@@ -101,6 +105,11 @@ fn main() {
         std::process::exit(1);
     });
     println!("listening on {listen}");
+    if accept_close {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    }
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let body = body.clone();
