@@ -141,6 +141,9 @@ struct RawConfig {
     max_new_flows_per_sec: Option<u32>,
     state_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
+    /// Serve metrics on an address other than loopback (they describe the topology).
+    #[serde(default)]
+    metrics_allow_remote: bool,
     watch_window_secs: Option<u64>,
     #[serde(default)]
     health: RawHealth,
@@ -546,13 +549,22 @@ impl RawConfig {
         if !(1..=3_600).contains(&closing_timeout_secs) {
             return Err(field_err("closing_timeout_secs", "use 1 to 3600 seconds"));
         }
-        let metrics_listen = match self.metrics_listen.as_deref() {
+        let metrics_listen: Option<SocketAddr> = match self.metrics_listen.as_deref() {
             Some("off") => None,
             Some(a) => Some(a.parse().map_err(|_| {
                 field_err("metrics_listen", format!("`{a}` is not address:port (or \"off\"); e.g. \"127.0.0.1:9477\""))
             })?),
             None => Some(DEFAULT_METRICS.parse().expect("valid default")),
         };
+        if let Some(a) = metrics_listen.filter(|a| !a.ip().is_loopback() && !self.metrics_allow_remote) {
+            return Err(field_err(
+                "metrics_listen",
+                format!(
+                    "`{a}` is not a loopback address; the metrics describe your backends and traffic, so they stay on this \
+                     host unless you set `metrics_allow_remote = true`"
+                ),
+            ));
+        }
         let health = self.health.validate()?;
         // A backend at any VIP's address (another service's, or a preview's) would have its
         // packets taken for VIP traffic.
@@ -892,6 +904,8 @@ green = ["10.2.0.2:8080"]
         Config::parse(&two).expect("two services");
         let v6 = GOOD.replace("10.100.0.1:80", "[fd00::100]:80").replace("\"10.1.0.2:8080\", \"10.1.0.3:8080\"", "\"[fd00:1::2]:8080\"").replace("\"10.2.0.2:8080\"", "\"[fd00:2::2]:8080\"");
         Config::parse(&v6).expect("IPv6");
+        let remote = Config::parse(&format!("metrics_listen = \"0.0.0.0:9477\"\nmetrics_allow_remote = true\n{GOOD}")).expect("opted in");
+        assert_eq!(remote.metrics_listen, Some("0.0.0.0:9477".parse().unwrap()));
         let cases: &[(String, &str, &str)] = &[
             (two.replace("\"10.1.0.9:80\"", "\"10.100.0.1:8080\""), "service[1].blue[0]", "address of a VIP (service[0].vip)"),
             (two.replace("\"10.1.0.3:8080\"", "\"10.100.0.3:8080\""), "service[0].blue[1]", "address of a VIP (service[1].preview_vip)"),
@@ -919,6 +933,8 @@ green = ["10.2.0.2:8080"]
             (format!("unconfirmed_table_size = 100\n{GOOD}"), "unconfirmed_table_size", "out of range"),
             (format!("max_new_flows_per_sec = -1\n{GOOD}"), "max_new_flows_per_sec", ""),
             (format!("flow_table_size = 4294967296\n{GOOD}"), "flow_table_size", ""),
+            (format!("metrics_listen = \"0.0.0.0:9477\"\n{GOOD}"), "metrics_listen", "metrics_allow_remote = true"),
+            (format!("metrics_listen = \"[::]:9477\"\n{GOOD}"), "metrics_listen", "not a loopback address"),
         ];
         for (text, field, why) in cases {
             let e = err_of(text);

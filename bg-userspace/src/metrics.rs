@@ -99,23 +99,51 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Scrapes served at once; connections beyond are closed at once.
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
+/// A scrape's request must arrive, and its answer be taken, within this.
+const METRICS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves GET /metrics on `addr` until the process exits.
 pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {addr} (config `metrics_listen`, or \"off\")"))?;
     info!(%addr, "metrics at http://{addr}/metrics");
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    warn!(error = %e, "accept on the metrics endpoint failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Over the cap: closed at once (a scraper retries; idle connections hold nothing).
+            let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
             let state = state.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let req = String::from_utf8_lossy(&buf[..n]);
+                let _permit = permit;
+                // The whole request within the deadline, at most 4 KiB.
+                let mut buf = Vec::with_capacity(4096);
+                let read = tokio::time::timeout(METRICS_DEADLINE, async {
+                    let mut chunk = [0u8; 1024];
+                    while buf.len() < 4096 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n.min(4096 - buf.len())]),
+                        }
+                    }
+                    true
+                })
+                .await;
+                if !matches!(read, Ok(true)) {
+                    return;
+                }
+                let req = String::from_utf8_lossy(&buf);
                 let response = if req.starts_with("GET /metrics ") {
                     match tokio::task::spawn_blocking(move || render(&crate::lock(&state))).await {
                         Ok(Ok(body)) => format!(
@@ -132,7 +160,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result
                     let body = "try GET /metrics\n";
                     format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
                 };
-                let _ = conn.write_all(response.as_bytes()).await;
+                let _ = tokio::time::timeout(METRICS_DEADLINE, conn.write_all(response.as_bytes())).await;
             });
         }
     });

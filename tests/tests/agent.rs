@@ -775,3 +775,43 @@ fn the_documented_maximum_is_checked_whole_and_flips_unforced() {
     assert_eq!((f["changed"].as_bool(), f["forced"].as_bool(), f["to"].as_str()), (Some(true), Some(false), Some("green")), "{f}");
     eprintln!("max config: flip {} us in the agent, {} us map write", f["total_ns"].as_u64().unwrap() / 1000, f["switch_ns"].as_u64().unwrap() / 1000);
 }
+
+/// 2000 connections to the metrics endpoint that never send a request: the agent holds at
+/// most its cap of them (its open files stay bounded), flips keep working meanwhile, and
+/// scrapes work again once the idle connections are gone.
+#[test]
+fn idle_metrics_connections_are_capped_and_flips_go_on() {
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).unwrap().count();
+    let base = fds();
+    let mut held = Vec::new();
+    {
+        let _inside = bg_tests::netns::InNetns::enter(&t.gw).unwrap();
+        for _ in 0..2000 {
+            held.push(std::net::TcpStream::connect_timeout(&"127.0.0.1:9477".parse().unwrap(), Duration::from_secs(5)).unwrap());
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = fds();
+    assert!(during <= base + bg_userspace::metrics::MAX_METRICS_CONNECTIONS + 4, "the agent holds {during} fds (was {base}) with 2000 idle metrics connections");
+    for i in 0..20 {
+        let color = if i % 2 == 0 { "green" } else { "blue" };
+        let out = t.bgctl(&["flip", color, "--json"]).unwrap();
+        let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(f["to"], color, "{f}");
+    }
+    assert_eq!(status(&t)["generation"], 21, "every flip got its generation");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = t.gw.exec(&["curl", "-sS", "--max-time", "2", "http://127.0.0.1:9477/metrics"]);
+        if out.as_ref().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("bg_generation 21")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no scrape after the idle connections went: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
