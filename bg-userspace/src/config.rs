@@ -959,4 +959,111 @@ green = ["10.2.0.2:8080"]
             Config::parse(&format!("flow_table_size = {too_big}\n{GOOD}")).expect("fits in a quarter of RAM");
         }
     }
+
+    /// Fuzz (bounded: a few thousand cases per run): configs made by writing odd values into
+    /// every field, and arbitrary bytes. Parsing never panics; an accepted config has every
+    /// value in its stated range; a refusal is a message that names the config.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const TOP: &[&str] = &[
+            "interfaces", "xdp_mode", "forwarding", "pin_dir", "socket", "flow_table_size", "unconfirmed_table_size",
+            "unconfirmed_timeout_secs", "max_new_flows_per_sec", "udp_idle_timeout_secs", "closing_timeout_secs",
+            "initial_color", "state_dir", "metrics_listen", "metrics_allow_remote", "watch_window_secs",
+        ];
+        const HEALTH: &[&str] = &["kind", "port", "path", "expect_status", "interval_ms", "timeout_ms", "rise", "fall", "healthy_share"];
+        const SERVICE: &[&str] = &["name", "vip", "preview_vip", "protocol", "blue", "green", "health"];
+
+        /// Numbers at and around every stated bound.
+        const BOUNDS: &[u64] = &[
+            0, 1, 2, 49, 50, 99, 100, 101, 199, 200, 300, 301, 599, 600, 1000, 1001, 1023, 1024, 3600, 3601, 65535, 65536,
+            86_400, 86_401, 600_000, 600_001, 1 << 26, (1 << 26) + 1, 4_294_967_295,
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => proptest::sample::select(BOUNDS).prop_map(|n| n.to_string()),
+                1 => odd(),
+            ]
+        }
+
+        fn odd() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("0".to_owned()), Just("-1".to_owned()), Just("1".to_owned()), Just("65536".to_owned()),
+                Just("9223372036854775807".to_owned()), Just("-9223372036854775808".to_owned()), Just("4294967296".to_owned()),
+                Just("1.5".to_owned()), Just("nan".to_owned()), Just("inf".to_owned()), Just("-0.0".to_owned()), Just("1e308".to_owned()),
+                Just("true".to_owned()), Just("\"\"".to_owned()), Just("\"green\"".to_owned()), Just("\"/\"".to_owned()),
+                Just("\"10.1.0.2:8080\"".to_owned()), Just("\"[::1]:80\"".to_owned()), Just("\"[fe80::1%1]:80\"".to_owned()),
+                Just("\"0.0.0.0:0\"".to_owned()), Just("\"255.255.255.255:65535\"".to_owned()), Just("\"off\"".to_owned()),
+                Just("[]".to_owned()), Just("[1]".to_owned()), Just("[\"a\", \"a\"]".to_owned()), Just("{}".to_owned()),
+                Just("{ address = \"10.9.0.1:1\", weight = 4294967295 }".to_owned()), Just("[{ weight = 1 }]".to_owned()),
+                Just("\"\\u0000\"".to_owned()), Just(format!("\"{}\"", "a".repeat(10_000))),
+                "[a-z0-9:./\\[\\]%-]{0,40}".prop_map(|s| format!("\"{s}\"")),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_filter("TOML floats", |f| f.is_finite()).prop_map(|f| format!("{f:e}")),
+            ]
+        }
+
+        /// A valid config with 1 to 4 fields set (or replaced) to odd values, each key once.
+        fn mutated() -> impl Strategy<Value = String> {
+            let edit = (0..3usize, 0..16usize, value());
+            proptest::collection::vec(edit, 1..5).prop_map(|edits| {
+                use std::collections::BTreeMap;
+                let mut top: BTreeMap<&str, String> = BTreeMap::from([("interfaces", "[\"gw-c\", \"gw-b\"]".to_owned())]);
+                let mut service: BTreeMap<&str, String> = BTreeMap::from([
+                    ("name", "\"web\"".to_owned()),
+                    ("vip", "\"10.100.0.1:80\"".to_owned()),
+                    ("blue", "[\"10.1.0.2:8080\", \"10.1.0.3:8080\"]".to_owned()),
+                    ("green", "[\"10.2.0.2:8080\"]".to_owned()),
+                ]);
+                let mut health: BTreeMap<&str, String> = BTreeMap::new();
+                for (section, key, v) in edits {
+                    match section {
+                        0 => top.insert(TOP[key % TOP.len()], v),
+                        1 => service.insert(SERVICE[key % SERVICE.len()], v),
+                        _ => health.insert(HEALTH[key % HEALTH.len()], v),
+                    };
+                }
+                let lines = |m: &BTreeMap<&str, String>| m.iter().map(|(k, v)| format!("{k} = {v}\n")).collect::<String>();
+                format!("{}\n[[service]]\n{}\n[health]\n{}", lines(&top), lines(&service), lines(&health))
+            })
+        }
+
+        fn holds(text: &str) {
+            match Config::parse(text) {
+                Ok(c) => {
+                    assert!((MIN_FLOW_TABLE..=MAX_FLOW_TABLE).contains(&c.flow_table_size), "{text}");
+                    assert!((MIN_FLOW_TABLE..=MAX_FLOW_TABLE).contains(&c.unconfirmed_table_size), "{text}");
+                    assert!((1..=300).contains(&c.unconfirmed_timeout_secs) && c.watch_window_secs <= MAX_WATCH_WINDOW_SECS, "{text}");
+                    assert!((1..=86_400).contains(&c.udp_idle_timeout_secs) && (1..=3_600).contains(&c.closing_timeout_secs), "{text}");
+                    assert!(c.pin_dir.is_absolute() && c.socket.is_absolute() && c.state_dir.is_absolute(), "{text}");
+                    for svc in &c.services {
+                        assert!(not_a_host(svc.vip.ip()).is_none() && svc.vip.port() != 0, "{text}");
+                        assert!(svc.health.timeout <= svc.health.interval && svc.health.healthy_share > 0.0 && svc.health.healthy_share <= 1.0, "{text}");
+                        for b in svc.blue.iter().chain(&svc.green) {
+                            assert!(not_a_host(b.addr.ip()).is_none() && b.addr.port() != 0 && b.weight <= MAX_WEIGHT, "{text}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.starts_with("config "), "a refusal names the config: {msg}");
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+            #[test]
+            fn odd_values_in_every_field_never_panic(text in mutated()) {
+                holds(&text);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                holds(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
 }

@@ -274,4 +274,44 @@ mod tests {
         assert!(!dir.join("state.json.tmp").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("\"blue\"".to_owned()), Just("\"green\"".to_owned()), Just("\"\"".to_owned()), Just("null".to_owned()),
+                Just("0".to_owned()), Just("-1".to_owned()), Just("1.5".to_owned()), Just("[]".to_owned()), Just("{}".to_owned()),
+                Just("18446744073709551615".to_owned()), Just("18446744073709551616".to_owned()), Just("9007199254740993".to_owned()),
+                any::<u64>().prop_map(|n| n.to_string()), any::<u32>().prop_map(|n| n.to_string()),
+                "[a-z]{0,8}".prop_map(|s| format!("\"{s}\"")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+            /// State files with any mix of present, missing and odd fields, cut anywhere:
+            /// loading never panics, and a loaded state passes every check.
+            #[test]
+            fn odd_state_files_never_panic_and_loaded_ones_are_valid(
+                fields in proptest::collection::vec((0..5usize, field()), 0..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let names = ["active", "previous", "generation", "canary_permille", "extra"];
+                let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{}\": {v}", names[*k])).collect();
+                let mut text = format!("{{{}}}", body.join(", "));
+                if cut.index(4) == 0 {
+                    text.truncate(cut.index(text.len() + 1));
+                }
+                let dir = std::env::temp_dir().join(format!("bg-state-fuzz-{}-{:?}", std::process::id(), std::thread::current().id()));
+                let store = Store::open(&dir).unwrap();
+                std::fs::write(store.state_path(), &text).unwrap();
+                if let Ok(Some(p)) = store.load() {
+                    prop_assert!(p.check().is_ok(), "{text}");
+                }
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+        }
+    }
 }

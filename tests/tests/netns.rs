@@ -172,6 +172,84 @@ fn bad_commands_get_clear_errors_and_change_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bgctl agent --config"));
 }
 
+/// Fuzz of the control protocol (bounded: 1000 requests, fixed seed): ops, fields and values
+/// drawn at random, some truncated or not JSON at all, several per connection. Every line gets
+/// a JSON answer, the agent stays up, and the generation counts exactly the switches it
+/// reported.
+#[test]
+fn random_control_requests_never_crash_the_agent() {
+    use std::io::{BufRead, BufReader, Write};
+    let t = Topology::create(&tag()).expect("topology");
+    let _backends = t.start_backends().expect("backends");
+    let _agent = t.start_agent().expect("agent");
+    t.wait_healthy().expect("both colors healthy");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let ops = ["status", "flip", "flip", "flip", "rollback", "stats", "history", "backends", "explode", "", "FLIP"];
+    // Each field with values at and beyond its bounds, of the wrong type, and a stray field.
+    let fields: [(&str, &[&str]); 9] = [
+        ("color", &["\"green\"", "\"green\"", "\"green\"", "\"blue\"", "\"blue\"", "\"blue\"", "\"red\"", "\"\"", "1"]),
+        ("percent", &["1", "10", "50", "99", "1", "10", "50", "99", "0", "100", "-1", "4294967295", "1.5"]),
+        ("drain_secs", &["0", "5", "86400", "0", "5", "86400", "86401", "18446744073709551615", "-1"]),
+        ("force", &["true", "false", "true", "false", "true", "false", "1", "\"x\""]),
+        ("limit", &["0", "1", "1000", "1001", "5000", "5001", "18446744073709551615"]),
+        ("offset", &["0", "1", "18446744073709551615", "-1"]),
+        ("state", &["\"up\"", "\"down\"", "\"unknown\"", "\"x\""]),
+        ("count_flows", &["true", "false", "1"]),
+        ("x", &["null", "[]", "{}"]),
+    ];
+    let (mut switched, mut answered) = (0u64, 0usize);
+    for _ in 0..200 {
+        let mut s = std::os::unix::net::UnixStream::connect(t.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        for _ in 0..5 {
+            let op = ops[next(ops.len())];
+            // Mostly the op's own fields (a stray one now and then).
+            let own: &[&str] = match op {
+                "flip" => &["color", "color", "color", "percent", "drain_secs", "force"],
+                "rollback" => &["force"],
+                "history" => &["limit"],
+                "backends" => &["color", "state", "offset", "limit"],
+                "status" => &["count_flows"],
+                _ => &[],
+            };
+            let mut req = format!("{{\"op\":\"{op}\"");
+            let mut used = Vec::new();
+            for (name, pool) in fields {
+                let wanted = own.iter().filter(|f| **f == name).count();
+                if (wanted > 0 && next(4) < wanted) || next(80) == 0 {
+                    if !used.contains(&name) {
+                        used.push(name);
+                        req += &format!(",\"{name}\":{}", pool[next(pool.len())]);
+                    }
+                }
+            }
+            req.push('}');
+            if next(8) == 0 {
+                req.truncate(next(req.len() + 1));
+            }
+            s.write_all(format!("{req}\n").as_bytes()).unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req}: not a JSON answer ({e}): {line:?}"));
+            assert!(v["result"].is_string(), "{req}: {line}");
+            if v["result"] == "flipped" && v["changed"] == true {
+                switched += 1;
+            }
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 1000);
+    let st = status_json(&t);
+    assert_eq!(st["generation"].as_u64(), Some(1 + switched), "the generation counts the {switched} switches answered");
+}
+
 #[test]
 fn a_config_that_fails_half_way_leaves_nothing_applied() {
     let t = Topology::create(&tag()).expect("topology");
