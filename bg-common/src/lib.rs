@@ -146,6 +146,9 @@ pub const fn slot_color(slot: u32) -> u8 {
 /// (otherwise, or when the neighbour is unresolved, they are passed to the kernel to route).
 pub const DP_FLAG_REDIRECT: u32 = 1;
 
+/// `DpConfig::ready` of a data plane whose start finished.
+pub const DP_READY: u32 = 0x6267_7264;
+
 /// The single entry of the `CONFIG` map: settings written once, before the program is attached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -161,7 +164,10 @@ pub struct DpConfig {
     pub closing_idle_ns: u64,
     /// `DP_FLAG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// `DP_READY` once a fresh start has finished (maps written, program attached, links
+    /// pinned); anything else in pinned state means a start died half-way (not read by the
+    /// program).
+    pub ready: u32,
     /// An unconfirmed flow (no backend answer yet) idle this long is over.
     pub unconfirmed_idle_ns: u64,
 }
@@ -795,7 +801,7 @@ mod tests {
 
     #[test]
     fn expiry_rules() {
-        let cfg = DpConfig { services: 1, new_flows_per_sec: 0, udp_idle_ns: 30, closing_idle_ns: 10, flags: 0, _pad: 0, unconfirmed_idle_ns: 5 };
+        let cfg = DpConfig { services: 1, new_flows_per_sec: 0, udp_idle_ns: 30, closing_idle_ns: 10, flags: 0, ready: 0, unconfirmed_idle_ns: 5 };
         let mut e = FlowEntry::zeroed();
         e.last_seen_ns = 100;
         assert!(!e.expired(PROTO_UDP, true, 130, &cfg));

@@ -368,6 +368,7 @@ impl State {
                     up: counts[HState::Up as usize],
                     down: counts[HState::Down as usize],
                     unknown: counts[HState::Unknown as usize],
+                    taking_flows: self.published[c as usize].iter().flatten().filter(|w| **w > 0).count(),
                     backends_not_listed: not_listed,
                     backends: not_up,
                 }
@@ -784,6 +785,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     for a in &attachments {
         info!(interface = %a.interface, mode = %a.mode, "XDP program attached");
     }
+    crate::dataplane::failpoint("attached");
 
     // Who is active: the kernel when adopting; the persisted state (or config) when fresh.
     let selector = dp.selector()?;
@@ -802,6 +804,8 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     if let Some(p) = persisted.as_ref().filter(|p| !dp.adopted && p.canary_permille != 0) {
         dp.route(active, p.canary_permille)?;
     }
+    // The last step of a start: from here on a restart adopts this state instead of redoing it.
+    dp.mark_ready()?;
 
     let listener = UnixListener::bind(&config.socket)
         .with_context(|| format!("binding control socket {}", config.socket.display()))?;

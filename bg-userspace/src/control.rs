@@ -106,6 +106,10 @@ pub struct ColorHealth {
     pub up: usize,
     pub down: usize,
     pub unknown: usize,
+    /// Backends the data plane gives new flows to, as last published (a backend confirmed
+    /// down stops counting here once its color's tables are republished without it).
+    #[serde(default)]
+    pub taking_flows: usize,
     /// The backends that are not up, at most `STATUS_BACKENDS` of them (the rest:
     /// `backends_not_listed`; every backend: `bgctl backends`).
     pub backends: Vec<BackendStatus>,

@@ -29,7 +29,7 @@ use bg_common::{
     addr_filter_bit, ADDR_FILTER_WORDS,
     ring_base, slot_color, Backend, BackendKey, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4,
     Fwd, PreviewReply, ReplyNat, MAX_BACKENDS, MAX_LOCAL_ADDRS, REPLY_HAS_PREVIEW,
-    RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, FAMILY_V4, FAMILY_V6,
+    RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, DP_READY, FAMILY_V4, FAMILY_V6,
     EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, PROBE_ETHERTYPE, RING_SIZE, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, SLOTS,
     STAT_SLOTS,
 };
@@ -162,7 +162,7 @@ pub fn dp_config(config: &Config) -> DpConfig {
         udp_idle_ns: config.udp_idle_timeout_secs * 1_000_000_000,
         closing_idle_ns: config.closing_timeout_secs * 1_000_000_000,
         flags: if config.forwarding == Forwarding::Redirect { DP_FLAG_REDIRECT } else { 0 },
-        _pad: 0,
+        ready: 0,
         unconfirmed_idle_ns: config.unconfirmed_timeout_secs * 1_000_000_000,
     }
 }
@@ -202,6 +202,28 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_PROG_IDS => (MapType::Array, 4, 4, 2),
         other => unreachable!("unknown map {other}"),
     }
+}
+
+/// Tests only: `BG_FAILPOINT=NAME` kills this process (SIGKILL, as `kill -9` would) at the
+/// step of a start named NAME: `maps-pinned`, `config`, `sets`, `selector`, `attached`.
+pub fn failpoint(name: &str) {
+    if std::env::var("BG_FAILPOINT").is_ok_and(|f| f == name) {
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Whether the pinned state's start finished (`DpConfig::ready`). When it did not (an agent
+/// was killed half-way through a fresh start), the pins are removed so the start is redone
+/// from the beginning rather than adopted half-made.
+fn finished_start(dir: &Path) -> anyhow::Result<bool> {
+    let map = aya::maps::Map::Array(MapData::from_pin(dir.join(MAP_CONFIG)).context("opening the pinned settings")?);
+    let cfg: Array<&MapData, DpConfig> = Array::try_from(&map)?;
+    if cfg.get(&0, 0)?.ready == DP_READY {
+        return Ok(true);
+    }
+    warn!(pin_dir = %dir.display(), "the pinned state is from a start that did not finish (agent killed half-way?); removing it and starting afresh");
+    remove_pins_in(dir).with_context(|| format!("removing the unfinished pinned state in {}", dir.display()))?;
+    Ok(false)
 }
 
 /// Whether `dir` holds pinned bg state; if so, checks that every map has the layout this
@@ -322,7 +344,7 @@ impl Dataplane {
     /// the active color, when adopted the kernel's selector decides.
     pub fn open(object: &[u8], config: &Config, pin_dir: Option<&Path>, initial: Color) -> anyhow::Result<Dataplane> {
         let adopted = match pin_dir {
-            Some(dir) => check_pinned_layout(dir, config)?,
+            Some(dir) => check_pinned_layout(dir, config)? && finished_start(dir)?,
             None => false,
         };
         let rings = SLOTS * config.services.len() as u32 * RING_SIZE;
@@ -344,6 +366,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(object)
             .context("loading the bg XDP object into the kernel (are you root, with BPF enabled?)")?;
+        failpoint("maps-pinned");
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("the XDP object has no program `{PROGRAM}`"))?
@@ -358,10 +381,34 @@ impl Dataplane {
             removed_by_agent: Arc::new(AtomicU64::new(0)),
             adopted,
         };
-        {
-            let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
-            cfg.set(0, dp_config(config), 0).context("writing the data path settings")?;
+        if adopted {
+            // Checked before anything is written: a selector bg could not have written is
+            // refused, and the pinned state stays as it was.
+            let sel = dp.read_selector()?;
+            let ok = sel.primary() < SLOTS
+                && sel.secondary() < SLOTS
+                && slot_color(sel.primary()) != slot_color(sel.secondary())
+                && sel.canary_permille() <= 990;
+            if !ok {
+                bail!(
+                    "the pinned selector ({MAP_ACTIVE}) {:#x} is not one bg writes (slots {} and {}, canary {} per mille); the pinned state was \
+                     changed by something else: remove it with `bgctl agent --cleanup --config ...` and start again",
+                    sel.0,
+                    sel.primary(),
+                    sel.secondary(),
+                    sel.canary_permille()
+                );
+            }
         }
+        {
+            let mut c = dp_config(config);
+            if adopted {
+                c.ready = DP_READY;
+            }
+            let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(dp.map_mut(MAP_CONFIG)?)?;
+            cfg.set(0, c, 0).context("writing the data path settings")?;
+        }
+        failpoint("config");
         if adopted {
             dp.selector = dp.read_selector()?;
             let now = Instant::now();
@@ -392,9 +439,20 @@ impl Dataplane {
                 let w = if color == Color::Blue { &full } else { &full_green };
                 dp.write_slot(color as u32, color, w)?;
             }
+            failpoint("sets");
             dp.write_selector(dp.selector)?;
+            failpoint("selector");
         }
         Ok(dp)
+    }
+
+    /// Marks a fresh start finished (the last step, after the links are pinned): from now on
+    /// the pinned state is adopted by a restarted agent instead of redone.
+    pub fn mark_ready(&mut self) -> anyhow::Result<()> {
+        let mut cfg: Array<&mut MapData, DpConfig> = Array::try_from(self.map_mut(MAP_CONFIG)?)?;
+        let mut c = cfg.get(&0, 0)?;
+        c.ready = DP_READY;
+        cfg.set(0, c, 0).context("marking the data plane's start finished")
     }
 
     pub fn program(&self) -> &Xdp {
@@ -1122,18 +1180,23 @@ fn remove_color<K: aya::Pod>(map: &mut aya::maps::Map, color: Color) -> anyhow::
 /// Removes a bg pin directory: links (which detaches the program once no process holds them)
 /// and maps. Returns what was removed.
 pub fn remove_pinned(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut removed = Vec::new();
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                let e = e?;
-                std::fs::remove_file(e.path())?;
-                removed.push(e.file_name().to_string_lossy().into_owned());
-            }
+    match remove_pins_in(dir) {
+        Ok(removed) => {
             std::fs::remove_dir(dir)?;
             Ok(removed)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
+}
+
+/// Removes every pin in `dir` and keeps the directory (and a lock held on it).
+fn remove_pins_in(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        std::fs::remove_file(e.path())?;
+        removed.push(e.file_name().to_string_lossy().into_owned());
+    }
+    Ok(removed)
 }

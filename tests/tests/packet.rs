@@ -558,7 +558,9 @@ fn republished_backend_sets_and_canary_changes_are_atomic_under_concurrent_packe
     let pins = bg_tests::run::PinDir::new("atom").unwrap();
     // Two handles on the same pinned maps, as a running agent and its packets have: one runs
     // packets, the other (adopting the first's maps) publishes and routes.
-    let packets = Dataplane::open(&object, &cfg, Some(&pins.0), Color::Blue).unwrap();
+    let mut packets = Dataplane::open(&object, &cfg, Some(&pins.0), Color::Blue).unwrap();
+    // A finished start (as an agent's): the next open adopts it instead of redoing it.
+    packets.mark_ready().unwrap();
     let mut writer = Dataplane::open(&object, &cfg, Some(&pins.0), Color::Blue).unwrap();
     assert!(writer.adopted, "the writer shares the packet handle's maps");
     let one_hot = |live: usize| -> Vec<Vec<u32>> { vec![(0..3).map(|i| (i == live) as u32).collect(), vec![1]] };
