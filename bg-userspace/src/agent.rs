@@ -581,23 +581,35 @@ impl State {
 
     /// Ends the drained color's remaining flows once its deadline has passed, unless another
     /// flip happened since.
-    fn run_due_drain(&mut self) {
-        let Some((color, deadline, generation)) = self.drain else { return };
+    /// A drain whose deadline has passed (and no flip since): its color and handles of its own
+    /// on the flow tables, so the walk runs without the agent's lock (`finish_drain` after).
+    fn take_due_drain(&mut self) -> Option<(Color, crate::dataplane::FlowTables)> {
+        let (color, deadline, generation) = self.drain?;
         if Instant::now() < deadline {
-            return;
+            return None;
         }
         self.drain = None;
         if generation != self.generation {
-            return;
+            return None;
         }
-        match self.dp.remove_flows_of(color) {
+        match self.dp.flow_tables() {
+            Ok(t) => Some((color, t)),
+            Err(e) => {
+                warn!(color = color.name(), error = %format!("{e:#}"), "drain failed");
+                None
+            }
+        }
+    }
+
+    fn finish_drain(&mut self, color: Color, result: anyhow::Result<u64>) {
+        match result {
             Ok(n) => {
                 info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
                 self.last_drain_removed = Some(n);
                 self.audit(json!({"event": "drain", "from": color.name(), "to": self.active().name(), "generation": self.generation,
                     "uid": "agent", "reason": format!("drain deadline: {n} flow entries of {} removed", color.name())}));
             }
-            Err(e) => warn!(color = color.name(), error = %e, "drain failed"),
+            Err(e) => warn!(color = color.name(), error = %format!("{e:#}"), "drain failed"),
         }
     }
 
@@ -877,7 +889,16 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
                 }
                 st.apply_health();
                 st.check_watch();
-                st.run_due_drain();
+                if let Some((color, mut tables)) = st.take_due_drain() {
+                    // The walk (O(flows)) runs on the blocking pool, holding no lock.
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let result = tokio::task::spawn_blocking(move || tables.remove_flows_of(color))
+                            .await
+                            .unwrap_or_else(|e| Err(anyhow!("the drain task failed: {e}")));
+                        crate::lock(&state).finish_drain(color, result);
+                    });
+                }
                 if st.persist_due {
                     st.persist_now();
                 }

@@ -1107,6 +1107,18 @@ impl FlowTables {
         let maps: Vec<&aya::maps::Map> = self.tables.iter().collect();
         count_flows(&self.config, &self.fwd, &maps, self.removed_by_agent.load(Ordering::Relaxed))
     }
+
+    /// `Dataplane::remove_flows_of` on these handles: for a drain that runs without the
+    /// agent's lock.
+    pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
+        let mut removed = [0u64; 2];
+        for ((_, confirmed, v4), map) in FLOW_TABLES.into_iter().zip(self.tables.iter_mut()) {
+            let n = if v4 { remove_color::<FlowKey4>(map, color)? } else { remove_color::<FlowKey>(map, color)? };
+            removed[!confirmed as usize] += n;
+        }
+        self.removed_by_agent.fetch_add(removed[0], Ordering::Relaxed);
+        Ok(removed[0] + removed[1])
+    }
 }
 
 /// A second handle (a duplicated fd) on a map.
