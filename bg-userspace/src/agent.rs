@@ -204,6 +204,16 @@ fn raise_open_file_limit() {
 
 /// Refuses to start over a live agent; removes a stale socket left by a dead one.
 fn claim_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "config field `socket`: {} exists and is not a socket; bg removes only a stale socket of its own there: \
+                 move the file away or choose another `socket`",
+                path.display()
+            );
+        }
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(

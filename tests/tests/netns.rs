@@ -309,8 +309,23 @@ fn untrusted_pin_dirs_and_a_second_agent_on_one_pin_dir_are_refused() {
     let t = Topology::create(&tag()).expect("topology");
     let cfg = t.run_dir.join("pins.toml");
     std::fs::write(&cfg, t.config()).unwrap();
+    // An agent that starts after all is stopped after 20 s, and the test fails.
     let refused = || -> String {
-        let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", cfg.to_str().unwrap()]).output().unwrap();
+        let mut child = t.gw.nsenter(paths::bgctl().to_str().unwrap())
+            .args(["agent", "--config", cfg.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent started");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
         assert!(!out.status.success(), "the agent started");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
@@ -333,6 +348,13 @@ fn untrusted_pin_dirs_and_a_second_agent_on_one_pin_dir_are_refused() {
     assert!(err.contains("`pin_dir`") && err.contains("mode 777"), "{err}");
     assert_eq!(std::fs::read_dir(&pins).unwrap().count(), 0, "nothing was pinned");
     std::fs::remove_dir(&pins).unwrap();
+
+    // A `socket` path that holds something else is never removed to make room.
+    std::fs::write(t.socket(), "not a socket").unwrap();
+    let err = refused();
+    assert!(err.contains("`socket`") && err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(t.socket()).unwrap(), "not a socket", "the file was left alone");
+    std::fs::remove_file(t.socket()).unwrap();
 
     let _agent = t.start_agent().expect("agent");
     let other = t.run_dir.join("other.sock");
