@@ -275,22 +275,6 @@ pub struct FlowKey4 {
     pub _pad: [u8; 3],
 }
 
-impl FlowKey4 {
-    /// The full key of this IPv4 flow.
-    #[inline(always)]
-    pub fn widen(&self) -> FlowKey {
-        FlowKey {
-            src: [self.src, 0, 0, 0],
-            dst: [self.dst, 0, 0, 0],
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        }
-    }
-}
-
 impl FlowKey {
     /// The IPv4 table's key of an IPv4 flow (`family` must be `FAMILY_V4`).
     #[inline(always)]
@@ -391,6 +375,29 @@ pub struct FlowEntry {
 pub const NH_EPOCH_SHIFT: u32 = 30;
 
 impl FlowEntry {
+    /// A flow toward `backend:backend_port` (network order) on `color`; every other field 0
+    /// (no flags, no sequence numbers, no next hop cached).
+    #[inline(always)]
+    pub const fn to(backend: [u32; 4], backend_port: u16, color: u8) -> FlowEntry {
+        FlowEntry {
+            backend,
+            last_seen_ns: 0,
+            backend_port,
+            color,
+            flags: 0,
+            isn: 0,
+            seq_next: 0,
+            contest_isn: 0,
+            peer_isn: 0,
+            nh_epoch: 0,
+            nh_ifindex: 0,
+            nh_len: 0,
+            _pad: 0,
+            nh_macs: [0; 12],
+            _pad2: 0,
+        }
+    }
+
     /// Whether the entry is over at `now_ns` by the idle rules: unconfirmed entries after
     /// `unconfirmed_idle_ns`, UDP after `udp_idle_ns`, closing TCP after `closing_idle_ns`.
     #[inline(always)]
@@ -675,13 +682,10 @@ pub enum Fwd {
     /// key it did not hold. Confirmed − present (established) = established entries the LRU
     /// evicted (the agent's drains aside).
     FlowsConfirmed = 10,
-    /// Established entries removed by the data path: a closed connection's entry when its
-    /// client starts a new one on the same port.
-    EstablishedEnded = 11,
 }
 
 impl Fwd {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Fwd; Fwd::COUNT as usize] = [
         Fwd::Redirect,
         Fwd::Kernel,
@@ -694,7 +698,6 @@ impl Fwd {
         Fwd::TooBigDropped,
         Fwd::KernelNoRedirect,
         Fwd::FlowsConfirmed,
-        Fwd::EstablishedEnded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -710,7 +713,6 @@ impl Fwd {
             Fwd::TooBigDropped => "fwd_too_big_dropped",
             Fwd::KernelNoRedirect => "fwd_kernel_no_redirect",
             Fwd::FlowsConfirmed => "flow_entries_confirmed",
-            Fwd::EstablishedEnded => "flow_entries_ended",
         }
     }
 }

@@ -465,21 +465,11 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     let lost = reason == Reason::LostFlow;
     let syn = pkt.has(TCP_SYN);
     let mut entry = FlowEntry {
-        backend: backend.addr,
         last_seen_ns: now,
-        backend_port: backend.port,
-        color,
         flags: if lost { FLOW_LOST } else { 0 } | if preview { FLOW_PREVIEW } else { 0 },
         isn: if syn { pkt.seq } else { 0 },
         seq_next: pkt.seq.wrapping_add(syn as u32),
-        contest_isn: 0,
-        peer_isn: 0,
-        nh_epoch: 0,
-        nh_ifindex: 0,
-        nh_len: 0,
-        _pad: 0,
-        nh_macs: [0; 12],
-        _pad2: 0,
+        ..FlowEntry::to(backend.addr, backend.port, color)
     };
     track_seq(pkt, &mut entry);
     if preview {

@@ -257,6 +257,11 @@ pub fn cleanup(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A backend's state in the health table (`Unknown` until its first checks).
+fn state_of(table: &BTreeMap<SocketAddr, BackendHealth>, addr: &SocketAddr) -> HState {
+    table.get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
+}
+
 /// Every backend address once, with the health settings of the first service listing it.
 fn all_backends(config: &Config) -> Vec<(SocketAddr, crate::config::Health)> {
     let mut v: Vec<(SocketAddr, crate::config::Health)> = Vec::new();
@@ -281,19 +286,14 @@ impl State {
         self.dp.current().canary_permille()
     }
 
-    fn backend_state(&self, addr: &SocketAddr) -> HState {
-        crate::lock(&self.health).get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
-    }
-
     /// Weights for `color` as health allows: configured weight, 0 for backends confirmed down.
     fn effective_weights(&self, color: Color) -> Vec<Vec<u32>> {
         // One lock for the whole walk (tens of thousands of backends at the documented maximum).
         let table = crate::lock(&self.health);
-        let state = |addr: &SocketAddr| table.get(addr).map(|b| b.state).unwrap_or(HState::Unknown);
         self.config
             .services
             .iter()
-            .map(|s| s.backends(color).iter().map(|b| if health::takes_flows(state(&b.addr)) { b.weight } else { 0 }).collect())
+            .map(|s| s.backends(color).iter().map(|b| if health::takes_flows(state_of(&table, &b.addr)) { b.weight } else { 0 }).collect())
             .collect()
     }
 
@@ -332,14 +332,14 @@ impl State {
     }
 
     /// Every backend of `color` (or both) with its health, in config order.
-    fn backend_statuses(&self, color: Option<Color>) -> Vec<(Color, BackendStatus)> {
+    fn backend_statuses(&self, color: Option<Color>) -> Vec<BackendStatus> {
         let table = crate::lock(&self.health);
         let mut v = Vec::new();
         for c in Color::ALL.into_iter().filter(|c| color.is_none_or(|x| x == *c)) {
             for s in &self.config.services {
                 for b in s.backends(c) {
                     let h = table.get(&b.addr).cloned().unwrap_or_default();
-                    v.push((c, BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state: h.state, last: h.last }));
+                    v.push(BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state: h.state, last: h.last });
                 }
             }
         }
@@ -565,9 +565,10 @@ impl State {
             return;
         }
         let (healthy, failing) = self.color_health(color);
-        let confirmed_down = self.config.services.iter().any(|s| {
-            s.backends(color).iter().any(|b| self.backend_state(&b.addr) == HState::Down)
-        });
+        let confirmed_down = {
+            let table = crate::lock(&self.health);
+            self.config.services.iter().any(|s| s.backends(color).iter().any(|b| state_of(&table, &b.addr) == HState::Down))
+        };
         if healthy || !confirmed_down {
             return;
         }
@@ -869,10 +870,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         services = state.config.services.len(), "bg agent ready");
     let state = Arc::new(Mutex::new(state));
 
-    {
+    let checkers = {
         let backends = all_backends(&crate::lock(&state).config);
-        health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")));
-    }
+        health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")))
+    };
     // Read out first: the lock must not be held across the await.
     let metrics_listen = crate::lock(&state).config.metrics_listen;
     if let Some(addr) = metrics_listen {
@@ -944,6 +945,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     drop(listener);
+    // Checks in flight end first: cut by the exit, each would leave a reset on its backend.
+    if !checkers.stop(STOP_CHECKS_DEADLINE).await {
+        warn!(deadline_ms = STOP_CHECKS_DEADLINE.as_millis() as u64, "health checks still in flight at exit were cut");
+    }
     let mut st = crate::lock(&state);
     if st.persist_due {
         st.persist_now();
@@ -957,6 +962,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How long a stopping agent waits for its health checks in flight (a check's timeout plus
+/// `health::LATE_ANSWER_GRACE` at the defaults).
+const STOP_CHECKS_DEADLINE: Duration = Duration::from_secs(2);
 
 async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
@@ -1030,7 +1039,7 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
                 }
                 Ok(c) => {
                     let matching: Vec<BackendStatus> =
-                        st.backend_statuses(c).into_iter().map(|(_, b)| b).filter(|b| state.is_none_or(|x| x == b.state)).collect();
+                        st.backend_statuses(c).into_iter().filter(|b| state.is_none_or(|x| x == b.state)).collect();
                     let total = matching.len();
                     Ok(Response::Backends { total, offset, backends: matching.into_iter().skip(offset).take(limit).collect() })
                 }

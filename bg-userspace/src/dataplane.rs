@@ -795,12 +795,7 @@ impl Dataplane {
     /// Walks the flow tables. O(entries): for tests and one-off reads; the agent samples them
     /// on its own thread (`flow_tables`).
     pub fn flow_counts(&self) -> anyhow::Result<FlowCounts> {
-        let tables = FLOW_TABLES.map(|(name, _, _)| name);
-        let mut maps = Vec::with_capacity(4);
-        for name in tables {
-            maps.push(self.map(name)?);
-        }
-        count_flows(self.map(MAP_CONFIG)?, self.map(MAP_FWD_STATS)?, &maps, self.removed_by_agent.load(Ordering::Relaxed))
+        self.flow_tables()?.counts()
     }
 
     /// Handles of their own on the flow tables (and what counting them reads), for a thread
@@ -816,20 +811,6 @@ impl Dataplane {
             tables,
             removed_by_agent: self.removed_by_agent.clone(),
         })
-    }
-
-    /// Removes every flow entry of `color` (established and unconfirmed); returns how many were
-    /// removed. Their next packet finds no entry: TCP then reaches the active color's backend,
-    /// which answers with a RST that the client sees from the VIP; UDP starts a new flow.
-    pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
-        let mut removed = [0u64; 2];
-        for (name, confirmed, v4) in FLOW_TABLES {
-            let map = self.map_mut(name)?;
-            let n = if v4 { remove_color::<FlowKey4>(map, color)? } else { remove_color::<FlowKey>(map, color)? };
-            removed[!confirmed as usize] += n;
-        }
-        self.removed_by_agent.fetch_add(removed[0], Ordering::Relaxed);
-        Ok(removed[0] + removed[1])
     }
 
     /// Writes the gateway's own addresses (replies to them, such as health checks, are not NAT
@@ -1104,12 +1085,40 @@ pub struct FlowTables {
 impl FlowTables {
     /// Walks every flow table: O(entries), a syscall or two per entry.
     pub fn counts(&self) -> anyhow::Result<FlowCounts> {
-        let maps: Vec<&aya::maps::Map> = self.tables.iter().collect();
-        count_flows(&self.config, &self.fwd, &maps, self.removed_by_agent.load(Ordering::Relaxed))
+        let cfg: Array<&MapData, DpConfig> = Array::try_from(&self.config)?;
+        let cfg = cfg.get(&0, 0)?;
+        let now = monotonic_ns();
+        let mut counts = FlowCounts::default();
+        for ((_, confirmed, v4), map) in FLOW_TABLES.into_iter().zip(&self.tables) {
+            let mut one = |proto: u8, entry: &FlowEntry| {
+                if confirmed {
+                    counts.entries += 1;
+                } else {
+                    counts.unconfirmed_entries += 1;
+                }
+                if entry.expired(proto, confirmed, now, &cfg) {
+                    counts.expired += 1;
+                } else if let Some(c) = Color::from_u8(entry.color) {
+                    counts.flows[c as usize] += 1;
+                }
+            };
+            if v4 {
+                walk_flows::<FlowKey4>(map, |k, e| one(k.proto, e))?;
+            } else {
+                walk_flows::<FlowKey>(map, |k, e| one(k.proto, e))?;
+            }
+        }
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&self.fwd)?;
+        let confirmed: u64 = stats.get(&(Fwd::FlowsConfirmed as u32), 0)?.iter().sum();
+        let removed = self.removed_by_agent.load(Ordering::Relaxed);
+        counts.evicted = confirmed.saturating_sub(removed).saturating_sub(counts.entries);
+        Ok(counts)
     }
 
-    /// `Dataplane::remove_flows_of` on these handles: for a drain that runs without the
-    /// agent's lock.
+    /// Removes every flow entry of `color` (established and unconfirmed); returns how many were
+    /// removed. Their next packet finds no entry: TCP then reaches the active color's backend,
+    /// which answers with a RST that the client sees from the VIP; UDP starts a new flow.
+    /// Runs on these handles, without the agent's lock.
     pub fn remove_flows_of(&mut self, color: Color) -> anyhow::Result<u64> {
         let mut removed = [0u64; 2];
         for ((_, confirmed, v4), map) in FLOW_TABLES.into_iter().zip(self.tables.iter_mut()) {
@@ -1134,38 +1143,6 @@ fn dup_map(map: &aya::maps::Map) -> anyhow::Result<aya::maps::Map> {
         Map::PerCpuArray(m) => Map::PerCpuArray(dup(m)?),
         _ => bail!("no second handle for this kind of map"),
     })
-}
-
-/// Flow counts from the tables (`FLOW_TABLES` order), the config and the forwarding counters.
-fn count_flows(config: &aya::maps::Map, fwd: &aya::maps::Map, tables: &[&aya::maps::Map], removed_by_agent: u64) -> anyhow::Result<FlowCounts> {
-    let cfg: Array<&MapData, DpConfig> = Array::try_from(config)?;
-    let cfg = cfg.get(&0, 0)?;
-    let now = monotonic_ns();
-    let mut counts = FlowCounts::default();
-    for ((_, confirmed, v4), map) in FLOW_TABLES.into_iter().zip(tables) {
-        let mut one = |proto: u8, entry: &FlowEntry| {
-            if confirmed {
-                counts.entries += 1;
-            } else {
-                counts.unconfirmed_entries += 1;
-            }
-            if entry.expired(proto, confirmed, now, &cfg) {
-                counts.expired += 1;
-            } else if let Some(c) = Color::from_u8(entry.color) {
-                counts.flows[c as usize] += 1;
-            }
-        };
-        if v4 {
-            walk_flows::<FlowKey4>(map, |k, e| one(k.proto, e))?;
-        } else {
-            walk_flows::<FlowKey>(map, |k, e| one(k.proto, e))?;
-        }
-    }
-    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(fwd)?;
-    let sum = |f: Fwd| -> anyhow::Result<u64> { Ok(stats.get(&(f as u32), 0)?.iter().sum()) };
-    let (confirmed, ended) = (sum(Fwd::FlowsConfirmed)?, sum(Fwd::EstablishedEnded)?);
-    counts.evicted = confirmed.saturating_sub(removed_by_agent + ended).saturating_sub(counts.entries);
-    Ok(counts)
 }
 
 /// The flow tables: (name, established, IPv4 keys).

@@ -327,6 +327,53 @@ fn upgrading_the_program_through_the_pinned_link_keeps_every_connection() {
     assert_eq!(load_result.answers.get("blue"), None, "new connections after the flip all on green");
 }
 
+/// Health checks are polite to backends: a check past its timeout reads the late answer before
+/// it closes, and a stopping agent lets its checks in flight end, so neither leaves a reset
+/// on the backend (a backend's reset counters are what its operators watch).
+#[test]
+fn late_health_answers_and_an_agent_stopped_mid_check_leave_no_reset_on_the_backends() {
+    use bg_tests::topology::{BLUE, GREEN};
+    const SLOW: u16 = 8090;
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let _slow: Vec<_> = [(&t.blue, "blue"), (&t.green, "green")]
+        .into_iter()
+        .map(|(ns, color)| {
+            let mut cmd = ns.command(paths::testsrv().to_str().unwrap());
+            cmd.args(["--listen", &format!("[::]:{SLOW}"), "--body", color, "--delay-ms", "300"]);
+            bg_tests::netns::Proc::spawn_ready(&format!("{color} slow server"), &mut cmd, "listening", Duration::from_secs(10)).unwrap()
+        })
+        .collect();
+    // Answers come 300 ms after a 100 ms timeout; a check starts every 250 ms, so one is almost
+    // always in flight or reading its late answer.
+    let slow_service = format!(
+        "\n[[service]]\nname = \"slow\"\nvip = \"{VIP}:{SLOW}\"\nprotocol = \"tcp\"\n\
+         health = {{ interval_ms = 250, timeout_ms = 100 }}\nblue = [\"{BLUE}:{SLOW}\"]\ngreen = [\"{GREEN}:{SLOW}\"]\n"
+    );
+    std::fs::write(t.config_path(), t.config() + &slow_service).unwrap();
+    let resets = |t: &Topology| [&t.blue, &t.green].map(|ns| Topology::tcp_counter(ns, "EstabResets").unwrap());
+    let before = resets(&t);
+    let mut agent = t.start_agent().unwrap();
+    let backends = || -> serde_json::Value { serde_json::from_slice(&t.bgctl(&["backends", "--json"]).unwrap().stdout).unwrap() };
+    let start = Instant::now();
+    loop {
+        let b = backends();
+        let slow: Vec<&serde_json::Value> = b.as_array().unwrap().iter().filter(|b| b["service"] == "slow").collect();
+        if slow.len() == 2 && slow.iter().all(|b| b["state"] == "down") {
+            assert!(slow.iter().all(|b| b["last"] == "timeout after 100 ms"), "{slow:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the slow backends were not marked down for their timeouts: {slow:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Several more timed-out checks, then a stop in the middle of one.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(agent.stop(Duration::from_secs(5)), "the agent stops on SIGTERM");
+    // A reset would come with the late answer (300 ms after its request).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(resets(&t), before, "no reset (EstabResets) on the blue and green backends");
+}
+
 #[test]
 fn the_socket_and_pins_are_root_only_and_a_non_root_client_is_refused() {
     use std::os::unix::fs::MetadataExt;

@@ -4,6 +4,7 @@
 //!   keeps connections alive.
 //! - `--echo`: a long-lived line stream; every line is answered with `BODY LINE`.
 //! - `--udp`: every datagram is answered with `BODY DATAGRAM`, from the address it came to.
+//! - `--delay-ms N`: HTTP answers leave N ms after their request (a slow backend).
 //! - `--accept-close`: accepts and closes every connection on one thread (a target for TCP
 //!   health checks by the thousand).
 
@@ -12,7 +13,7 @@ use std::{
     net::{TcpListener, TcpStream},
 };
 
-fn serve(stream: TcpStream, body: &str) -> std::io::Result<()> {
+fn serve(stream: TcpStream, body: &str, delay: std::time::Duration) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {
@@ -37,6 +38,7 @@ fn serve(stream: TcpStream, body: &str) -> std::io::Result<()> {
             }
         }
         let text = format!("{body}\n");
+        std::thread::sleep(delay);
         write!(
             out,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
@@ -68,6 +70,7 @@ fn main() {
     let mut echo_mode = false;
     let mut udp = false;
     let mut accept_close = false;
+    let mut delay = std::time::Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -76,8 +79,15 @@ fn main() {
             "--echo" => echo_mode = true,
             "--udp" => udp = true,
             "--accept-close" => accept_close = true,
+            "--delay-ms" => match args.next().and_then(|v| v.parse().ok()) {
+                Some(ms) => delay = std::time::Duration::from_millis(ms),
+                None => {
+                    eprintln!("bg-testsrv: --delay-ms takes a number of milliseconds");
+                    std::process::exit(2);
+                }
+            },
             other => {
-                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo | --udp | --accept-close]");
+                eprintln!("bg-testsrv: unknown argument `{other}`; usage: bg-testsrv --listen ADDR:PORT --body TEXT [--echo | --udp | --accept-close] [--delay-ms N]");
                 std::process::exit(2);
             }
         }
@@ -114,7 +124,7 @@ fn main() {
         let Ok(stream) = stream else { continue };
         let body = body.clone();
         std::thread::spawn(move || {
-            let _ = if echo_mode { echo(stream, &body) } else { serve(stream, &body) };
+            let _ = if echo_mode { echo(stream, &body) } else { serve(stream, &body, delay) };
         });
     }
 }

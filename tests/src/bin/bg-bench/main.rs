@@ -48,21 +48,10 @@ fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
 /// An established (confirmed) flow entry toward `to`.
 fn entry(to: SocketAddrV4) -> FlowEntry {
     FlowEntry {
-        backend: raw(*to.ip()),
         last_seen_ns: bg_userspace::dataplane::monotonic_ns(),
-        backend_port: to.port().to_be(),
-        color: 0,
-        flags: 0,
         isn: 0x0102_0303,
         seq_next: 0x0102_0304,
-        contest_isn: 0,
-        peer_isn: 0,
-        nh_epoch: 0,
-        nh_ifindex: 0,
-        nh_len: 0,
-        _pad: 0,
-        nh_macs: [0; 12],
-        _pad2: 0,
+        ..FlowEntry::to(raw(*to.ip()), to.port().to_be(), 0)
     }
 }
 
