@@ -138,7 +138,13 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(crate::agent::run(config, xdp_object.as_deref()))
+            // The agent runs as a task on the workers, not on this thread: an accepted control
+            // connection is then served by the worker that accepted it, with no thread to wake.
+            rt.block_on(async move {
+                tokio::spawn(async move { crate::agent::run(config, xdp_object.as_deref()).await })
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the agent task failed: {e}")))
+            })
         }
         Command::CheckConfig { config, json } => {
             let c = Config::load(&config)?;
