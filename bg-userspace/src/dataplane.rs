@@ -328,6 +328,11 @@ pub struct Dataplane {
     selector: Selector,
     /// When each slot stopped being named by the selector (None: never named, or named now).
     released: [Option<Instant>; SLOTS as usize],
+    /// The weights each slot's tables were last written with by this process, per service
+    /// (None: not known).
+    slot_weights: [Option<Vec<Vec<u32>>>; SLOTS as usize],
+    /// Maglev entries written (see `write_slot`).
+    ring_writes: u64,
     /// Pinned links, one per interface, held open for the agent's lifetime (the pins keep them
     /// after it exits).
     links: Vec<FdLink>,
@@ -377,6 +382,8 @@ impl Dataplane {
             services: config.services.clone(),
             selector: Selector::new(0, 1, 0),
             released: [None; SLOTS as usize],
+            slot_weights: Default::default(),
+            ring_writes: 0,
             links: Vec::new(),
             removed_by_agent: Arc::new(AtomicU64::new(0)),
             adopted,
@@ -555,34 +562,70 @@ impl Dataplane {
 
     /// Fills `slot` with `color`'s backends and Maglev tables for every service. The caller
     /// guarantees no selector names the slot (and none did during the grace period).
+    /// Writes `color`'s tables with `weights` into `slot` (one not selectable now). Only what
+    /// differs from the slot's known contents is written: a service whose weights are the same
+    /// is skipped, and in the others only the Maglev entries that change (a backend going down
+    /// or coming back moves about 1/N of the ring, so a flap costs that many writes, not the
+    /// ring). A slot whose contents are not known (never written by this process) is written
+    /// whole; so is one after a failed write.
     fn write_slot(&mut self, slot: u32, color: Color, weights: &[Vec<u32>]) -> anyhow::Result<()> {
         let services = self.services.clone();
         let n = services.len() as u32;
+        let known = self.slot_weights[slot as usize].take();
+        // All out (every backend failed its checks): keep them all rather than drop the
+        // service; the agent says so loudly.
+        let table = |backends: &[BackendAddr], w: &[u32]| {
+            if w.iter().all(|w| *w == 0) {
+                maglev_table(backends)
+            } else {
+                maglev_table_weighted(backends, w)
+            }
+        };
+        let mut written = 0u64;
         {
             let mut rings: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_RINGS)?)?;
             for (i, s) in services.iter().enumerate() {
                 let backends = s.backends(color);
-                let w = &weights[i];
-                // All out (every backend failed its checks): keep them all rather than drop the
-                // service; the agent says so loudly.
-                let table = if w.iter().all(|w| *w == 0) {
-                    maglev_table(backends)
-                } else {
-                    maglev_table_weighted(backends, w)
+                let old = known.as_ref().map(|k| k[i].as_slice());
+                if old == Some(weights[i].as_slice()) {
+                    continue;
                 }
-                .with_context(|| format!("service {}: {}", s.name, color.name()))?;
+                let context = || format!("service {}: {}", s.name, color.name());
+                let new = table(backends, &weights[i]).with_context(context)?;
+                let old = old.map(|w| table(backends, w)).transpose().with_context(context)?;
                 let base = ring_base(slot, n, i as u32);
-                for (j, b) in table.iter().enumerate() {
-                    rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
+                for (j, b) in new.iter().enumerate() {
+                    if old.as_ref().is_none_or(|o| o[j] != *b) {
+                        rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
+                        written += 1;
+                    }
                 }
             }
         }
-        let mut sets: Array<&mut MapData, BackendSet> = Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
-        for (i, s) in services.iter().enumerate() {
-            sets.set(BackendSet::index(slot, i as u32), backend_set(color, s.backends(color)), 0)
-                .with_context(|| format!("writing {} backends of service {}", color.name(), s.name))?;
+        self.ring_writes += written;
+        if known.is_none() {
+            // The sets depend on the config alone: once written, a slot keeps them.
+            let mut sets: Array<&mut MapData, BackendSet> = Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
+            for (i, s) in services.iter().enumerate() {
+                sets.set(BackendSet::index(slot, i as u32), backend_set(color, s.backends(color)), 0)
+                    .with_context(|| format!("writing {} backends of service {}", color.name(), s.name))?;
+            }
         }
+        self.slot_weights[slot as usize] = Some(weights.to_vec());
         Ok(())
+    }
+
+    /// Maglev entries written since this process opened the data plane (for tests and the
+    /// benchmark: what health changes cost in map writes).
+    pub fn ring_entries_written(&self) -> u64 {
+        self.ring_writes
+    }
+
+    /// The Maglev table `color` uses now for service `service`, read back from the kernel.
+    pub fn ring(&self, color: Color, service: usize) -> anyhow::Result<Vec<u32>> {
+        let rings: Array<&MapData, u32> = Array::try_from(self.map(MAP_RINGS)?)?;
+        let base = ring_base(self.current_slot(color), self.services.len() as u32, service as u32);
+        (0..RING_SIZE).map(|j| Ok(rings.get(&(base + j), 0)?)).collect()
     }
 
     /// The slot `color` currently uses (named by the selector).

@@ -519,6 +519,49 @@ fn new_flows_spread_over_weighted_backends_by_maglev() {
     assert!((1.5..2.6).contains(&ratio), "weight 2 vs 1 gave {hits:?}");
 }
 
+/// A backend going down rewrites only the Maglev entries that move (about 1/N of the ring,
+/// not the ring), and a flap back and forth rewrites nothing more: each slot keeps what it was
+/// last written with. Whatever was skipped, the table in the kernel is the whole table.
+#[test]
+fn a_flapping_backend_rewrites_only_the_ring_entries_that_move() {
+    const N: usize = 16;
+    let blue: Vec<String> = (0..N).map(|i| format!("\"10.1.0.{}:8080\"", 10 + i)).collect();
+    let config = CONFIG.replace(r#"blue = ["10.1.0.2:8080"]"#, &format!("blue = [{}]", blue.join(", ")));
+    let cfg = Config::parse(&config).unwrap();
+    let mut dp = dataplane(&config);
+    let up = vec![1u32; N];
+    let mut down = up.clone();
+    down[3] = 0;
+    let dns = vec![1u32; 1];
+    let full = |w: &[u32]| bg_userspace::dataplane::maglev_table_weighted(&cfg.services[0].blue, w).unwrap();
+    let ring = bg_common::RING_SIZE as u64;
+    // Expected, from the tables themselves: the entries of backend 3 move, plus Maglev's
+    // small disruption of the others.
+    let moved = full(&up).iter().zip(full(&down)).filter(|(a, b)| **a != *b).count() as u64;
+    assert!(moved >= ring / N as u64 && moved < 2 * ring / N as u64, "Maglev moved {moved} of {ring} entries");
+    let mut step = |weights: &[u32], what: &str| -> u64 {
+        let before = dp.ring_entries_written();
+        dp.publish(Color::Blue, &[weights.to_vec(), dns.clone()]).unwrap();
+        let kernel = dp.ring(Color::Blue, 0).unwrap();
+        let wrong = kernel.iter().zip(full(weights)).filter(|(k, f)| **k != *f).count();
+        assert_eq!((kernel.len(), wrong), (ring as usize, 0), "{what}: entries of the kernel's table that differ from the whole new table");
+        dp.ring_entries_written() - before
+    };
+    // Into the spare slot, never written: whole (both services' rings).
+    assert_eq!(step(&up, "first publish"), ring + ring, "a slot never written is written whole");
+    // Into the slot init wrote with every backend up: only the entries that move.
+    assert_eq!(step(&down, "backend 3 down"), moved, "a backend going down rewrites the entries that move");
+    // Each slot now holds one of the two states: flapping costs no ring writes at all.
+    for i in 0..4 {
+        assert_eq!(step(if i % 2 == 0 { &up } else { &down }, "flap"), 0, "flap {i}: the slot already holds it");
+    }
+    // Another backend down too: against what that slot holds (backend 3 up), only what moves.
+    let mut two = down.clone();
+    two[7] = 0;
+    let expect = full(&up).iter().zip(full(&two)).filter(|(a, b)| **a != *b).count() as u64;
+    assert_eq!(step(&two, "backends 3 and 7 down"), expect);
+}
+
 /// The data plane's state as one writer step left it: the active color, the canary share and
 /// which one-hot weight table each color's backends were last published with.
 #[derive(Clone, Copy, Debug)]
