@@ -34,14 +34,13 @@ use crate::{
         WatchStatus, MAX_BACKENDS_PAGE, MAX_LINE, STATUS_BACKENDS,
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
+    decisions::{self, Action, Decision, Decisions, FlipRequest, Kind, Plan, Verdict},
     health::{self, BackendHealth, State as HState},
     metrics,
     state::{Persisted, Store},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// The longest drain a flip can schedule (a day).
-pub const MAX_DRAIN_SECS: u64 = 86_400;
 /// The most audit events one `history` request returns (each answer must fit `MAX_LINE`).
 pub const MAX_HISTORY: usize = 1_000;
 /// Control connections served at once; more are answered with an error and closed.
@@ -82,21 +81,14 @@ pub struct State {
     /// The flow sampler's last counts; and handles of the status requests' own to walk.
     pub flow_sample: FlowSample,
     pub flow_tables: Arc<crate::dataplane::FlowTables>,
-    /// The color a rollback returns to. (The active color and the canary share are not kept
-    /// here: the selector in `dp` is their one source.)
-    previous: Option<Color>,
-    pub generation: u64,
-    active_since: Instant,
-    /// A drain scheduled by the last flip: (color to end, deadline, generation of that flip).
-    drain: Option<(Color, Instant, u64)>,
+    /// The switch state and its promises; the rules are in `decisions`. Its active color and
+    /// canary share are what the selector in `dp` holds: both change together, in `execute`.
+    pub dec: Decisions,
+    /// `dec`'s clock: milliseconds since this instant.
+    epoch: Instant,
     last_drain_removed: Option<u64>,
-    /// The automatic-rollback window of the last flip: (color watched, until, generation).
-    watch: Option<(Color, Instant, u64)>,
     /// Effective weights last published per color.
     published: [Vec<Vec<u32>>; 2],
-    pub flips_total: u64,
-    pub rollbacks_total: u64,
-    pub auto_rollbacks_total: u64,
     pub last_flip_ns: u64,
     /// Colors whose backends are all down (said once per transition).
     all_down_reported: [bool; 2],
@@ -257,11 +249,6 @@ pub fn cleanup(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A backend's state in the health table (`Unknown` until its first checks).
-fn state_of(table: &BTreeMap<SocketAddr, BackendHealth>, addr: &SocketAddr) -> HState {
-    table.get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
-}
-
 /// Every backend address once, with the health settings of the first service listing it.
 fn all_backends(config: &Config) -> Vec<(SocketAddr, crate::config::Health)> {
     let mut v: Vec<(SocketAddr, crate::config::Health)> = Vec::new();
@@ -276,47 +263,30 @@ fn all_backends(config: &Config) -> Vec<(SocketAddr, crate::config::Health)> {
 }
 
 impl State {
-    /// The color new flows go to, from the selector.
+    /// The color new flows go to.
     pub fn active(&self) -> Color {
-        Color::from_u8(slot_color(self.dp.current().primary())).unwrap_or(Color::Blue)
+        self.dec.active
     }
 
     /// Share (per mille) of new flows sent to the other color by a canary.
     pub fn canary_permille(&self) -> u32 {
-        self.dp.current().canary_permille()
+        self.dec.canary_permille
     }
 
-    /// Weights for `color` as health allows: configured weight, 0 for backends confirmed down.
+    /// Milliseconds on the decisions' clock.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Weights for `color` as health allows (one lock for the whole walk: tens of thousands
+    /// of backends at the documented maximum).
     fn effective_weights(&self, color: Color) -> Vec<Vec<u32>> {
-        // One lock for the whole walk (tens of thousands of backends at the documented maximum).
-        let table = crate::lock(&self.health);
-        self.config
-            .services
-            .iter()
-            .map(|s| s.backends(color).iter().map(|b| if health::takes_flows(state_of(&table, &b.addr)) { b.weight } else { 0 }).collect())
-            .collect()
+        decisions::effective_weights(&self.config.services, color, &crate::lock(&self.health))
     }
 
-    /// A color is healthy when, in every service, at least `healthy_share` of its backends
-    /// passed their last `rise` checks. Returns the failing backends otherwise.
-    fn color_health(&self, color: Color) -> (bool, Vec<String>) {
-        let table = crate::lock(&self.health);
-        let mut ok = true;
-        let mut failing = Vec::new();
-        for s in &self.config.services {
-            let list = s.backends(color);
-            let up = list.iter().filter(|b| table.get(&b.addr).map(|h| health::is_up(h.state)).unwrap_or(false)).count();
-            if (up as f64) < s.health.healthy_share * list.len() as f64 {
-                ok = false;
-            }
-            for b in list {
-                let h = table.get(&b.addr).cloned().unwrap_or_default();
-                if !health::is_up(h.state) {
-                    failing.push(format!("{} ({:?}: {})", b.addr, h.state, h.last).to_lowercase());
-                }
-            }
-        }
-        (ok, failing)
+    /// What health says of `color` (see `decisions::verdict`).
+    fn verdict(&self, color: Color) -> Verdict {
+        decisions::verdict(&self.config.services, color, &crate::lock(&self.health))
     }
 
     /// Per color: counts per state and the backends not up (at most `STATUS_BACKENDS`), for
@@ -351,7 +321,7 @@ impl State {
         Color::ALL
             .into_iter()
             .map(|c| {
-                let (healthy, _) = self.color_health(c);
+                let healthy = self.verdict(c).healthy;
                 let w = self.effective_weights(c);
                 let table = crate::lock(&self.health);
                 let (mut counts, mut not_up, mut not_listed) = ([0usize; 3], Vec::new(), 0);
@@ -405,8 +375,8 @@ impl State {
         self.persist_due = false;
         let p = Persisted {
             active: self.active().name().into(),
-            previous: self.previous.map(|c| c.name().into()),
-            generation: self.generation,
+            previous: self.dec.previous.map(|c| c.name().into()),
+            generation: self.dec.generation,
             canary_permille: self.canary_permille(),
         };
         self.store.save_in_background(p);
@@ -447,169 +417,116 @@ impl State {
         }
     }
 
-    /// Switches new flows. `percent`: a canary share to `to` (the active color stays); None: a
-    /// full flip. Refused when `to` is not healthy, unless `force`.
-    #[allow(clippy::too_many_arguments)]
-    fn flip(&mut self, to: Color, percent: Option<u32>, drain_secs: Option<u64>, force: bool, who: Actor, reason: &str, event: &str) -> anyhow::Result<FlipResult> {
+    /// Switches new flows: a flip, or a canary (`req.percent`) to `req.to`, through the health
+    /// gate (`decisions`). Publishes pending health changes first: a flip must not route new
+    /// flows to a set older than the verdict its gate reads.
+    fn flip(&mut self, req: FlipRequest, who: Actor) -> anyhow::Result<FlipResult> {
         let started = Instant::now();
-        // Health changes are published on the agent's tick; a flip must not route new flows
-        // to a set older than the health verdict its gate reads, so publish first.
         self.apply_health();
-        let from = self.active();
-        if percent.is_some() && to == from {
-            bail!("{} is already active; a canary goes to the other color", to.name());
-        }
-        let permille = percent.map(|p| p * 10).unwrap_or(0);
-        let target_active = if percent.is_some() { from } else { to };
-        if target_active == from && permille == self.canary_permille() && percent.is_none() {
-            return Ok(FlipResult {
-                from: from.name().into(),
-                to: to.name().into(),
-                generation: self.generation,
-                changed: false,
-                switch_ns: 0,
-                total_ns: started.elapsed().as_nanos() as u64,
-                drain_secs: None,
-                percent: None,
-                forced: false,
-            });
-        }
-        let (healthy, failing) = self.color_health(to);
-        if !healthy && !force {
-            self.audit(json!({"event": "refused", "from": from.name(), "to": to.name(), "generation": self.generation,
-                "uid": who.json(), "reason": format!("{} not healthy", to.name()), "failing": failing}));
-            bail!(
-                "refused: {} is not healthy (each service needs its healthy_share of backends up): {}; fix it, or pass --force",
-                to.name(),
-                failing.join("; ")
-            );
-        }
-        // Everything that can fail comes before the selector is written.
-        let now = Instant::now();
-        let deadline = |secs: u64, what: &str| {
-            now.checked_add(Duration::from_secs(secs)).ok_or_else(|| anyhow!("{what} of {secs} s is too long for this host's clock"))
+        let verdict = self.verdict(req.to);
+        let decision = self.dec.decide_flip(&req, &verdict, self.now_ms()).map_err(|e| anyhow!(e))?;
+        self.carry_out(decision, who, "requested", started)
+    }
+
+    /// Undoes the last switch: ends a canary, or flips back to the previous color.
+    fn rollback(&mut self, force: bool, who: Actor) -> anyhow::Result<FlipResult> {
+        let started = Instant::now();
+        self.apply_health();
+        let decision = self.dec.decide_rollback(force, &|c| self.verdict(c), self.now_ms()).map_err(|e| anyhow!(e))?;
+        self.carry_out(decision, who, "requested", started)
+    }
+
+    /// Carries out a decision: nothing, a refusal (audited), or a switch: the selector write,
+    /// then the decisions' commit, the state file and the audit line.
+    fn carry_out(&mut self, decision: Decision, who: Actor, reason: &str, started: Instant) -> anyhow::Result<FlipResult> {
+        let plan = match decision {
+            Decision::Unchanged => {
+                let a = self.active();
+                return Ok(FlipResult {
+                    from: a.name().into(),
+                    to: a.name().into(),
+                    generation: self.dec.generation,
+                    changed: false,
+                    switch_ns: 0,
+                    total_ns: started.elapsed().as_nanos() as u64,
+                    drain_secs: None,
+                    percent: None,
+                    forced: false,
+                });
+            }
+            Decision::Refused { to, failing } => {
+                self.audit(json!({"event": "refused", "from": self.active().name(), "to": to.name(), "generation": self.dec.generation,
+                    "uid": who.json(), "reason": format!("{} not healthy", to.name()), "failing": failing}));
+                bail!(
+                    "refused: {} is not healthy (each service needs its healthy_share of backends up): {}; fix it, or pass --force",
+                    to.name(),
+                    failing.join("; ")
+                );
+            }
+            Decision::Switch(plan) => plan,
         };
-        let drain_until = drain_secs.map(|s| deadline(s, "a drain")).transpose()?;
-        let watch_until = deadline(self.config.watch_window_secs, "a watch window")?;
-        let switch = self.dp.route(target_active, permille)?;
-        if target_active != from {
-            self.previous = Some(from);
-            self.active_since = Instant::now();
-        }
-        self.generation = self.generation.saturating_add(1);
-        self.flips_total += 1;
+        // Everything that can fail came before: the selector write is the switch.
+        let switch = self.dp.route(plan.active, plan.canary_permille)?;
+        self.dec.commit(&plan, self.now_ms());
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
-        self.drain = drain_until.map(|until| (from, until, self.generation));
-        // A flip forced past a failing gate opens no watch window: the operator overrode the
-        // health verdict, and rolling back on that same verdict would undo the override.
-        let forced = force && !healthy;
-        self.watch = (self.config.watch_window_secs > 0 && !forced)
-            .then_some((to, watch_until, self.generation));
         self.persist();
-        let event = if percent.is_some() { "canary" } else { event };
-        self.audit(json!({"event": event, "from": from.name(), "to": to.name(), "generation": self.generation,
-            "uid": who.json(), "reason": reason, "forced": force && !healthy, "percent": percent, "drain_secs": drain_secs}));
-        info!(from = from.name(), to = to.name(), generation = self.generation, percent, forced = force && !healthy,
+        self.audit_switch(&plan, who, reason);
+        info!(from = plan.from.name(), to = plan.to.name(), generation = plan.generation, percent = plan.percent, forced = plan.forced,
             switch_ns = switch.as_nanos() as u64, "switched");
         Ok(FlipResult {
-            from: from.name().into(),
-            to: to.name().into(),
-            generation: self.generation,
+            from: plan.from.name().into(),
+            to: plan.to.name().into(),
+            generation: plan.generation,
             changed: true,
             switch_ns: switch.as_nanos() as u64,
             total_ns: self.last_flip_ns,
-            drain_secs,
-            percent,
-            forced: force && !healthy,
+            drain_secs: plan.drain_secs,
+            percent: plan.percent,
+            forced: plan.forced,
         })
     }
 
-    /// Undoes the last switch: cancels a canary, or flips back to the previous color.
-    fn rollback(&mut self, force: bool, who: Actor, reason: &str) -> anyhow::Result<FlipResult> {
-        let from = self.active();
-        let result = if self.canary_permille() != 0 {
-            let switch = self.dp.route(from, 0)?;
-            self.generation = self.generation.saturating_add(1);
-            self.persist();
-            self.audit(json!({"event": "rollback", "from": from.name(), "to": from.name(), "generation": self.generation,
-                "uid": who.json(), "reason": format!("{reason}: canary to {} cancelled", from.other().name())}));
-            FlipResult {
-                from: from.name().into(),
-                to: from.name().into(),
-                generation: self.generation,
-                changed: true,
-                switch_ns: switch.as_nanos() as u64,
-                total_ns: switch.as_nanos() as u64,
-                drain_secs: None,
-                percent: Some(0),
-                forced: false,
-            }
+    fn audit_switch(&self, plan: &Plan, who: Actor, reason: &str) {
+        let reason = if plan.kind == Kind::CanaryCancelled {
+            format!("{reason}: canary to {} cancelled", plan.from.other().name())
         } else {
-            let Some(prev) = self.previous else {
-                bail!("nothing to roll back: the active color has not changed since this state began");
-            };
-            self.flip(prev, None, None, force, who, reason, "rollback")?
+            reason.to_owned()
         };
-        self.rollbacks_total += 1;
-        // A rollback, manual or automatic, opens no watch window: no back-and-forth.
-        self.watch = None;
-        Ok(result)
+        self.audit(json!({"event": plan.kind.event(), "from": plan.from.name(), "to": plan.to.name(), "generation": plan.generation,
+            "uid": who.json(), "reason": reason, "forced": plan.forced, "percent": plan.percent, "drain_secs": plan.drain_secs}));
     }
 
-    /// The automatic rollback: the color flipped to turned unhealthy inside its watch window.
-    /// At most once per flip: the window is closed whatever happens.
-    fn check_watch(&mut self) {
-        let Some((color, until, generation)) = self.watch else { return };
-        if Instant::now() > until || generation != self.generation {
-            self.watch = None;
-            return;
-        }
-        let (healthy, failing) = self.color_health(color);
-        let confirmed_down = {
-            let table = crate::lock(&self.health);
-            self.config.services.iter().any(|s| s.backends(color).iter().any(|b| state_of(&table, &b.addr) == HState::Down))
-        };
-        if healthy || !confirmed_down {
-            return;
-        }
-        self.watch = None;
-        let why = format!("automatic rollback: {} unhealthy within the watch window: {}", color.name(), failing.join("; "));
-        let back_to = if self.canary_permille() != 0 { self.active() } else { self.previous.unwrap_or(color.other()) };
-        let (back_ok, _) = self.color_health(back_to);
-        if !back_ok {
-            error!(color = color.name(), "{why}; NOT rolling back: {} is not healthy either", back_to.name());
-            self.audit(json!({"event": "auto_rollback_skipped", "from": self.active().name(), "to": back_to.name(),
-                "generation": self.generation, "uid": "agent", "reason": format!("{why}; {} unhealthy too", back_to.name())}));
-            return;
-        }
-        warn!("{why}");
-        match self.rollback(false, Actor::Agent, &why) {
-            // No back-and-forth: `rollback` closes the watch window its flip opened.
-            Ok(_) => self.auto_rollbacks_total += 1,
-            Err(e) => error!(error = %e, "automatic rollback failed"),
-        }
-    }
-
-    /// Ends the drained color's remaining flows once its deadline has passed, unless another
-    /// flip happened since.
-    /// A drain whose deadline has passed (and no flip since): its color and handles of its own
-    /// on the flow tables, so the walk runs without the agent's lock (`finish_drain` after).
-    fn take_due_drain(&mut self) -> Option<(Color, crate::dataplane::FlowTables)> {
-        let (color, deadline, generation) = self.drain?;
-        if Instant::now() < deadline {
-            return None;
-        }
-        self.drain = None;
-        if generation != self.generation {
-            return None;
-        }
-        match self.dp.flow_tables() {
-            Ok(t) => Some((color, t)),
-            Err(e) => {
-                warn!(color = color.name(), error = %format!("{e:#}"), "drain failed");
-                None
+    /// What time decides (`Decisions::tick`): an automatic rollback (once per switch, and
+    /// only to a healthy color) and a drain that is due (returned: its walk runs without the
+    /// agent's lock, `finish_drain` after).
+    fn tick(&mut self) -> Option<(Color, crate::dataplane::FlowTables)> {
+        let now = self.now_ms();
+        let services = &self.config.services;
+        let health = &self.health;
+        let actions = self.dec.tick(now, &|c| decisions::verdict(services, c, &crate::lock(health)));
+        let mut drain = None;
+        for action in actions {
+            match action {
+                Action::AutoRollback { plan, why } => {
+                    warn!("{why}");
+                    let to = plan.to;
+                    match self.carry_out(Decision::Switch(plan), Actor::Agent, &why, Instant::now()) {
+                        Ok(_) => self.dec.commit_auto_rollback(),
+                        Err(e) => error!(error = %format!("{e:#}"), to = to.name(), "automatic rollback failed"),
+                    }
+                }
+                Action::AutoRollbackSkipped { from, to, why } => {
+                    error!("{why}; NOT rolling back");
+                    self.audit(json!({"event": "auto_rollback_skipped", "from": from.name(), "to": to.name(),
+                        "generation": self.dec.generation, "uid": "agent", "reason": why}));
+                }
+                Action::Drain { color } => match self.dp.flow_tables() {
+                    Ok(t) => drain = Some((color, t)),
+                    Err(e) => warn!(color = color.name(), error = %format!("{e:#}"), "drain failed"),
+                },
             }
         }
+        drain
     }
 
     fn finish_drain(&mut self, color: Color, result: anyhow::Result<u64>) {
@@ -617,7 +534,7 @@ impl State {
             Ok(n) => {
                 info!(color = color.name(), entries = n, "drain deadline reached: removed the remaining flow entries");
                 self.last_drain_removed = Some(n);
-                self.audit(json!({"event": "drain", "from": color.name(), "to": self.active().name(), "generation": self.generation,
+                self.audit(json!({"event": "drain", "from": color.name(), "to": self.active().name(), "generation": self.dec.generation,
                     "uid": "agent", "reason": format!("drain deadline: {n} flow entries of {} removed", color.name())}));
             }
             Err(e) => warn!(color = color.name(), error = %format!("{e:#}"), "drain failed"),
@@ -636,14 +553,46 @@ impl State {
         Ok(e)
     }
 
+    /// What a scrape shows (`metrics::Snapshot`): copies, no walk; microseconds under the lock
+    /// (and O(backends) for their states).
+    fn metrics_snapshot(&self) -> anyhow::Result<metrics::Snapshot> {
+        let sample = *crate::lock(&self.flow_sample);
+        let table = crate::lock(&self.health);
+        let backends = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| Color::ALL.into_iter().flat_map(move |c| s.backends(c)))
+            .map(|b| decisions::state_of(&table, &b.addr))
+            .collect();
+        drop(table);
+        Ok(metrics::Snapshot {
+            counters: self.dp.counters()?,
+            flows: sample.map(|(c, _)| c).unwrap_or_default(),
+            flows_age: sample.map(|(_, at)| at.elapsed()),
+            active: self.active(),
+            canary_permille: self.canary_permille(),
+            generation: self.dec.generation,
+            flips_total: self.dec.flips_total,
+            rollbacks_total: self.dec.rollbacks_total,
+            auto_rollbacks_total: self.dec.auto_rollbacks_total,
+            last_flip_ns: self.last_flip_ns,
+            flow_table_size: self.config.flow_table_size,
+            unconfirmed_table_size: self.config.unconfirmed_table_size,
+            egress: self.egress()?,
+            backends,
+        })
+    }
+
     pub fn status(&self) -> anyhow::Result<Status> {
         let active = self.dp.active()?;
         let sample = crate::lock(&self.flow_sample).clone();
+        let now = self.now_ms();
         Ok(Status {
             active: active.name().into(),
-            previous: self.previous.map(|c| c.name().into()),
-            generation: self.generation,
-            active_for_secs: self.active_since.elapsed().as_secs(),
+            previous: self.dec.previous.map(|c| c.name().into()),
+            generation: self.dec.generation,
+            active_for_secs: now.saturating_sub(self.dec.active_since_ms) / 1000,
             canary: (self.canary_permille() != 0).then(|| CanaryStatus {
                 color: self.active().other().name().into(),
                 percent: self.canary_permille() as f64 / 10.0,
@@ -669,18 +618,12 @@ impl State {
             flow_table_size: self.config.flow_table_size,
             unconfirmed_table_size: self.config.unconfirmed_table_size,
             pin_dir: self.config.pin_dir.display().to_string(),
-            drain: self.drain.map(|(color, deadline, _)| DrainStatus {
-                color: color.name().into(),
-                remaining_secs: deadline.saturating_duration_since(Instant::now()).as_secs(),
-            }),
+            drain: self.dec.drain.map(|w| DrainStatus { color: w.color.name().into(), remaining_secs: Decisions::remaining_secs(&w, now) }),
             last_drain_removed: self.last_drain_removed,
-            watch: self.watch.map(|(color, until, _)| WatchStatus {
-                color: color.name().into(),
-                remaining_secs: until.saturating_duration_since(Instant::now()).as_secs(),
-            }),
-            flips_total: self.flips_total,
-            rollbacks_total: self.rollbacks_total,
-            auto_rollbacks_total: self.auto_rollbacks_total,
+            watch: self.dec.watch.map(|w| WatchStatus { color: w.color.name().into(), remaining_secs: Decisions::remaining_secs(&w, now) }),
+            flips_total: self.dec.flips_total,
+            rollbacks_total: self.dec.rollbacks_total,
+            auto_rollbacks_total: self.dec.auto_rollbacks_total,
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
         })
@@ -759,7 +702,9 @@ fn check_redirects(dp: &mut Dataplane, config: &Config) {
 
 /// Runs the agent. `object`: an XDP object file to load instead of the one built into this
 /// bgctl (`bgctl agent --xdp-object`, for trying a build before shipping it).
-pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM/SIGINT: the control socket, the tick and the decisions on the
+/// calling runtime; health checks and the metrics endpoint on `background`.
+pub async fn run(config: Config, object: Option<&Path>, background: tokio::runtime::Handle) -> anyhow::Result<()> {
     let from_file;
     let object: &[u8] = match object {
         Some(path) => {
@@ -840,6 +785,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     });
     let flow_tables = Arc::new(dp.flow_tables()?);
     let flow_sample = spawn_flow_sampler(flow_tables.clone())?;
+    let canary = dp.current().canary_permille();
     let mut state = State {
         flow_sample,
         flow_tables,
@@ -848,16 +794,10 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
         health: health_table.clone(),
         attachments,
         _pin_lock: pin_lock,
-        previous,
-        generation,
-        active_since: Instant::now(),
-        drain: None,
+        dec: Decisions::new(active, canary, previous, generation, config.watch_window_secs, 0),
+        epoch: Instant::now(),
         last_drain_removed: None,
-        watch: None,
         published,
-        flips_total: 0,
-        rollbacks_total: 0,
-        auto_rollbacks_total: 0,
         last_flip_ns: 0,
         all_down_reported: [false; 2],
         persist_due: false,
@@ -871,13 +811,17 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
     let state = Arc::new(Mutex::new(state));
 
     let checkers = {
+        let _on = background.enter();
         let backends = all_backends(&crate::lock(&state).config);
         health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")))
     };
     // Read out first: the lock must not be held across the await.
     let metrics_listen = crate::lock(&state).config.metrics_listen;
     if let Some(addr) = metrics_listen {
-        metrics::serve(addr, state.clone()).await?;
+        let labels = metrics::Labels::of(&crate::lock(&state).config.services);
+        let state = state.clone();
+        let snapshot: metrics::Snapshotter = Arc::new(move || crate::lock(&state).metrics_snapshot());
+        background.spawn(metrics::serve(addr, labels, snapshot)).await.map_err(|e| anyhow!("the metrics task failed: {e}"))??;
     }
 
     let mut term = signal(SignalKind::terminate())?;
@@ -899,8 +843,7 @@ pub async fn run(config: Config, object: Option<&Path>) -> anyhow::Result<()> {
                     }
                 }
                 st.apply_health();
-                st.check_watch();
-                if let Some((color, mut tables)) = st.take_due_drain() {
+                if let Some((color, mut tables)) = st.tick() {
                     // The walk (O(flows)) runs on the blocking pool, holding no lock.
                     let state = state.clone();
                     tokio::spawn(async move {
@@ -1049,21 +992,11 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
             n @ 1..=MAX_HISTORY => st.store.history(n).map(|events| Response::History { events }),
             n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),
         },
-        Request::Flip { color, drain_secs, percent, force } => match (parse_color(&color), percent, drain_secs) {
-            (None, _, _) => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
-            (_, Some(p), _) if !(1..=99).contains(&p) => {
-                Err(anyhow!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)"))
-            }
-            (_, Some(_), Some(_)) => Err(anyhow!(
-                "--drain with --percent: a canary keeps both colors live, so there is nothing to drain; \
-                 drain on the full flip (`bgctl flip COLOR --drain SECS`)"
-            )),
-            (_, _, Some(d)) if d > MAX_DRAIN_SECS => {
-                Err(anyhow!("--drain {d} is out of range; use 0 to {MAX_DRAIN_SECS} seconds"))
-            }
-            (Some(c), _, _) => st.flip(c, percent, drain_secs, force, who, "requested", "flip").map(Response::Flipped),
+        Request::Flip { color, drain_secs, percent, force } => match parse_color(&color) {
+            None => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
+            Some(to) => st.flip(FlipRequest { to, percent, drain_secs, force }, who).map(Response::Flipped),
         },
-        Request::Rollback { force } => st.rollback(force, who, "requested").map(Response::Flipped),
+        Request::Rollback { force } => st.rollback(force, who).map(Response::Flipped),
     };
     result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") })
 }

@@ -133,18 +133,17 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             if cleanup {
                 return crate::agent::cleanup(&config);
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // Two runtimes: the control socket, the tick and the decisions on this thread (an
+            // accepted connection is served where it was accepted: no thread to wake, and no
+            // health check in the queue before it); health checks and scrapes on two workers.
+            let background = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .thread_name("bg-checks")
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            // The agent runs as a task on the workers, not on this thread: an accepted control
-            // connection is then served by the worker that accepted it, with no thread to wake.
-            rt.block_on(async move {
-                tokio::spawn(async move { crate::agent::run(config, xdp_object.as_deref()).await })
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the agent task failed: {e}")))
-            })
+            let control = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+            control.block_on(crate::agent::run(config, xdp_object.as_deref(), background.handle().clone()))
         }
         Command::CheckConfig { config, json } => {
             let c = Config::load(&config)?;

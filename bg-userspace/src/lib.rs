@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decisions;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;

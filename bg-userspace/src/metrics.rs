@@ -1,11 +1,7 @@
 //! The Prometheus endpoint (text exposition format 0.0.4), loopback by default. Every scrape
-//! reads the kernel maps and the agent's state fresh.
+//! renders a fresh `Snapshot` the agent hands over; this module knows nothing of the agent.
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bg_common::Color;
@@ -15,7 +11,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{agent::State, health::State as HState};
+use crate::{
+    config::Service,
+    dataplane::{Counters, Egress, FlowCounts},
+    health::State as HState,
+};
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -35,12 +35,52 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Vec<
     }
 }
 
+/// What one scrape shows. The agent takes it under its lock (copies of numbers, no walk of
+/// the flow tables); it is rendered after the lock is let go. Metrics never see the agent.
+pub struct Snapshot {
+    pub counters: Counters,
+    /// The flow sampler's last figures and their age (None before the first walk).
+    pub flows: FlowCounts,
+    pub flows_age: Option<Duration>,
+    pub active: Color,
+    pub canary_permille: u32,
+    pub generation: u64,
+    pub flips_total: u64,
+    pub rollbacks_total: u64,
+    pub auto_rollbacks_total: u64,
+    pub last_flip_ns: u64,
+    pub flow_table_size: u32,
+    pub unconfirmed_table_size: u32,
+    pub egress: Vec<Egress>,
+    /// Each backend's state, in the order of `Labels::backends`.
+    pub backends: Vec<HState>,
+}
+
+/// The backends' labels, fixed for the agent's life (the config does not change under it).
+pub struct Labels {
+    /// (service, color, backend address), in config order: services, colors, backends.
+    pub backends: Vec<(String, Color, String)>,
+}
+
+impl Labels {
+    pub fn of(services: &[Service]) -> Labels {
+        let mut backends = Vec::new();
+        for s in services {
+            for c in Color::ALL {
+                for b in s.backends(c) {
+                    backends.push((s.name.clone(), c, b.addr.to_string()));
+                }
+            }
+        }
+        Labels { backends }
+    }
+}
+
 /// The whole exposition.
-pub fn render(st: &State) -> anyhow::Result<String> {
+pub fn render(st: &Snapshot, labels: &Labels) -> String {
     let mut out = String::new();
-    let counters = st.dp.counters()?;
-    let sample = *crate::lock(&st.flow_sample);
-    let flows = sample.map(|(c, _)| c).unwrap_or_default();
+    let counters = &st.counters;
+    let flows = st.flows;
     let color = |c: Color| vec![("color", c.name().to_owned())];
     let per_color = |f: &dyn Fn(usize) -> f64| -> Vec<(Vec<(&str, String)>, f64)> {
         Color::ALL.iter().map(|c| (color(*c), f(*c as usize))).collect()
@@ -49,8 +89,8 @@ pub fn render(st: &State) -> anyhow::Result<String> {
     family(&mut out, "bg_bytes_total", "counter", "Bytes rewritten for flows of each color.", &per_color(&|i| counters.colors[i].bytes as f64));
     family(&mut out, "bg_new_flows_total", "counter", "New flows started on each color.", &per_color(&|i| counters.colors[i].new_flows as f64));
     family(&mut out, "bg_live_flows", "gauge", "Live (not expired) flows pinned to each color.", &per_color(&|i| flows.flows[i] as f64));
-    family(&mut out, "bg_active_color", "gauge", "1 for the color new flows go to.", &per_color(&|i| (st.active() as usize == i) as u8 as f64));
-    family(&mut out, "bg_canary_ratio", "gauge", "Share of new flows sent to the other color by a canary.", &[(vec![], st.canary_permille() as f64 / 1000.0)]);
+    family(&mut out, "bg_active_color", "gauge", "1 for the color new flows go to.", &per_color(&|i| (st.active as usize == i) as u8 as f64));
+    family(&mut out, "bg_canary_ratio", "gauge", "Share of new flows sent to the other color by a canary.", &[(vec![], st.canary_permille as f64 / 1000.0)]);
     family(&mut out, "bg_generation", "gauge", "Switch generation.", &[(vec![], st.generation as f64)]);
     family(&mut out, "bg_flips_total", "counter", "Switches done by this agent (flips, canaries, rollbacks).", &[(vec![], st.flips_total as f64)]);
     family(
@@ -59,53 +99,54 @@ pub fn render(st: &State) -> anyhow::Result<String> {
         "counter",
         "Rollbacks done by this agent.",
         &[
-            (vec![("kind", "manual".into())], (st.rollbacks_total - st.auto_rollbacks_total) as f64),
+            (vec![("kind", "manual".into())], st.rollbacks_total.saturating_sub(st.auto_rollbacks_total) as f64),
             (vec![("kind", "automatic".into())], st.auto_rollbacks_total as f64),
         ],
     );
     family(&mut out, "bg_last_flip_duration_seconds", "gauge", "Last switch, request to data plane switched.", &[(vec![], st.last_flip_ns as f64 / 1e9)]);
     family(&mut out, "bg_flow_table_entries", "gauge", "Established flow table entries in use (one per flow).", &[(vec![], flows.entries as f64)]);
-    family(&mut out, "bg_flow_table_size", "gauge", "Established flow table capacity in entries.", &[(vec![], st.config.flow_table_size as f64)]);
+    family(&mut out, "bg_flow_table_size", "gauge", "Established flow table capacity in entries.", &[(vec![], st.flow_table_size as f64)]);
     family(&mut out, "bg_flow_table_evictions_total", "counter", "Established entries the LRU evicted (confirmed - drained - present).", &[(vec![], flows.evicted as f64)]);
     family(&mut out, "bg_flow_sample_age_seconds", "gauge", "Age of the flow figures (the agent walks the flow tables in the background); -1 before the first walk.",
-        &[(vec![], sample.map(|(_, at)| at.elapsed().as_secs_f64()).unwrap_or(-1.0))]);
+        &[(vec![], st.flows_age.map(|a| a.as_secs_f64()).unwrap_or(-1.0))]);
     family(&mut out, "bg_unconfirmed_entries", "gauge", "Unconfirmed flow table entries in use (no answer from the backend yet).", &[(vec![], flows.unconfirmed_entries as f64)]);
-    family(&mut out, "bg_unconfirmed_table_size", "gauge", "Unconfirmed flow table capacity in entries.", &[(vec![], st.config.unconfirmed_table_size as f64)]);
+    family(&mut out, "bg_unconfirmed_table_size", "gauge", "Unconfirmed flow table capacity in entries.", &[(vec![], st.unconfirmed_table_size as f64)]);
     let reasons: Vec<_> = counters.reasons.iter().map(|(r, n)| (vec![("reason", r.clone())], *n as f64)).collect();
     family(&mut out, "bg_xdp_packets_total", "counter", "Packets by the XDP program's reason.", &reasons);
     let fwd: Vec<_> = counters.forwarding.iter().map(|(r, n)| (vec![("outcome", r.clone())], *n as f64)).collect();
     family(&mut out, "bg_forwarding_total", "counter", "Rewritten packets by forwarding outcome; flow entries created/removed.", &fwd);
-    let egress = st.egress()?;
-    let path: Vec<_> = egress.iter().map(|e| (vec![("interface", e.interface.clone())], (e.path == "redirect") as u8 as f64)).collect();
+    let path: Vec<_> = st.egress.iter().map(|e| (vec![("interface", e.interface.clone())], (e.path == "redirect") as u8 as f64)).collect();
     family(&mut out, "bg_egress_redirect", "gauge", "1 when packets leaving by this interface use XDP_REDIRECT, 0 when they go through the kernel.", &path);
-    let errs: Vec<_> = egress.iter().map(|e| (vec![("interface", e.interface.clone())], e.redirect_errors as f64)).collect();
+    let errs: Vec<_> = st.egress.iter().map(|e| (vec![("interface", e.interface.clone())], e.redirect_errors as f64)).collect();
     family(&mut out, "bg_redirect_errors_total", "counter", "XDP redirects into this interface that failed (xdp:xdp_redirect_err).", &errs);
-    let table = crate::lock(&st.health).clone();
-    let mut up = Vec::new();
-    for s in &st.config.services {
-        for c in Color::ALL {
-            for b in s.backends(c) {
-                let state = table.get(&b.addr).map(|h| h.state).unwrap_or(HState::Unknown);
-                let v = match state {
-                    HState::Up => 1.0,
-                    HState::Down => 0.0,
-                    HState::Unknown => -1.0,
-                };
-                up.push((vec![("service", s.name.clone()), ("color", c.name().into()), ("backend", b.addr.to_string())], v));
-            }
-        }
-    }
+    let up: Vec<_> = labels
+        .backends
+        .iter()
+        .zip(&st.backends)
+        .map(|((service, c, backend), state)| {
+            let v = match state {
+                HState::Up => 1.0,
+                HState::Down => 0.0,
+                HState::Unknown => -1.0,
+            };
+            (vec![("service", service.clone()), ("color", c.name().into()), ("backend", backend.clone())], v)
+        })
+        .collect();
     family(&mut out, "bg_backend_up", "gauge", "Backend health: 1 up, 0 down, -1 not yet known.", &up);
-    Ok(out)
+    out
 }
+
+/// How a scrape gets its snapshot (the agent's side).
+pub type Snapshotter = Arc<dyn Fn() -> anyhow::Result<Snapshot> + Send + Sync>;
 
 /// Scrapes served at once; connections beyond are closed at once.
 pub const MAX_METRICS_CONNECTIONS: usize = 32;
 /// A scrape's request must arrive, and its answer be taken, within this.
-const METRICS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+const METRICS_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Serves GET /metrics on `addr` until the process exits.
-pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, labels: Labels, snapshot: Snapshotter) -> anyhow::Result<()> {
+    let labels = Arc::new(labels);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {addr} (config `metrics_listen`, or \"off\")"))?;
@@ -118,13 +159,13 @@ pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result
                 Err(e) => {
                     // Out of file descriptors, say: back off instead of spinning.
                     warn!(error = %e, "accept on the metrics endpoint failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             // Over the cap: closed at once (a scraper retries; idle connections hold nothing).
             let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
-            let state = state.clone();
+            let (snapshot, labels) = (snapshot.clone(), labels.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 // The whole request within the deadline, at most 4 KiB.
@@ -145,7 +186,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<Mutex<State>>) -> anyhow::Result
                 }
                 let req = String::from_utf8_lossy(&buf);
                 let response = if req.starts_with("GET /metrics ") {
-                    match tokio::task::spawn_blocking(move || render(&crate::lock(&state))).await {
+                    match tokio::task::spawn_blocking(move || snapshot().map(|s| render(&s, &labels))).await {
                         Ok(Ok(body)) => format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()
