@@ -13,7 +13,10 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -30,7 +33,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{parse_color, Config, Forwarding},
     control::{
-        BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, Request, Response, ServiceStatus, Status,
+        BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, RepublishStatus, Request, Response, ServiceStatus, Status,
         WatchStatus, MAX_BACKENDS_PAGE, MAX_LINE, STATUS_BACKENDS,
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
@@ -90,6 +93,12 @@ pub struct State {
     /// Effective weights last published per color.
     published: [Vec<Vec<u32>>; 2],
     pub last_flip_ns: u64,
+    /// The last republish after a health change: color, how long, Maglev entries written,
+    /// how many since start.
+    last_republish: Option<(Color, Duration, u64, u64)>,
+    /// Backend state changes the checkers reported, and how many `apply_health` has seen.
+    health_changes: Arc<AtomicU64>,
+    applied_changes: u64,
     /// Colors whose backends are all down (said once per transition).
     all_down_reported: [bool; 2],
     /// The state changed since it was last handed to the state file's writer.
@@ -318,19 +327,20 @@ impl State {
 
     /// Health per color: the gate's verdict, counts per state, the backends not up.
     fn color_statuses(&self) -> Vec<ColorHealth> {
+        // One pass per color over the table (tens of thousands of backends at the maximum).
+        let table = crate::lock(&self.health);
         Color::ALL
             .into_iter()
             .map(|c| {
-                let healthy = self.verdict(c).healthy;
-                let w = self.effective_weights(c);
-                let table = crate::lock(&self.health);
-                let (mut counts, mut not_up, mut not_listed) = ([0usize; 3], Vec::new(), 0);
+                let (mut counts, mut not_up, mut not_listed, mut healthy) = ([0usize; 3], Vec::new(), 0, true);
                 for s in &self.config.services {
+                    let mut up = 0usize;
                     for b in s.backends(c) {
                         let h = table.get(&b.addr);
                         let state = h.map(|h| h.state).unwrap_or(HState::Unknown);
                         counts[state as usize] += 1;
-                        if state == HState::Up {
+                        if health::is_up(state) {
+                            up += 1;
                             continue;
                         }
                         if not_up.len() == STATUS_BACKENDS {
@@ -340,15 +350,18 @@ impl State {
                         let last = h.map(|h| h.last.clone()).unwrap_or_else(|| BackendHealth::default().last);
                         not_up.push(BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state, last });
                     }
+                    // The gate's rule (`decisions::verdict`).
+                    healthy &= (up as f64) >= s.health.healthy_share * s.backends(c).len() as f64;
                 }
+                let published = &self.published[c as usize];
                 ColorHealth {
                     color: c.name().into(),
                     healthy,
-                    all_down: w.iter().any(|s| s.iter().all(|x| *x == 0)),
+                    all_down: published.iter().any(|s| s.iter().all(|x| *x == 0)),
                     up: counts[HState::Up as usize],
                     down: counts[HState::Down as usize],
                     unknown: counts[HState::Unknown as usize],
-                    taking_flows: self.published[c as usize].iter().flatten().filter(|w| **w > 0).count(),
+                    taking_flows: published.iter().flatten().filter(|w| **w > 0).count(),
                     backends_not_listed: not_listed,
                     backends: not_up,
                 }
@@ -397,6 +410,12 @@ impl State {
 
     /// Republishes a color whose effective weights changed (a backend went down or came back).
     fn apply_health(&mut self) {
+        // Weights depend on backend states alone: nothing to do unless one changed since.
+        let changes = self.health_changes.load(Ordering::Acquire);
+        if changes == self.applied_changes {
+            return;
+        }
+        self.applied_changes = changes;
         for color in Color::ALL {
             let w = self.effective_weights(color);
             let all_down = w.iter().any(|s| s.iter().all(|x| *x == 0));
@@ -407,10 +426,14 @@ impl State {
             if w == self.published[color as usize] {
                 continue;
             }
+            let (started, written) = (Instant::now(), self.dp.ring_entries_written());
             match self.dp.publish(color, &w) {
                 Ok(()) => {
-                    info!(color = color.name(), "backend tables republished after a health change");
+                    let (took, entries) = (started.elapsed(), self.dp.ring_entries_written() - written);
+                    info!(color = color.name(), took_us = took.as_micros() as u64, ring_entries = entries, "backend tables republished after a health change");
                     self.published[color as usize] = w;
+                    let number = self.last_republish.map_or(1, |r| r.3 + 1);
+                    self.last_republish = Some((color, took, entries, number));
                 }
                 Err(e) => error!(color = color.name(), error = %e, "could not republish backend tables"),
             }
@@ -626,6 +649,12 @@ impl State {
             auto_rollbacks_total: self.dec.auto_rollbacks_total,
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
+            last_republish: self.last_republish.map(|(c, took, ring_entries, number)| RepublishStatus {
+                color: c.name().into(),
+                took_us: took.as_micros() as u64,
+                ring_entries,
+                number,
+            }),
         })
     }
 }
@@ -780,6 +809,7 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
 
     let health_table: health::Table = Arc::new(Mutex::new(BTreeMap::new()));
+    let health_changes = Arc::new(AtomicU64::new(0));
     let published = [Color::Blue, Color::Green].map(|c| {
         config.services.iter().map(|s| s.backends(c).iter().map(|b| b.weight).collect()).collect()
     });
@@ -799,6 +829,9 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         last_drain_removed: None,
         published,
         last_flip_ns: 0,
+        last_republish: None,
+        health_changes: health_changes.clone(),
+        applied_changes: 0,
         all_down_reported: [false; 2],
         persist_due: false,
         config,
@@ -813,7 +846,15 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     let checkers = {
         let _on = background.enter();
         let backends = all_backends(&crate::lock(&state).config);
-        health::spawn(backends, health_table, Arc::new(|addr, s| info!(backend = %addr, state = ?s, "backend health changed")))
+        let changes = health_changes.clone();
+        health::spawn(
+            backends,
+            health_table,
+            Arc::new(move |addr, s| {
+                changes.fetch_add(1, Ordering::Release);
+                info!(backend = %addr, state = ?s, "backend health changed")
+            }),
+        )
     };
     // Read out first: the lock must not be held across the await.
     let metrics_listen = crate::lock(&state).config.metrics_listen;

@@ -180,6 +180,20 @@ pub struct Status {
     pub last_flip_ns: u64,
     /// Whether this agent adopted a data plane an earlier agent left pinned.
     pub adopted: bool,
+    /// The last republish of a color's backend tables after a health change.
+    #[serde(default)]
+    pub last_republish: Option<RepublishStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepublishStatus {
+    pub color: String,
+    /// From the verdict to the selector naming the new tables (grace wait included).
+    pub took_us: u64,
+    /// Maglev entries written (those that moved).
+    pub ring_entries: u64,
+    /// Republishes since the agent started, this one included.
+    pub number: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -581,28 +581,26 @@ impl Dataplane {
                 maglev_table_weighted(backends, w)
             }
         };
-        let mut written = 0u64;
-        {
-            let mut rings: Array<&mut MapData, u32> = Array::try_from(self.map_mut(MAP_RINGS)?)?;
-            for (i, s) in services.iter().enumerate() {
-                let backends = s.backends(color);
-                let old = known.as_ref().map(|k| k[i].as_slice());
-                if old == Some(weights[i].as_slice()) {
-                    continue;
-                }
-                let context = || format!("service {}: {}", s.name, color.name());
-                let new = table(backends, &weights[i]).with_context(context)?;
-                let old = old.map(|w| table(backends, w)).transpose().with_context(context)?;
-                let base = ring_base(slot, n, i as u32);
-                for (j, b) in new.iter().enumerate() {
-                    if old.as_ref().is_none_or(|o| o[j] != *b) {
-                        rings.set(base + j as u32, b, 0).context("writing a Maglev table")?;
-                        written += 1;
-                    }
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (i, s) in services.iter().enumerate() {
+            let backends = s.backends(color);
+            let old = known.as_ref().map(|k| k[i].as_slice());
+            if old == Some(weights[i].as_slice()) {
+                continue;
+            }
+            let context = || format!("service {}: {}", s.name, color.name());
+            let new = table(backends, &weights[i]).with_context(context)?;
+            let old = old.map(|w| table(backends, w)).transpose().with_context(context)?;
+            let base = ring_base(slot, n, i as u32);
+            for (j, b) in new.iter().enumerate() {
+                if old.as_ref().is_none_or(|o| o[j] != *b) {
+                    keys.push(base + j as u32);
+                    values.push(*b);
                 }
             }
         }
-        self.ring_writes += written;
+        update_u32s(self.map_mut(MAP_RINGS)?, &keys, &values).context("writing a Maglev table")?;
+        self.ring_writes += keys.len() as u64;
         if known.is_none() {
             // The sets depend on the config alone: once written, a slot keeps them.
             let mut sets: Array<&mut MapData, BackendSet> = Array::try_from(self.map_mut(MAP_BACKEND_SETS)?)?;
@@ -1186,6 +1184,72 @@ fn dup_map(map: &aya::maps::Map) -> anyhow::Result<aya::maps::Map> {
         Map::PerCpuArray(m) => Map::PerCpuArray(dup(m)?),
         _ => bail!("no second handle for this kind of map"),
     })
+}
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel walks them with rescheduling points
+/// between elements; this bounds what one call copies in).
+const BATCH: usize = 16_384;
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+ for arrays): aya has no batch operations, so this is
+/// the one raw `bpf(2)` call in bg. Layout of `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
+
+/// Writes `values[i]` at index `keys[i]` of a `u32` array map: one syscall per `BATCH`
+/// entries, or one per entry on a kernel without batch operations for arrays. On an error
+/// some entries may be written: callers treat the map's contents as unknown then.
+fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32]) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    assert_eq!(keys.len(), values.len());
+    let aya::maps::Map::Array(data) = &*map else { bail!("not an array map") };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let (mut done, mut retries) = (0, 0);
+    while done < keys.len() {
+        let end = (done + BATCH).min(keys.len());
+        let mut attr = BatchAttr {
+            keys: keys[done..end].as_ptr() as u64,
+            values: values[done..end].as_ptr() as u64,
+            count: (end - done) as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `end - done` keys and values that outlive the call; the
+        // kernel reads them and writes back `count` only.
+        let r = unsafe {
+            nix::libc::syscall(nix::libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+        };
+        if r == 0 {
+            done = end;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(nix::libc::EINTR) | Some(nix::libc::EAGAIN) if retries < 100 => retries += 1,
+            // EINVAL, EOPNOTSUPP, or the kernel's own ENOTSUPP (524), before anything was written.
+            Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | 524) if done == 0 && attr.count == 0 => {
+                // No batch operations here: one update per entry.
+                let mut array: Array<&mut MapData, u32> = Array::try_from(&mut *map)?;
+                for (k, v) in keys.iter().zip(values) {
+                    array.set(*k, v, 0)?;
+                }
+                return Ok(());
+            }
+            _ => return Err(anyhow!(e).context(format!("BPF_MAP_UPDATE_BATCH of {} entries", end - done))),
+        }
+    }
+    Ok(())
 }
 
 /// The flow tables: (name, established, IPv4 keys).

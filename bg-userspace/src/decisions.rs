@@ -36,22 +36,37 @@ pub struct Verdict {
     pub failing: Vec<String>,
 }
 
+/// The most backends a verdict names (a refusal, an audit line and a log line stay short at
+/// any size); the rest are counted.
+pub const VERDICT_BACKENDS: usize = crate::control::STATUS_BACKENDS;
+
 /// Adds up the health of `color`'s backends over `services`.
 pub fn verdict(services: &[Service], color: Color, table: &BTreeMap<SocketAddr, BackendHealth>) -> Verdict {
     let mut v = Verdict { healthy: true, ..Verdict::default() };
+    let mut unnamed = 0usize;
     for s in services {
         let list = s.backends(color);
-        let up = list.iter().filter(|b| health::is_up(state_of(table, &b.addr))).count();
+        let mut up = 0usize;
+        for b in list {
+            let h = table.get(&b.addr);
+            let state = h.map_or(HState::Unknown, |h| h.state);
+            v.confirmed_down |= state == HState::Down;
+            up += health::is_up(state) as usize;
+            if !health::is_up(state) {
+                if v.failing.len() < VERDICT_BACKENDS {
+                    let last = h.map_or("not checked yet", |h| h.last.as_str());
+                    v.failing.push(format!("{} ({state:?}: {last})", b.addr).to_lowercase());
+                } else {
+                    unnamed += 1;
+                }
+            }
+        }
         if (up as f64) < s.health.healthy_share * list.len() as f64 {
             v.healthy = false;
         }
-        for b in list {
-            let h = table.get(&b.addr).cloned().unwrap_or_default();
-            v.confirmed_down |= h.state == HState::Down;
-            if !health::is_up(h.state) {
-                v.failing.push(format!("{} ({:?}: {})", b.addr, h.state, h.last).to_lowercase());
-            }
-        }
+    }
+    if unnamed > 0 {
+        v.failing.push(format!("and {unnamed} more not up (`bgctl backends --color {}` lists them)", color.name()));
     }
     v
 }
@@ -424,6 +439,11 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         t.insert("10.2.1.2:8080".parse().unwrap(), h(HState::Down));
         let v = verdict(&s, Green, &t);
         assert_eq!((v.healthy, v.confirmed_down, v.failing.len()), (true, true, 1));
+        // A long list is cut at VERDICT_BACKENDS, the rest counted.
+        let many: Vec<Service> = (0..30).flat_map(|_| services()).collect();
+        let v = verdict(&many, Green, &BTreeMap::new());
+        assert_eq!(v.failing.len(), VERDICT_BACKENDS + 1);
+        assert_eq!(v.failing.last().unwrap(), "and 70 more not up (`bgctl backends --color green` lists them)");
         // Not yet checked: not healthy, but nothing confirmed down.
         let v = verdict(&s, Green, &BTreeMap::new());
         assert_eq!((v.healthy, v.confirmed_down, v.failing.len()), (false, false, 4));

@@ -357,3 +357,44 @@ impl Drop for Topology {
         }
     }
 }
+
+/// Services and backends per color at the documented maximum.
+pub const MAX_SERVICES: usize = 64;
+pub const MAX_PER_COLOR: usize = 256;
+/// The port every backend of the maximum config is health-checked on.
+pub const MAX_CHECK_PORT: u16 = 8081;
+
+/// Backend `j` of `color` (1 blue, 2 green) in the maximum config.
+pub fn max_backend(color: u8, j: usize) -> String {
+    format!("10.{color}.{}.{}", 100 + j / 200, 1 + j % 200)
+}
+
+impl Topology {
+    /// Sets up the documented maximum, 64 services × 256 backends × 2 colors, checked every
+    /// 3 s with TCP connects (each color's host owns its 256 addresses and answers checks on
+    /// `MAX_CHECK_PORT` with one accept-and-close server), and writes its config. Returns the
+    /// check servers.
+    pub fn setup_max_config(&self) -> anyhow::Result<Vec<Proc>> {
+        let mut servers = Vec::new();
+        for (ns, color, gw_if, host) in [(&self.blue, 1u8, "gw-b", BLUE), (&self.green, 2u8, "gw-g", GREEN)] {
+            let batch = self.run_dir.join(format!("addrs-{color}"));
+            let lines: String = (0..MAX_PER_COLOR).map(|j| format!("addr add {}/32 dev eth0\n", max_backend(color, j))).collect();
+            std::fs::write(&batch, lines)?;
+            ns.exec(&["ip", "-batch", batch.to_str().unwrap()])?;
+            self.gw.exec(&["ip", "route", "add", &format!("10.{color}.100.0/23"), "via", host, "dev", gw_if])?;
+            let mut cmd = ns.command(paths::testsrv().to_str().unwrap());
+            cmd.args(["--listen", &format!("0.0.0.0:{MAX_CHECK_PORT}"), "--body", "x", "--accept-close"]);
+            servers.push(Proc::spawn_ready("check target", &mut cmd, "listening", Duration::from_secs(10))?);
+        }
+        let head = self.config();
+        let head = &head[..head.find("[health]").context("topology config layout")?];
+        // Every 3 s (11k checks a second): the tests beside this one share the two CPUs.
+        let mut config = format!("{head}[health]\nport = {MAX_CHECK_PORT}\ninterval_ms = 3000\n");
+        for i in 0..MAX_SERVICES {
+            let list = |color: u8| (0..MAX_PER_COLOR).map(|j| format!("\"{}:{}\"", max_backend(color, j), 9000 + i)).collect::<Vec<_>>().join(", ");
+            config += &format!("\n[[service]]\nname = \"s{i}\"\nvip = \"10.100.1.{}:80\"\nblue = [{}]\ngreen = [{}]\n", i + 1, list(1), list(2));
+        }
+        std::fs::write(self.config_path(), config)?;
+        Ok(servers)
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bg_tests::{paths, topology::Topology};
+use bg_tests::topology::Topology;
 
 fn tag() -> String {
     bg_tests::run::tag("s")
@@ -19,38 +19,23 @@ fn status(t: &Topology) -> serde_json::Value {
 /// listed (paged), and a flip passes its gate without `--force`.
 #[test]
 fn the_documented_maximum_is_checked_whole_and_flips_unforced() {
-    const SERVICES: usize = 64;
-    const PER_COLOR: usize = 256;
-    const CHECK_PORT: u16 = 8081;
+    const SERVICES: usize = bg_tests::topology::MAX_SERVICES;
+    const PER_COLOR: usize = bg_tests::topology::MAX_PER_COLOR;
     let t = Topology::create(&tag()).unwrap();
-    let addr = |color: u8, j: usize| format!("10.{color}.{}.{}", 100 + j / 200, 1 + j % 200);
-    let mut servers = Vec::new();
-    for (ns, color, gw_if, host) in [(&t.blue, 1u8, "gw-b", "10.1.0.2"), (&t.green, 2u8, "gw-g", "10.2.0.2")] {
-        let batch = t.run_dir.join(format!("addrs-{color}"));
-        let lines: String = (0..PER_COLOR).map(|j| format!("addr add {}/32 dev eth0\n", addr(color, j))).collect();
-        std::fs::write(&batch, lines).unwrap();
-        ns.exec(&["ip", "-batch", batch.to_str().unwrap()]).unwrap();
-        t.gw.exec(&["ip", "route", "add", &format!("10.{color}.100.0/23"), "via", host, "dev", gw_if]).unwrap();
-        let mut cmd = ns.command(paths::testsrv().to_str().unwrap());
-        cmd.args(["--listen", &format!("0.0.0.0:{CHECK_PORT}"), "--body", "x", "--accept-close"]);
-        servers.push(bg_tests::netns::Proc::spawn_ready("check target", &mut cmd, "listening", Duration::from_secs(10)).unwrap());
-    }
-    let head = t.config();
-    let head = &head[..head.find("[health]").unwrap()];
-    // Every 3 s (11k checks a second): the tests beside this one share the two CPUs.
-    let mut config = format!("{head}[health]\nport = {CHECK_PORT}\ninterval_ms = 3000\n");
-    for i in 0..SERVICES {
-        let list = |color: u8| (0..PER_COLOR).map(|j| format!("\"{}:{}\"", addr(color, j), 9000 + i)).collect::<Vec<_>>().join(", ");
-        config += &format!("\n[[service]]\nname = \"s{i}\"\nvip = \"10.100.1.{}:80\"\nblue = [{}]\ngreen = [{}]\n", i + 1, list(1), list(2));
-    }
-    std::fs::write(t.config_path(), config).unwrap();
+    let _servers = t.setup_max_config().unwrap();
     let log = t.run_dir.join("agent.log");
     let _agent = t.start_agent_with(&[], Some(&log)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut s = status(&t);
     while !(s["health"][0]["up"] == 16384 && s["health"][1]["up"] == 16384) {
         assert!(std::time::Instant::now() < deadline, "not every backend came up in 90 s: {}", s["health"]);
-        assert_eq!((s["health"][0]["down"].as_u64(), s["health"][1]["down"].as_u64()), (Some(0), Some(0)), "a backend was marked down: {}", s["health"]);
+        let overflows = [&t.blue, &t.green].map(|ns| ns.counter("netstat", "TcpExt", "ListenOverflows").unwrap_or(0));
+        assert_eq!(
+            (s["health"][0]["down"].as_u64(), s["health"][1]["down"].as_u64()),
+            (Some(0), Some(0)),
+            "a backend was marked down (check servers' accept-queue overflows, blue and green: {overflows:?}): {}",
+            s["health"]
+        );
         std::thread::sleep(Duration::from_millis(500));
         s = status(&t);
     }

@@ -114,6 +114,10 @@ fn main() {
         eprintln!("bg-testsrv: cannot listen on {listen}: {e}");
         std::process::exit(1);
     });
+    // A deep accept queue (std listens with 128): the maximum-config test sends one server
+    // 5000 health checks a second, and a full queue drops SYNs (a 1 s stall for the client).
+    // listen(2) again on a listening socket only changes its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
     println!("listening on {listen}");
     if accept_close {
         for stream in listener.incoming() {

@@ -19,6 +19,7 @@ use bg_tests::{
 use bg_userspace::{config::Config, dataplane::Dataplane};
 use serde_json::{json, Value};
 
+mod control;
 mod network;
 mod nft;
 mod report;
@@ -276,7 +277,7 @@ fn main() -> anyhow::Result<()> {
         match a.as_str() {
             "--smoke" => o.smoke = true,
             "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
-            "--only" => o.only = Some(args.next().context("--only needs a section: packet, map_write, cutover, network")?),
+            "--only" => o.only = Some(args.next().context("--only needs a section: packet, map_write, cutover, control, network")?),
             // Rewrites the report from a results.json without measuring anything.
             "--report" => {
                 let path = PathBuf::from(args.next().context("--report needs a results.json")?);
@@ -309,6 +310,7 @@ fn main() -> anyhow::Result<()> {
     section("packet", &|| packet_cost(&o));
     section("map_write", &|| map_write(&o));
     section("cutover", &|| network::cutover(o.smoke));
+    section("control", &|| control::control(o.smoke));
     section("network", &|| network::throughput(o.smoke));
     let meta = json!({
         "date": humantime::format_rfc3339_seconds(started).to_string(),
