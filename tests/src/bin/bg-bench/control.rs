@@ -83,6 +83,49 @@ fn flips(t: &Topology, n: usize, gap: Duration) -> anyhow::Result<(Vec<u64>, Vec
     Ok((client, agent))
 }
 
+/// The floor under any Unix-socket control call on this machine: a thread that accepts, reads
+/// one line and answers it, called `n` times `gap` apart exactly as the flips are.
+fn unix_socket_floor(t: &Topology, n: usize, gap: Duration) -> anyhow::Result<Vec<u64>> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let path = t.run_dir.join("floor.sock");
+    let listener = UnixListener::bind(&path)?;
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((c, _)) = listener.accept() else { return };
+            let mut line = String::new();
+            let mut r = BufReader::new(&c);
+            if r.read_line(&mut line).is_ok() {
+                let _ = (&c).write_all(b"{\"result\":\"ok\"}\n");
+            }
+        }
+    });
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let start = Instant::now();
+        let mut c = UnixStream::connect(&path)?;
+        c.write_all(b"{\"op\":\"flip\",\"color\":\"green\"}\n")?;
+        let mut answer = String::new();
+        BufReader::new(&c).read_line(&mut answer)?;
+        v.push(start.elapsed().as_micros() as u64);
+        std::thread::sleep(gap);
+    }
+    let _ = server.join();
+    Ok(v)
+}
+
+/// `bgctl --version`: what starting the CLI costs before it does anything.
+fn cli_start(n: usize) -> anyhow::Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let start = Instant::now();
+        let out = std::process::Command::new(bg_tests::paths::bgctl()).arg("--version").output()?;
+        ensure!(out.status.success(), "bgctl --version failed");
+        v.push(start.elapsed().as_micros() as u64);
+    }
+    Ok(v)
+}
+
 fn million_flows(smoke: bool) -> anyhow::Result<Value> {
     let n: u32 = if smoke { 20_000 } else { 1_000_000 };
     let flip_count = if smoke { 10 } else { 100 };
@@ -135,6 +178,8 @@ fn million_flows(smoke: bool) -> anyhow::Result<Value> {
         let scrapes = scrape_loop.join().map_err(|_| anyhow::anyhow!("scrape loop panicked"))??;
         Ok((statuses, scrapes, flipped?))
     })?;
+    let floor = unix_socket_floor(&t, flip_count, gap)?;
+    let cli = cli_start(if smoke { 5 } else { 50 })?;
     let s = status(&t)?;
     eprintln!(
         "bench: {n} flows: status p50 {} us, scrape p50 {} us, flip p50 {} us quiet / {} us under status+scrape loops",
@@ -149,6 +194,7 @@ fn million_flows(smoke: bool) -> anyhow::Result<Value> {
         "status": summary(statuses), "scrape": summary(scrapes),
         "flip_quiet": summary(quiet), "flip_quiet_in_agent": summary(quiet_agent),
         "flip_loaded": summary(loaded), "flip_loaded_in_agent": summary(loaded_agent),
+        "unix_socket_floor": summary(floor), "cli_start": summary(cli),
         "method": format!("{n} established entries written into the pinned IPv4 table, half per color; once the agent's background sampler has counted them, {flip_count} flips {} ms apart through the control socket, then {flip_count} more while one client loops `status` (no --count-flows) and another loops GET /metrics back to back; every figure from the client's side", gap.as_millis()),
     }))
 }
