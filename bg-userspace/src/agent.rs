@@ -9,7 +9,6 @@
 //! socket and leaves the data plane as it is; `bgctl agent --cleanup` removes it.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::Path,
@@ -808,7 +807,7 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         .with_context(|| format!("binding control socket {}", config.socket.display()))?;
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
 
-    let health_table: health::Table = Arc::new(Mutex::new(BTreeMap::new()));
+    let health_table: health::Table = Arc::new(Mutex::new(health::Backends::new()));
     let health_changes = Arc::new(AtomicU64::new(0));
     let published = [Color::Blue, Color::Green].map(|c| {
         config.services.iter().map(|s| s.backends(c).iter().map(|b| b.weight).collect()).collect()

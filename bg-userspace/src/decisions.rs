@@ -7,20 +7,20 @@
 //! selector write, a drain walk, an audit line), and only then `commit`s a switch: a switch
 //! whose selector write failed leaves these rules where they were.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use bg_common::Color;
 
 use crate::{
     config::Service,
-    health::{self, BackendHealth, State as HState},
+    health::{self, Backends, State as HState},
 };
 
 /// The longest `--drain`: a day.
 pub const MAX_DRAIN_SECS: u64 = 86_400;
 
 /// A backend's state in the health table (`Unknown` until its first checks).
-pub fn state_of(table: &BTreeMap<SocketAddr, BackendHealth>, addr: &SocketAddr) -> HState {
+pub fn state_of(table: &Backends, addr: &SocketAddr) -> HState {
     table.get(addr).map(|b| b.state).unwrap_or(HState::Unknown)
 }
 
@@ -41,7 +41,7 @@ pub struct Verdict {
 pub const VERDICT_BACKENDS: usize = crate::control::STATUS_BACKENDS;
 
 /// Adds up the health of `color`'s backends over `services`.
-pub fn verdict(services: &[Service], color: Color, table: &BTreeMap<SocketAddr, BackendHealth>) -> Verdict {
+pub fn verdict(services: &[Service], color: Color, table: &Backends) -> Verdict {
     let mut v = Verdict { healthy: true, ..Verdict::default() };
     let mut unnamed = 0usize;
     for s in services {
@@ -73,7 +73,7 @@ pub fn verdict(services: &[Service], color: Color, table: &BTreeMap<SocketAddr, 
 
 /// Weights new flows see for `color`, per service and backend: the configured weight, or 0
 /// for a backend confirmed down (one not known yet keeps its weight).
-pub fn effective_weights(services: &[Service], color: Color, table: &BTreeMap<SocketAddr, BackendHealth>) -> Vec<Vec<u32>> {
+pub fn effective_weights(services: &[Service], color: Color, table: &Backends) -> Vec<Vec<u32>> {
     services
         .iter()
         .map(|s| s.backends(color).iter().map(|b| if health::takes_flows(state_of(table, &b.addr)) { b.weight } else { 0 }).collect())
@@ -350,7 +350,7 @@ fn deadline(now_ms: u64, after_ms: u64, what: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::{config::Config, health::BackendHealth};
     use std::time::Instant;
 
     use Color::{Blue, Green};
@@ -379,11 +379,11 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     }
 
     /// A health table with every listed backend in `state`.
-    fn table(entries: &[(&str, HState)]) -> BTreeMap<SocketAddr, BackendHealth> {
+    fn table(entries: &[(&str, HState)]) -> Backends {
         entries.iter().map(|(a, s)| (a.parse().unwrap(), h(*s))).collect()
     }
 
-    fn all(state: HState) -> BTreeMap<SocketAddr, BackendHealth> {
+    fn all(state: HState) -> Backends {
         let s = services();
         s.iter().flat_map(|s| s.blue.iter().chain(&s.green)).map(|b| (b.addr, h(state))).collect()
     }
@@ -441,11 +441,11 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         assert_eq!((v.healthy, v.confirmed_down, v.failing.len()), (true, true, 1));
         // A long list is cut at VERDICT_BACKENDS, the rest counted.
         let many: Vec<Service> = (0..30).flat_map(|_| services()).collect();
-        let v = verdict(&many, Green, &BTreeMap::new());
+        let v = verdict(&many, Green, &Backends::new());
         assert_eq!(v.failing.len(), VERDICT_BACKENDS + 1);
         assert_eq!(v.failing.last().unwrap(), "and 70 more not up (`bgctl backends --color green` lists them)");
         // Not yet checked: not healthy, but nothing confirmed down.
-        let v = verdict(&s, Green, &BTreeMap::new());
+        let v = verdict(&s, Green, &Backends::new());
         assert_eq!((v.healthy, v.confirmed_down, v.failing.len()), (false, false, 4));
         // Blue is judged on blue's backends alone.
         let t = table(&[("10.1.0.2:8080", HState::Up), ("10.1.0.3:8080", HState::Up), ("10.1.1.2:8080", HState::Up)]);
@@ -456,7 +456,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     #[test]
     fn backends_confirmed_down_get_weight_zero_and_unknown_ones_keep_theirs() {
         let s = services();
-        assert_eq!(effective_weights(&s, Green, &BTreeMap::new()), vec![vec![1, 1], vec![1, 3]]);
+        assert_eq!(effective_weights(&s, Green, &Backends::new()), vec![vec![1, 1], vec![1, 3]]);
         let t = table(&[("10.2.1.3:8080", HState::Down), ("10.2.0.2:8080", HState::Up)]);
         assert_eq!(effective_weights(&s, Green, &t), vec![vec![1, 1], vec![1, 0]]);
         assert_eq!(effective_weights(&s, Blue, &t), vec![vec![1, 1], vec![1, 1]]);

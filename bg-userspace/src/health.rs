@@ -3,7 +3,7 @@
 //! failures in a row; scattered failures below `fall` change nothing.
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -72,8 +72,12 @@ impl BackendHealth {
     }
 }
 
-/// Results of all checks, by backend address. Shared between the checkers and the agent.
-pub type Table = Arc<Mutex<BTreeMap<SocketAddr, BackendHealth>>>;
+/// Every backend's checks, by address (a hash map: the agent looks each backend of the config
+/// up in it, tens of thousands at the documented maximum).
+pub type Backends = HashMap<SocketAddr, BackendHealth>;
+
+/// Results of all checks, shared between the checkers and the agent.
+pub type Table = Arc<Mutex<Backends>>;
 
 /// One check's outcome.
 #[derive(Debug, PartialEq, Eq)]

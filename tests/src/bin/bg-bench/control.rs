@@ -266,7 +266,7 @@ fn max_config() -> anyhow::Result<Value> {
         "status_us": status_us, "status_bytes": status_bytes,
         "host_down": {"host": host, "noticed_after_ms": noticed.as_millis() as u64, "republish_us": down.took_us, "ring_entries_written": down.ring_entries},
         "host_back": {"republish_us": back.took_us, "ring_entries_written": back.ring_entries},
-        "method": "64 services × 256 backends × 2 colors, TCP checks every 3 s (rise 2, fall 3); start: from spawning the agent to its first `status` answer (maps created, every table written, program loaded and attached), then to every backend up; one flip to green; then one blue host (a backend in each of the 64 services) made unreachable from the gateway, and later reachable again: `noticed` is from the cut to blue's tables republished (three failed checks); each republish is the agent's own time for it (64 services' Maglev tables built twice, old and new) and the entries it wrote (the first into a slot not written since start: whole)",
+        "method": "64 services × 256 backends × 2 colors, TCP checks every 3 s (rise 2, fall 3); start: from spawning the agent to its first `status` answer (maps created, every table written, program loaded and attached), then to every backend up; one flip to green; then one blue host (a backend in each of the 64 services) made unreachable from the gateway, and later reachable again: `noticed` is from the cut to blue's tables republished (three failed checks); each republish is the agent's own time for it (64 services' Maglev tables built twice, old and new) and the entries it wrote (a slot the agent has not written since it started is written whole, so a count near 64 × 16381 means that slot was fresh)",
     }))
 }
 

@@ -211,8 +211,8 @@ fn misses(all: &Value, rows: &[Row]) -> String {
             "**Control path**: {}. The flip's round trip includes connecting to the socket, the health gate, the selector write and the audit \
              line; the first new connection after it includes that connection's own handshake and request. Of a quiet flip's {} µs (p50, client), \
              the agent's own work is {} µs; a bare Unix-socket request and answer between two threads of the benchmark, at the same spacing, \
-             takes {} µs (p50): the rest is the machine waking an idle process, which an agent that is not on the data path is between flips. \
-             `bgctl flip` adds a process start (bgctl --version alone: see `cli_start_us`, {} µs p50).",
+             takes {} µs (p50). The rest lies between the two processes (waking the agent's idle thread, the runtime's turn, the JSON both ways); \
+             a floor between two processes was not measured. `bgctl flip` adds a process start: `bgctl --version` alone takes {} µs (p50) here.",
             control.join("; "),
             m["flip_quiet"]["p50_us"],
             m["flip_quiet_in_agent"]["p50_us"],
