@@ -414,7 +414,8 @@ impl State {
         if changes == self.applied_changes {
             return;
         }
-        self.applied_changes = changes;
+        // Seen only once every color published: a failed republish is tried again next tick.
+        let mut all_published = true;
         for color in Color::ALL {
             let w = self.effective_weights(color);
             let all_down = w.iter().any(|s| s.iter().all(|x| *x == 0));
@@ -434,8 +435,14 @@ impl State {
                     let number = self.last_republish.map_or(1, |r| r.3 + 1);
                     self.last_republish = Some((color, took, entries, number));
                 }
-                Err(e) => error!(color = color.name(), error = %e, "could not republish backend tables"),
+                Err(e) => {
+                    all_published = false;
+                    error!(color = color.name(), error = %format!("{e:#}"), "could not republish backend tables; trying again");
+                }
             }
+        }
+        if all_published {
+            self.applied_changes = changes;
         }
     }
 
@@ -842,18 +849,22 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         services = state.config.services.len(), "bg agent ready");
     let state = Arc::new(Mutex::new(state));
 
-    let checkers = {
+    let (checkers, stop_checks_deadline) = {
         let _on = background.enter();
         let backends = all_backends(&crate::lock(&state).config);
+        // A check in flight at exit may take its timeout, then the grace for a late answer.
+        let longest = backends.iter().map(|(_, h)| h.timeout).max().unwrap_or_default();
+        let deadline = (longest + health::LATE_ANSWER_GRACE + Duration::from_millis(100)).min(MAX_STOP_CHECKS);
         let changes = health_changes.clone();
-        health::spawn(
+        let checkers = health::spawn(
             backends,
             health_table,
             Arc::new(move |addr, s| {
                 changes.fetch_add(1, Ordering::Release);
                 info!(backend = %addr, state = ?s, "backend health changed")
             }),
-        )
+        );
+        (checkers, deadline)
     };
     // Read out first: the lock must not be held across the await.
     let metrics_listen = crate::lock(&state).config.metrics_listen;
@@ -929,8 +940,8 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     }
     drop(listener);
     // Checks in flight end first: cut by the exit, each would leave a reset on its backend.
-    if !checkers.stop(STOP_CHECKS_DEADLINE).await {
-        warn!(deadline_ms = STOP_CHECKS_DEADLINE.as_millis() as u64, "health checks still in flight at exit were cut");
+    if !checkers.stop(stop_checks_deadline).await {
+        warn!(deadline_ms = stop_checks_deadline.as_millis() as u64, "health checks still in flight at exit were cut");
     }
     let mut st = crate::lock(&state);
     if st.persist_due {
@@ -946,9 +957,9 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     Ok(())
 }
 
-/// How long a stopping agent waits for its health checks in flight (a check's timeout plus
-/// `health::LATE_ANSWER_GRACE` at the defaults).
-const STOP_CHECKS_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest a stopping agent waits for its health checks in flight (their longest timeout
+/// plus `health::LATE_ANSWER_GRACE`, but no more than this).
+const MAX_STOP_CHECKS: Duration = Duration::from_secs(15);
 
 async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
@@ -1029,7 +1040,14 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
             }
         }
         Request::History { limit } => match limit.unwrap_or(50) {
-            n @ 1..=MAX_HISTORY => st.store.history(n).map(|events| Response::History { events }),
+            n @ 1..=MAX_HISTORY => {
+                // Read after the lock is let go: a long log delays no flip.
+                let path = st.store.audit_path();
+                drop(st);
+                return crate::state::read_history(&path, n)
+                    .map(|events| Response::History { events })
+                    .unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+            }
             n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),
         },
         Request::Flip { color, drain_secs, percent, force } => match parse_color(&color) {

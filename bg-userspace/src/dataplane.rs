@@ -333,6 +333,9 @@ pub struct Dataplane {
     slot_weights: [Option<Vec<Vec<u32>>>; SLOTS as usize],
     /// Maglev entries written (see `write_slot`).
     ring_writes: u64,
+    /// Write Maglev tables with `BPF_MAP_UPDATE_BATCH` (off: one update per entry, as on a
+    /// kernel without batch operations for arrays).
+    batch_writes: bool,
     /// Pinned links, one per interface, held open for the agent's lifetime (the pins keep them
     /// after it exits).
     links: Vec<FdLink>,
@@ -384,6 +387,7 @@ impl Dataplane {
             released: [None; SLOTS as usize],
             slot_weights: Default::default(),
             ring_writes: 0,
+            batch_writes: true,
             links: Vec::new(),
             removed_by_agent: Arc::new(AtomicU64::new(0)),
             adopted,
@@ -599,7 +603,8 @@ impl Dataplane {
                 }
             }
         }
-        update_u32s(self.map_mut(MAP_RINGS)?, &keys, &values).context("writing a Maglev table")?;
+        let batch = self.batch_writes;
+        update_u32s(self.map_mut(MAP_RINGS)?, &keys, &values, batch).context("writing a Maglev table")?;
         self.ring_writes += keys.len() as u64;
         if known.is_none() {
             // The sets depend on the config alone: once written, a slot keeps them.
@@ -611,6 +616,12 @@ impl Dataplane {
         }
         self.slot_weights[slot as usize] = Some(weights.to_vec());
         Ok(())
+    }
+
+    /// Turns batched Maglev writes off (tests: the path a kernel without array batch
+    /// operations takes) or on.
+    pub fn set_batch_writes(&mut self, on: bool) {
+        self.batch_writes = on;
     }
 
     /// Maglev entries written since this process opened the data plane (for tests and the
@@ -1210,9 +1221,19 @@ const BPF_MAP_UPDATE_BATCH: nix::libc::c_long = 26;
 /// Writes `values[i]` at index `keys[i]` of a `u32` array map: one syscall per `BATCH`
 /// entries, or one per entry on a kernel without batch operations for arrays. On an error
 /// some entries may be written: callers treat the map's contents as unknown then.
-fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32]) -> anyhow::Result<()> {
+fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32], batch: bool) -> anyhow::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
     assert_eq!(keys.len(), values.len());
+    let per_entry = |map: &mut aya::maps::Map| -> anyhow::Result<()> {
+        let mut array: Array<&mut MapData, u32> = Array::try_from(map)?;
+        for (k, v) in keys.iter().zip(values) {
+            array.set(*k, v, 0)?;
+        }
+        Ok(())
+    };
+    if !batch {
+        return per_entry(map);
+    }
     let aya::maps::Map::Array(data) = &*map else { bail!("not an array map") };
     let fd = data.fd().as_fd().as_raw_fd();
     let (mut done, mut retries) = (0, 0);
@@ -1238,13 +1259,11 @@ fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32]) -> anyhow
         match e.raw_os_error() {
             Some(nix::libc::EINTR) | Some(nix::libc::EAGAIN) if retries < 100 => retries += 1,
             // EINVAL, EOPNOTSUPP, or the kernel's own ENOTSUPP (524), before anything was written.
-            Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | 524) if done == 0 && attr.count == 0 => {
+            // The kernel writes `count` back only from its generic batch code, so it says
+            // nothing here; rewriting what a partial batch wrote is harmless.
+            Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | 524) if done == 0 => {
                 // No batch operations here: one update per entry.
-                let mut array: Array<&mut MapData, u32> = Array::try_from(&mut *map)?;
-                for (k, v) in keys.iter().zip(values) {
-                    array.set(*k, v, 0)?;
-                }
-                return Ok(());
+                return per_entry(map);
             }
             _ => return Err(anyhow!(e).context(format!("BPF_MAP_UPDATE_BATCH of {} entries", end - done))),
         }

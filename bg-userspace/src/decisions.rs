@@ -328,6 +328,11 @@ impl Decisions {
                 }
             }
         }
+        if actions.iter().any(|a| matches!(a, Action::AutoRollback { .. })) {
+            // The rollback replaces the drain (as every switch does): the color it returns to
+            // must not be drained in the same tick.
+            self.drain = None;
+        }
         if let Some(d) = self.drain {
             if now_ms >= d.until_ms {
                 self.drain = None;
@@ -638,6 +643,15 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         let mut d = fresh();
         flipped(&mut d, FlipRequest { drain_secs: Some(0), ..flip(Green) }, &healthy(), 7);
         assert_eq!(d.tick(7, &|_| healthy()), vec![Action::Drain { color: Blue }]);
+    }
+
+    #[test]
+    fn a_rollback_in_the_tick_a_drain_falls_due_drains_nothing() {
+        let mut d = fresh();
+        flipped(&mut d, FlipRequest { drain_secs: Some(0), ..flip(Green) }, &healthy(), 0);
+        let actions = d.tick(0, &|c| if c == Green { sick() } else { healthy() });
+        assert!(matches!(actions.as_slice(), [Action::AutoRollback { .. }]), "a rollback to blue and no drain of blue: {actions:?}");
+        assert_eq!(d.drain, None);
     }
 
     #[test]

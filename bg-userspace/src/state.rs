@@ -195,20 +195,28 @@ impl Store {
 
     /// The last `limit` audit events, oldest first.
     pub fn history(&self, limit: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-        let path = self.audit_path();
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let mut events: Vec<serde_json::Value> = BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
-        let skip = events.len().saturating_sub(limit);
-        Ok(events.split_off(skip))
+        read_history(&self.audit_path(), limit)
     }
+}
+
+/// The last `limit` events of the audit log at `path`, oldest first. Keeps only `limit` lines
+/// in memory whatever the log's length (it grows for the agent's life); needs no lock of the
+/// agent's.
+pub fn read_history(path: &Path, limit: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut last = std::collections::VecDeque::with_capacity(limit.min(4096));
+    for line in BufReader::new(f).lines().map_while(Result::ok) {
+        if last.len() == limit {
+            last.pop_front();
+        }
+        last.push_back(line);
+    }
+    // A line that does not parse (cut by a crash mid-write) is left out.
+    Ok(last.iter().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
 #[cfg(test)]

@@ -524,11 +524,19 @@ fn new_flows_spread_over_weighted_backends_by_maglev() {
 /// last written with. Whatever was skipped, the table in the kernel is the whole table.
 #[test]
 fn a_flapping_backend_rewrites_only_the_ring_entries_that_move() {
+    // Batched writes, then one update per entry (a kernel without array batch operations).
+    for batch in [true, false] {
+        flapping_backend(batch);
+    }
+}
+
+fn flapping_backend(batch: bool) {
     const N: usize = 16;
     let blue: Vec<String> = (0..N).map(|i| format!("\"10.1.0.{}:8080\"", 10 + i)).collect();
     let config = CONFIG.replace(r#"blue = ["10.1.0.2:8080"]"#, &format!("blue = [{}]", blue.join(", ")));
     let cfg = Config::parse(&config).unwrap();
     let mut dp = dataplane(&config);
+    dp.set_batch_writes(batch);
     let up = vec![1u32; N];
     let mut down = up.clone();
     down[3] = 0;
