@@ -83,6 +83,8 @@ pub struct State {
     /// The flow sampler's last counts; and handles of the status requests' own to walk.
     pub flow_sample: FlowSample,
     pub flow_tables: Arc<crate::dataplane::FlowTables>,
+    /// Handles of their own on the counter maps: scrapes and `stats` read them after the lock.
+    counter_maps: Arc<crate::dataplane::CounterMaps>,
     /// The switch state and its promises; the rules are in `decisions`. Its active color and
     /// canary share are what the selector in `dp` holds: both change together, in `execute`.
     pub dec: Decisions,
@@ -582,8 +584,9 @@ impl State {
         Ok(e)
     }
 
-    /// What a scrape shows (`metrics::Snapshot`): copies, no walk; microseconds under the lock
-    /// (and O(backends) for their states).
+    /// What a scrape shows (`metrics::Snapshot`) but its counters: copies, no walk, no map
+    /// read but the egress states; microseconds under the lock (and O(backends) for their
+    /// states).
     fn metrics_snapshot(&self) -> anyhow::Result<metrics::Snapshot> {
         let sample = *crate::lock(&self.flow_sample);
         let table = crate::lock(&self.health);
@@ -596,7 +599,7 @@ impl State {
             .collect();
         drop(table);
         Ok(metrics::Snapshot {
-            counters: self.dp.counters()?,
+            counters: Default::default(),
             flows: sample.map(|(c, _)| c).unwrap_or_default(),
             flows_age: sample.map(|(_, at)| at.elapsed()),
             active: self.active(),
@@ -822,7 +825,9 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     let flow_tables = Arc::new(dp.flow_tables()?);
     let flow_sample = spawn_flow_sampler(flow_tables.clone())?;
     let canary = dp.current().canary_permille();
+    let counter_maps = Arc::new(dp.counter_maps()?);
     let mut state = State {
+        counter_maps,
         flow_sample,
         flow_tables,
         dp,
@@ -871,7 +876,16 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     if let Some(addr) = metrics_listen {
         let labels = metrics::Labels::of(&crate::lock(&state).config.services);
         let state = state.clone();
-        let snapshot: metrics::Snapshotter = Arc::new(move || crate::lock(&state).metrics_snapshot());
+        let snapshot: metrics::Snapshotter = Arc::new(move || {
+            // The lock for copies only; the counter maps are read after it is let go.
+            let (snapshot, counters) = {
+                let st = crate::lock(&state);
+                (st.metrics_snapshot(), st.counter_maps.clone())
+            };
+            let mut snapshot = snapshot?;
+            snapshot.counters = counters.read()?;
+            Ok(snapshot)
+        });
         background.spawn(metrics::serve(addr, labels, snapshot)).await.map_err(|e| anyhow!("the metrics task failed: {e}"))??;
     }
 
@@ -1019,7 +1033,11 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
                 Err(e) => Response::Error { message: format!("{e:#}") },
             };
         }
-        Request::Stats => st.dp.counters().map(Response::Stats),
+        Request::Stats => {
+            let counters = st.counter_maps.clone();
+            drop(st);
+            return counters.read().map(Response::Stats).unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+        }
         Request::Backends { color, state, offset, limit } => {
             let limit = limit.unwrap_or(MAX_BACKENDS_PAGE);
             let color = match color.as_deref() {

@@ -825,23 +825,16 @@ impl Dataplane {
 
     /// All counters, summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Counters> {
-        let mut c = Counters::default();
-        for r in Reason::ALL {
-            c.reasons.push((r.name().to_owned(), self.reason_count(r)?));
-        }
-        for f in Fwd::ALL {
-            c.forwarding.push((f.name().to_owned(), self.fwd_count(f)?));
-        }
-        let colors: PerCpuArray<&MapData, ColorStats> = PerCpuArray::try_from(self.map(MAP_COLOR_STATS)?)?;
-        for color in Color::ALL {
-            for s in colors.get(&(color as u32), 0)?.iter() {
-                let out = &mut c.colors[color as usize];
-                out.packets += s.packets;
-                out.bytes += s.bytes;
-                out.new_flows += s.new_flows;
-            }
-        }
-        Ok(c)
+        read_counters(self.map(MAP_STATS)?, self.map(MAP_FWD_STATS)?, self.map(MAP_COLOR_STATS)?)
+    }
+
+    /// Handles of their own on the counter maps, for reading them without the agent's lock.
+    pub fn counter_maps(&self) -> anyhow::Result<CounterMaps> {
+        Ok(CounterMaps {
+            stats: dup_map(self.map(MAP_STATS)?)?,
+            fwd: dup_map(self.map(MAP_FWD_STATS)?)?,
+            colors: dup_map(self.map(MAP_COLOR_STATS)?)?,
+        })
     }
 
     /// Walks the flow tables. O(entries): for tests and one-off reads; the agent samples them
@@ -1269,6 +1262,42 @@ fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32], batch: bo
         }
     }
     Ok(())
+}
+
+/// The counter maps on handles of their own (`Dataplane::counter_maps`).
+pub struct CounterMaps {
+    stats: aya::maps::Map,
+    fwd: aya::maps::Map,
+    colors: aya::maps::Map,
+}
+
+impl CounterMaps {
+    /// All counters, summed over CPUs.
+    pub fn read(&self) -> anyhow::Result<Counters> {
+        read_counters(&self.stats, &self.fwd, &self.colors)
+    }
+}
+
+fn read_counters(stats: &aya::maps::Map, fwd: &aya::maps::Map, colors: &aya::maps::Map) -> anyhow::Result<Counters> {
+    let mut c = Counters::default();
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(stats)?;
+    for r in Reason::ALL {
+        c.reasons.push((r.name().to_owned(), stats.get(&(r as u32), 0)?.iter().sum()));
+    }
+    let fwd: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(fwd)?;
+    for f in Fwd::ALL {
+        c.forwarding.push((f.name().to_owned(), fwd.get(&(f as u32), 0)?.iter().sum()));
+    }
+    let colors: PerCpuArray<&MapData, ColorStats> = PerCpuArray::try_from(colors)?;
+    for color in Color::ALL {
+        for s in colors.get(&(color as u32), 0)?.iter() {
+            let out = &mut c.colors[color as usize];
+            out.packets += s.packets;
+            out.bytes += s.bytes;
+            out.new_flows += s.new_flows;
+        }
+    }
+    Ok(c)
 }
 
 /// The flow tables: (name, established, IPv4 keys).
