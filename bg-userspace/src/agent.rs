@@ -37,7 +37,7 @@ use crate::{
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
     decisions::{self, Action, Decision, Decisions, FlipRequest, Kind, Plan, Verdict},
-    health::{self, BackendHealth, State as HState},
+    health::{self, State as HState},
     metrics,
     state::{Persisted, Store},
 };
@@ -86,7 +86,7 @@ pub struct State {
     /// Handles of their own on the counter maps: scrapes and `stats` read them after the lock.
     counter_maps: Arc<crate::dataplane::CounterMaps>,
     /// The switch state and its promises; the rules are in `decisions`. Its active color and
-    /// canary share are what the selector in `dp` holds: both change together, in `execute`.
+    /// canary share are what the selector in `dp` holds: both change together, in `carry_out`.
     pub dec: Decisions,
     /// `dec`'s clock: milliseconds since this instant.
     epoch: Instant,
@@ -94,9 +94,8 @@ pub struct State {
     /// Effective weights last published per color.
     published: [Vec<Vec<u32>>; 2],
     pub last_flip_ns: u64,
-    /// The last republish after a health change: color, how long, Maglev entries written,
-    /// how many since start.
-    last_republish: Option<(Color, Duration, u64, u64)>,
+    /// The last republish after a health change, as status shows it.
+    last_republish: Option<RepublishStatus>,
     /// Backend state changes the checkers reported, and how many `apply_health` has seen.
     health_changes: Arc<AtomicU64>,
     applied_changes: u64,
@@ -348,11 +347,10 @@ impl State {
                             not_listed += 1;
                             continue;
                         }
-                        let last = h.map(|h| h.last.clone()).unwrap_or_else(|| BackendHealth::default().last);
+                        let last = h.map_or(health::NOT_CHECKED, |h| h.last.as_str()).to_owned();
                         not_up.push(BackendStatus { service: s.name.clone(), backend: b.addr.to_string(), weight: b.weight, state, last });
                     }
-                    // The gate's rule (`decisions::verdict`).
-                    healthy &= (up as f64) >= s.health.healthy_share * s.backends(c).len() as f64;
+                    healthy &= decisions::meets_share(up, s.backends(c).len(), s.health.healthy_share);
                 }
                 let published = &self.published[c as usize];
                 ColorHealth {
@@ -434,8 +432,9 @@ impl State {
                     let (took, entries) = (started.elapsed(), self.dp.ring_entries_written() - written);
                     info!(color = color.name(), took_us = took.as_micros() as u64, ring_entries = entries, "backend tables republished after a health change");
                     self.published[color as usize] = w;
-                    let number = self.last_republish.map_or(1, |r| r.3 + 1);
-                    self.last_republish = Some((color, took, entries, number));
+                    let number = self.last_republish.as_ref().map_or(1, |r| r.number + 1);
+                    self.last_republish =
+                        Some(RepublishStatus { color: color.name().into(), took_us: took.as_micros() as u64, ring_entries: entries, number });
                 }
                 Err(e) => {
                     all_published = false;
@@ -497,7 +496,7 @@ impl State {
             Decision::Switch(plan) => plan,
         };
         // Everything that can fail came before: the selector write is the switch.
-        let switch = self.dp.route(plan.active, plan.canary_permille)?;
+        let switch = self.dp.route(plan.active(), plan.canary_permille())?;
         self.dec.commit(&plan, self.now_ms());
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
         self.persist();
@@ -658,12 +657,7 @@ impl State {
             auto_rollbacks_total: self.dec.auto_rollbacks_total,
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
-            last_republish: self.last_republish.map(|(c, took, ring_entries, number)| RepublishStatus {
-                color: c.name().into(),
-                took_us: took.as_micros() as u64,
-                ring_entries,
-                number,
-            }),
+            last_republish: self.last_republish.clone(),
         })
     }
 }
@@ -1024,19 +1018,18 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
             let status = st.status();
             let tables = st.flow_tables.clone();
             drop(st);
-            return match status.and_then(|mut s| {
-                s.flows = tables.counts()?;
-                s.flows_age_ms = Some(0);
-                Ok(s)
-            }) {
-                Ok(s) => Response::Status(s),
-                Err(e) => Response::Error { message: format!("{e:#}") },
-            };
+            status
+                .and_then(|mut s| {
+                    s.flows = tables.counts()?;
+                    s.flows_age_ms = Some(0);
+                    Ok(s)
+                })
+                .map(Response::Status)
         }
         Request::Stats => {
             let counters = st.counter_maps.clone();
             drop(st);
-            return counters.read().map(Response::Stats).unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+            counters.read().map(Response::Stats)
         }
         Request::Backends { color, state, offset, limit } => {
             let limit = limit.unwrap_or(MAX_BACKENDS_PAGE);
@@ -1062,9 +1055,7 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
                 // Read after the lock is let go: a long log delays no flip.
                 let path = st.store.audit_path();
                 drop(st);
-                return crate::state::read_history(&path, n)
-                    .map(|events| Response::History { events })
-                    .unwrap_or_else(|e| Response::Error { message: format!("{e:#}") });
+                crate::state::read_history(&path, n).map(|events| Response::History { events })
             }
             n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),
         },

@@ -813,14 +813,12 @@ impl Dataplane {
 
     /// Packet count of one reason, summed over CPUs.
     pub fn reason_count(&self, reason: Reason) -> anyhow::Result<u64> {
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_STATS)?)?;
-        Ok(stats.get(&(reason as u32), 0)?.iter().sum())
+        percpu_sum(self.map(MAP_STATS)?, reason as u32)
     }
 
     /// Count of one forwarding outcome, summed over CPUs.
     pub fn fwd_count(&self, fwd: Fwd) -> anyhow::Result<u64> {
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(MAP_FWD_STATS)?)?;
-        Ok(stats.get(&(fwd as u32), 0)?.iter().sum())
+        percpu_sum(self.map(MAP_FWD_STATS)?, fwd as u32)
     }
 
     /// All counters, summed over CPUs.
@@ -1153,8 +1151,7 @@ impl FlowTables {
                 walk_flows::<FlowKey>(map, |k, e| one(k.proto, e))?;
             }
         }
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&self.fwd)?;
-        let confirmed: u64 = stats.get(&(Fwd::FlowsConfirmed as u32), 0)?.iter().sum();
+        let confirmed = percpu_sum(&self.fwd, Fwd::FlowsConfirmed as u32)?;
         let removed = self.removed_by_agent.load(Ordering::Relaxed);
         counts.evicted = confirmed.saturating_sub(removed).saturating_sub(counts.entries);
         Ok(counts)
@@ -1278,15 +1275,19 @@ impl CounterMaps {
     }
 }
 
+/// One per-CPU `u64` counter, summed over CPUs.
+fn percpu_sum(map: &aya::maps::Map, index: u32) -> anyhow::Result<u64> {
+    let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+    Ok(counters.get(&index, 0)?.iter().sum())
+}
+
 fn read_counters(stats: &aya::maps::Map, fwd: &aya::maps::Map, colors: &aya::maps::Map) -> anyhow::Result<Counters> {
     let mut c = Counters::default();
-    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(stats)?;
     for r in Reason::ALL {
-        c.reasons.push((r.name().to_owned(), stats.get(&(r as u32), 0)?.iter().sum()));
+        c.reasons.push((r.name().to_owned(), percpu_sum(stats, r as u32)?));
     }
-    let fwd: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(fwd)?;
     for f in Fwd::ALL {
-        c.forwarding.push((f.name().to_owned(), fwd.get(&(f as u32), 0)?.iter().sum()));
+        c.forwarding.push((f.name().to_owned(), percpu_sum(fwd, f as u32)?));
     }
     let colors: PerCpuArray<&MapData, ColorStats> = PerCpuArray::try_from(colors)?;
     for color in Color::ALL {

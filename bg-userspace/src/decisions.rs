@@ -36,6 +36,11 @@ pub struct Verdict {
     pub failing: Vec<String>,
 }
 
+/// The gate's rule for one service: at least `share` of its `total` backends are up.
+pub fn meets_share(up: usize, total: usize, share: f64) -> bool {
+    up as f64 >= share * total as f64
+}
+
 /// The most backends a verdict names (a refusal, an audit line and a log line stay short at
 /// any size); the rest are counted.
 pub const VERDICT_BACKENDS: usize = crate::control::STATUS_BACKENDS;
@@ -51,19 +56,18 @@ pub fn verdict(services: &[Service], color: Color, table: &Backends) -> Verdict 
             let h = table.get(&b.addr);
             let state = h.map_or(HState::Unknown, |h| h.state);
             v.confirmed_down |= state == HState::Down;
-            up += health::is_up(state) as usize;
-            if !health::is_up(state) {
+            if health::is_up(state) {
+                up += 1;
+            } else {
                 if v.failing.len() < VERDICT_BACKENDS {
-                    let last = h.map_or("not checked yet", |h| h.last.as_str());
+                    let last = h.map_or(health::NOT_CHECKED, |h| h.last.as_str());
                     v.failing.push(format!("{} ({state:?}: {last})", b.addr).to_lowercase());
                 } else {
                     unnamed += 1;
                 }
             }
         }
-        if (up as f64) < s.health.healthy_share * list.len() as f64 {
-            v.healthy = false;
-        }
+        v.healthy &= meets_share(up, list.len(), s.health.healthy_share);
     }
     if unnamed > 0 {
         v.failing.push(format!("and {unnamed} more not up (`bgctl backends --color {}` lists them)", color.name()));
@@ -119,14 +123,13 @@ impl Kind {
     }
 }
 
-/// A switch to carry out: write the selector (`active`, `canary_permille`), then `commit`.
+/// A switch to carry out: write the selector (`active()`, `canary_permille()`), then `commit`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub kind: Kind,
     pub from: Color,
     pub to: Color,
-    pub active: Color,
-    pub canary_permille: u32,
+    /// A canary's share of new flows to `to` (Some(0): a canary ended).
     pub percent: Option<u32>,
     pub drain_secs: Option<u64>,
     /// Past a failing gate with --force: no watch window opens.
@@ -135,6 +138,26 @@ pub struct Plan {
     pub generation: u64,
     pub drain: Option<Window>,
     pub watch: Option<Window>,
+}
+
+impl Plan {
+    /// The color new flows go to once switched: a canary keeps the active one.
+    pub fn active(&self) -> Color {
+        if self.kind == Kind::Canary {
+            self.from
+        } else {
+            self.to
+        }
+    }
+
+    /// The share (per mille) of new flows sent to the other color.
+    pub fn canary_permille(&self) -> u32 {
+        if self.kind == Kind::Canary {
+            self.percent.unwrap_or(0) * 10
+        } else {
+            0
+        }
+    }
 }
 
 /// The answer to a flip or rollback.
@@ -213,9 +236,7 @@ impl Decisions {
         if req.percent.is_some() && req.to == from {
             return Err(format!("{} is already active; a canary goes to the other color", req.to.name()));
         }
-        let permille = req.percent.map(|p| p * 10).unwrap_or(0);
-        let active = if req.percent.is_some() { from } else { req.to };
-        if req.percent.is_none() && active == from && self.canary_permille == 0 {
+        if req.percent.is_none() && req.to == from && self.canary_permille == 0 {
             return Ok(Decision::Unchanged);
         }
         if !to.healthy && !req.force {
@@ -236,8 +257,6 @@ impl Decisions {
             kind: if req.percent.is_some() { Kind::Canary } else { Kind::Flip },
             from,
             to: req.to,
-            active,
-            canary_permille: permille,
             percent: req.percent,
             drain_secs: req.drain_secs,
             forced,
@@ -255,8 +274,6 @@ impl Decisions {
                 kind: Kind::CanaryCancelled,
                 from: self.active,
                 to: self.active,
-                active: self.active,
-                canary_permille: 0,
                 percent: Some(0),
                 drain_secs: None,
                 forced: false,
@@ -278,12 +295,12 @@ impl Decisions {
 
     /// Records a switch whose selector write succeeded.
     pub fn commit(&mut self, plan: &Plan, now_ms: u64) {
-        if plan.active != self.active {
+        if plan.active() != self.active {
             self.previous = Some(self.active);
             self.active_since_ms = now_ms;
         }
-        self.active = plan.active;
-        self.canary_permille = plan.canary_permille;
+        self.active = plan.active();
+        self.canary_permille = plan.canary_permille();
         self.generation = plan.generation;
         self.flips_total = self.flips_total.saturating_add(1);
         self.drain = plan.drain;
@@ -319,7 +336,10 @@ impl Decisions {
                         skipped(format!("{why}; {} unhealthy too", to.name()))
                     } else {
                         match self.decide_rollback(false, verdict_of, now_ms) {
-                            Ok(Decision::Switch(plan)) => Action::AutoRollback { plan, why },
+                            // The drain, if one is due, is left to the switch: its commit
+                            // replaces it, as every switch does (the color rolled back to
+                            // is not drained; a rollback that fails to write leaves it due).
+                            Ok(Decision::Switch(plan)) => return vec![Action::AutoRollback { plan, why }],
                             Ok(Decision::Refused { .. }) => skipped(format!("{why}; {} unhealthy too", to.name())),
                             Ok(Decision::Unchanged) => skipped(format!("{why}; already on {}", to.name())),
                             Err(e) => skipped(format!("{why}; {e}")),
@@ -327,11 +347,6 @@ impl Decisions {
                     });
                 }
             }
-        }
-        if actions.iter().any(|a| matches!(a, Action::AutoRollback { .. })) {
-            // The rollback replaces the drain (as every switch does): the color it returns to
-            // must not be drained in the same tick.
-            self.drain = None;
         }
         if let Some(d) = self.drain {
             if now_ms >= d.until_ms {
@@ -471,7 +486,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     fn a_flip_passes_the_gate_switches_and_opens_a_window() {
         let mut d = fresh();
         let p = flipped(&mut d, flip(Green), &healthy(), 1_000);
-        assert_eq!((p.kind, p.from, p.to, p.active, p.canary_permille, p.generation), (Kind::Flip, Blue, Green, Green, 0, 2));
+        assert_eq!((p.kind, p.from, p.to, p.active(), p.canary_permille(), p.generation), (Kind::Flip, Blue, Green, Green, 0, 2));
         assert_eq!(p.watch, Some(Window { color: Green, until_ms: 31_000 }));
         assert_eq!((d.active, d.previous, d.generation, d.active_since_ms, d.flips_total), (Green, Some(Blue), 2, 1_000, 1));
         // The same flip again: nothing to write, nothing counted.
@@ -515,22 +530,22 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     fn a_canary_keeps_the_active_color_and_a_flip_or_rollback_ends_it() {
         let mut d = fresh();
         let p = flipped(&mut d, FlipRequest { percent: Some(25), ..flip(Green) }, &healthy(), 0);
-        assert_eq!((p.kind, p.active, p.canary_permille), (Kind::Canary, Blue, 250));
+        assert_eq!((p.kind, p.active(), p.canary_permille()), (Kind::Canary, Blue, 250));
         assert_eq!(p.watch.map(|w| w.color), Some(Green), "the canary's color is watched");
         assert_eq!((d.active, d.canary_permille, d.previous), (Blue, 250, None));
         // Rollback ends the canary: blue keeps every new flow.
         let r = plan(d.decide_rollback(false, &|_| sick(), 10));
-        assert_eq!((r.kind, r.active, r.canary_permille, r.watch), (Kind::CanaryCancelled, Blue, 0, None));
+        assert_eq!((r.kind, r.active(), r.canary_permille(), r.watch), (Kind::CanaryCancelled, Blue, 0, None));
         d.commit(&r, 10);
         assert_eq!((d.canary_permille, d.rollbacks_total, d.generation), (0, 1, 3));
         // A canary, then a plain flip to blue (already active): ends the canary, not a no-op.
         flipped(&mut d, FlipRequest { percent: Some(10), ..flip(Green) }, &healthy(), 20);
         let p = flipped(&mut d, flip(Blue), &healthy(), 30);
-        assert_eq!((p.active, p.canary_permille, d.canary_permille), (Blue, 0, 0));
+        assert_eq!((p.active(), p.canary_permille(), d.canary_permille), (Blue, 0, 0));
         // A canary then a full flip to green.
         flipped(&mut d, FlipRequest { percent: Some(10), ..flip(Green) }, &healthy(), 40);
         let p = flipped(&mut d, flip(Green), &healthy(), 50);
-        assert_eq!((p.active, d.active, d.previous, d.canary_permille), (Green, Green, Some(Blue), 0));
+        assert_eq!((p.active(), d.active, d.previous, d.canary_permille), (Green, Green, Some(Blue), 0));
     }
 
     #[test]
@@ -541,7 +556,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         // Blue sick: refused, unless forced.
         assert!(matches!(d.decide_rollback(false, &|_| sick(), 5), Ok(Decision::Refused { to: Blue, .. })));
         let r = plan(d.decide_rollback(true, &|_| sick(), 5));
-        assert_eq!((r.kind, r.active, r.forced, r.watch), (Kind::Rollback, Blue, true, None));
+        assert_eq!((r.kind, r.active(), r.forced, r.watch), (Kind::Rollback, Blue, true, None));
         d.commit(&r, 5);
         assert_eq!((d.active, d.previous, d.watch, d.rollbacks_total), (Blue, Some(Green), None, 1));
     }
@@ -557,7 +572,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         // Green confirmed down at 29.9 s, blue healthy: one rollback to blue.
         let actions = d.tick(29_900, &|c| if c == Green { sick() } else { healthy() });
         let [Action::AutoRollback { plan, why }] = actions.as_slice() else { panic!("{actions:?}") };
-        assert_eq!((plan.kind, plan.active, plan.watch), (Kind::Rollback, Blue, None));
+        assert_eq!((plan.kind, plan.active(), plan.watch), (Kind::Rollback, Blue, None));
         assert!(why.contains("green unhealthy within the watch window: 10.2.0.2:8080 (down: refused)"), "{why}");
         d.commit(plan, 29_900);
         d.commit_auto_rollback();
@@ -612,7 +627,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         flipped(&mut d, FlipRequest { percent: Some(10), ..flip(Green) }, &healthy(), 0);
         let actions = d.tick(500, &|c| if c == Green { sick() } else { healthy() });
         let [Action::AutoRollback { plan, .. }] = actions.as_slice() else { panic!("{actions:?}") };
-        assert_eq!((plan.kind, plan.active, plan.canary_permille), (Kind::CanaryCancelled, Blue, 0));
+        assert_eq!((plan.kind, plan.active(), plan.canary_permille()), (Kind::CanaryCancelled, Blue, 0));
     }
 
     #[test]
@@ -650,8 +665,10 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         let mut d = fresh();
         flipped(&mut d, FlipRequest { drain_secs: Some(0), ..flip(Green) }, &healthy(), 0);
         let actions = d.tick(0, &|c| if c == Green { sick() } else { healthy() });
-        assert!(matches!(actions.as_slice(), [Action::AutoRollback { .. }]), "a rollback to blue and no drain of blue: {actions:?}");
+        let [Action::AutoRollback { plan, .. }] = actions.as_slice() else { panic!("a rollback to blue and no drain of blue: {actions:?}") };
+        d.commit(plan, 0);
         assert_eq!(d.drain, None);
+        assert_eq!(d.tick(1, &|_| healthy()), vec![], "nor one later");
     }
 
     #[test]

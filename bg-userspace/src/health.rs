@@ -39,9 +39,12 @@ pub struct BackendHealth {
     pub changed_at: Option<Instant>,
 }
 
+/// What a backend's last check says before its first one.
+pub const NOT_CHECKED: &str = "not checked yet";
+
 impl Default for BackendHealth {
     fn default() -> Self {
-        BackendHealth { state: State::Unknown, successes: 0, failures: 0, last: "not checked yet".into(), changed_at: None }
+        BackendHealth { state: State::Unknown, successes: 0, failures: 0, last: NOT_CHECKED.into(), changed_at: None }
     }
 }
 

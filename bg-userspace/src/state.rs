@@ -192,11 +192,6 @@ impl Store {
         }
         Ok(())
     }
-
-    /// The last `limit` audit events, oldest first.
-    pub fn history(&self, limit: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-        read_history(&self.audit_path(), limit)
-    }
 }
 
 /// The last `limit` events of the audit log at `path`, oldest first. Keeps only `limit` lines
@@ -239,7 +234,7 @@ mod tests {
         for i in 0..5 {
             store.audit(serde_json::json!({"event": "flip", "generation": i})).unwrap();
         }
-        let h = store.history(3).unwrap();
+        let h = read_history(&store.audit_path(), 3).unwrap();
         assert_eq!(h.iter().map(|e| e["generation"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4]);
         assert!(h[0]["time"].as_str().unwrap().ends_with('Z'));
         std::fs::remove_dir_all(&dir).unwrap();
