@@ -326,6 +326,11 @@ pub const FLOW_PREVIEW: u8 = 8;
 /// `FlowEntry::flags` (unconfirmed TCP): the backend's SYN-ACK acknowledging the SYN was seen;
 /// `peer_isn` holds its ISN.
 pub const FLOW_ANSWERED: u8 = 16;
+/// `FlowEntry::flags`: the flow was counted as a failed handshake (`BackendSignals::refused` or
+/// `no_answer`): counted once, and a late answer does not count it as answered too.
+pub const FLOW_FAILED: u8 = 32;
+/// `FlowEntry::flags`: a reset by the backend was counted for this flow (once per flow).
+pub const FLOW_RESET: u8 = 64;
 
 /// Value of the flow tables, keyed by the flow's client → VIP 5-tuple (`FlowKey`): the
 /// unconfirmed table (`EMBRYO`) until the backend answers, the established one (`FLOWS`) after.
@@ -365,10 +370,13 @@ pub struct FlowEntry {
     /// The egress interface; 0: nothing cached.
     pub nh_ifindex: u32,
     pub nh_len: u16,
-    pub _pad: u16,
+    /// The flow's backend's entry in `SIGNALS` (`signal_index`).
+    pub signal: u16,
     /// Destination and source MAC for the egress.
     pub nh_macs: [u8; 12],
-    pub _pad2: u32,
+    /// `bpf_ktime_get_ns() >> LATENCY_SHIFT` (truncated) when the flow started: its handshake
+    /// latency is measured from here to the backend's SYN-ACK.
+    pub started: u32,
 }
 
 /// `FlowEntry::nh_epoch` is the coarse clock shifted by this (2^30 ns, about 1.07 s).
@@ -392,9 +400,9 @@ impl FlowEntry {
             nh_epoch: 0,
             nh_ifindex: 0,
             nh_len: 0,
-            _pad: 0,
+            signal: 0,
             nh_macs: [0; 12],
-            _pad2: 0,
+            started: 0,
         }
     }
 
@@ -439,6 +447,8 @@ pub struct ReplyNat {
     pub color: u8,
     /// `REPLY_*` bits.
     pub flags: u8,
+    /// The backend's entry in `SIGNALS` (`signal_index`).
+    pub signal: u32,
 }
 
 /// Value of `PREVIEW_REPLIES`, keyed by a preview flow's reply 5-tuple (backend → client).
@@ -470,6 +480,66 @@ pub struct ColorStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// Per-CPU connection signals of one backend: what its real traffic sees, counted by the data
+/// path (`SIGNALS[signal_index(service, color, backend)]`). The agent's SLOs are judged on
+/// these (README "Connection signals").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendSignals {
+    /// Flows started (a TCP SYN, a first UDP datagram).
+    pub new_flows: u64,
+    /// Flows answered in time: TCP by the backend's SYN-ACK before the client retransmitted
+    /// its SYN, UDP by a first reply before `UDP_NO_REPLY_NS`.
+    pub answered: u64,
+    /// TCP handshakes refused: the backend answered the SYN with an RST.
+    pub refused: u64,
+    /// Flows with no answer in time: a TCP SYN retransmitted before any SYN-ACK (the client's
+    /// retransmission timeout, 1 s on Linux, is the time), a UDP flow whose client sent again
+    /// `UDP_NO_REPLY_NS` after its first datagram with no reply yet.
+    pub no_answer: u64,
+    /// Established TCP flows reset by the backend (once per flow).
+    pub resets: u64,
+    /// Bytes (whole frames) client → backend and backend → client.
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+}
+
+/// A UDP flow without a reply this long after its first datagram counts as unanswered (on
+/// the client's next datagram).
+pub const UDP_NO_REPLY_NS: u64 = 1_000_000_000;
+
+/// `FlowEntry::started` and handshake latencies are in units of 2^10 ns (1.024 us).
+pub const LATENCY_SHIFT: u32 = 10;
+/// Buckets of the handshake latency histogram: bucket 0 holds latencies under one unit,
+/// bucket k (1..) those in [2^(k-1), 2^k) units, the last one everything from 2^(k-1) up
+/// (bucket 23 starts at 4.3 s).
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// Per-CPU handshake latency histogram of one (service, color): `LATENCY[service * 2 + color]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct LatencyHist {
+    pub buckets: [u64; LATENCY_BUCKETS],
+}
+
+/// The histogram bucket of a latency in `LATENCY_SHIFT` units.
+#[inline(always)]
+pub fn latency_bucket(units: u32) -> u32 {
+    let b = 32 - units.leading_zeros();
+    if b >= LATENCY_BUCKETS as u32 {
+        LATENCY_BUCKETS as u32 - 1
+    } else {
+        b
+    }
+}
+
+/// Where a backend's signals live: one block of `MAX_BACKENDS` per (service, color), the
+/// backend's place in its color's list inside it. Fits `FlowEntry::signal` (u16).
+#[inline(always)]
+pub const fn signal_index(service: u32, color: u32, backend: u32) -> u32 {
+    (service * 2 + (color & 1)) * MAX_BACKENDS as u32 + backend
 }
 
 /// What bg knows about an egress interface (`EGRESS[ifindex]`): whether `XDP_REDIRECT` into it
@@ -596,6 +666,12 @@ impl Reason {
         Reason::DropMartian,
         Reason::DropUdp6NoChecksum,
     ];
+
+    /// The reason numbered `v`.
+    #[inline(always)]
+    pub fn from_u32(v: u32) -> Option<Reason> {
+        Reason::ALL.get(v as usize).copied()
+    }
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -736,6 +812,8 @@ mod user {
     unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for ColorStats {}
     unsafe impl aya::Pod for EgressState {}
+    unsafe impl aya::Pod for BackendSignals {}
+    unsafe impl aya::Pod for LatencyHist {}
 }
 
 #[cfg(test)]
@@ -751,10 +829,33 @@ mod tests {
         assert_eq!(size_of::<BackendSet>(), 8 + 20 * MAX_BACKENDS);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 72);
-        assert_eq!(size_of::<ReplyNat>(), 20);
+        assert_eq!(size_of::<ReplyNat>(), 24);
+        assert_eq!(size_of::<BackendSignals>(), 56);
+        assert_eq!(size_of::<LatencyHist>(), 8 * LATENCY_BUCKETS);
         assert_eq!(size_of::<PreviewReply>(), 20);
         assert_eq!(size_of::<DpConfig>(), 40);
         assert_eq!(size_of::<VipAddr>(), 20);
+    }
+
+    #[test]
+    fn latency_buckets_are_log2() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1), 1);
+        assert_eq!(latency_bucket(2), 2);
+        assert_eq!(latency_bucket(3), 2);
+        assert_eq!(latency_bucket(4), 3);
+        // 100 ms = 97656 units: in [2^16, 2^17).
+        assert_eq!(latency_bucket(97_656), 17);
+        assert_eq!(latency_bucket(u32::MAX), 23);
+        assert_eq!(latency_bucket(1 << 22), 23);
+        assert_eq!(latency_bucket((1 << 22) - 1), 22);
+    }
+
+    #[test]
+    fn signal_indexes_fit_a_flow_entry() {
+        assert_eq!(signal_index(0, 0, 0), 0);
+        assert_eq!(signal_index(0, 1, 3), MAX_BACKENDS as u32 + 3);
+        assert!(signal_index(MAX_SERVICES - 1, 1, MAX_BACKENDS as u32 - 1) <= u16::MAX as u32);
     }
 
     #[test]

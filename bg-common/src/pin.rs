@@ -16,7 +16,7 @@ pub const MAP_FLOWS6: &str = "BG_FLOWS6_V1";
 /// Unconfirmed flows, IPv4 and IPv6.
 pub const MAP_EMBRYO4: &str = "BG_EMBRYO4_V1";
 pub const MAP_EMBRYO6: &str = "BG_EMBRYO6_V1";
-pub const MAP_REPLIES: &str = "BG_REPLIES_V1";
+pub const MAP_REPLIES: &str = "BG_REPLIES_V2";
 pub const MAP_PREVIEW_REPLIES: &str = "BG_PREVIEW_REPLIES_V1";
 pub const MAP_GATE: &str = "BG_GATE_V1";
 pub const MAP_LOCAL_ADDRS: &str = "BG_LOCAL_ADDRS_V1";
@@ -28,8 +28,12 @@ pub const MAP_RATE: &str = "BG_RATE_V2";
 pub const MAP_ADDR_FILTER: &str = "BG_ADDR_FILTER_V1";
 pub const MAP_EGRESS: &str = "BG_EGRESS_V1";
 pub const MAP_PROG_IDS: &str = "BG_PROG_IDS_V1";
+/// Per-CPU connection signals per backend (`BackendSignals`) and handshake latency
+/// histograms per (service, color) (`LatencyHist`).
+pub const MAP_SIGNALS: &str = "BG_SIGNALS_V1";
+pub const MAP_LATENCY: &str = "BG_LATENCY_V1";
 /// Every map, in pin order.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 24] = [
     MAP_CONFIG,
     MAP_ACTIVE,
     MAP_SERVICES,
@@ -52,6 +56,8 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_ADDR_FILTER,
     MAP_EGRESS,
     MAP_PROG_IDS,
+    MAP_SIGNALS,
+    MAP_LATENCY,
 ];
 /// The XDP program's name in the object.
 pub const PROGRAM: &str = "bg_xdp";

@@ -21,10 +21,10 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use bg_common::{
-    addr_filter_bit, hash::flow_hash, ring_base, BackendKey, BackendSet, DpConfig, FlowEntry, FlowKey, Fwd,
-    PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_ANSWERED, FLOW_CLOSING, FLOW_CONTESTED, FLOW_LOST,
-    FLOW_PREVIEW, LAST_SEEN_GRANULARITY_NS, MAX_BACKENDS, PROTO_TCP, PROTO_UDP, REPLY_HAS_PREVIEW, RING_SIZE,
-    RST_WINDOW, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW,
+    addr_filter_bit, hash::flow_hash, latency_bucket, ring_base, signal_index, BackendKey, BackendSet, BackendSignals, DpConfig,
+    FlowEntry, FlowKey, Fwd, PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_ANSWERED, FLOW_CLOSING,
+    FLOW_CONTESTED, FLOW_FAILED, FLOW_LOST, FLOW_PREVIEW, FLOW_RESET, LAST_SEEN_GRANULARITY_NS, LATENCY_SHIFT, MAX_BACKENDS,
+    PROTO_TCP, PROTO_UDP, REPLY_HAS_PREVIEW, RING_SIZE, RST_WINDOW, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, UDP_NO_REPLY_NS,
 };
 
 use crate::{
@@ -32,8 +32,8 @@ use crate::{
     flows::{self, Table::{Established, Unconfirmed}},
     maps::{
         BG_ACTIVE_V1, BG_ADDR_FILTER_V1, BG_BACKEND_SETS_V1, BG_CONFIG_V2, BG_GATE_V1,
-        BG_LOCAL_ADDRS_V1, BG_LOCAL_FILTER_V1, BG_PREVIEW_REPLIES_V1, BG_RATE_V2, BG_REPLIES_V1, BG_RINGS_V1,
-        BG_SERVICES_V1,
+        BG_LATENCY_V1, BG_LOCAL_ADDRS_V1, BG_LOCAL_FILTER_V1, BG_PREVIEW_REPLIES_V1, BG_RATE_V2, BG_REPLIES_V2, BG_RINGS_V1,
+        BG_SERVICES_V1, BG_SIGNALS_V1,
     },
     parse::{is_vip, End, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rewrite::rewrite,
@@ -41,6 +41,8 @@ use crate::{
 
 /// No color: the packet was not rewritten.
 pub const NO_COLOR: u8 = 0xff;
+/// No backend's signals: the packet was not rewritten toward or from a backend.
+pub const NO_SIGNAL: u32 = u32::MAX;
 
 pub struct Verdict {
     pub reason: Reason,
@@ -48,17 +50,58 @@ pub struct Verdict {
     pub color: u8,
     /// The flow entry a client's packet followed (its next hop is cached there), or null.
     pub entry: *mut FlowEntry,
+    /// The backend's entry in `SIGNALS` (its bytes are counted there), or `NO_SIGNAL`.
+    pub signal: u32,
 }
 
 impl Verdict {
     #[inline(always)]
     pub fn untouched(reason: Reason) -> Verdict {
-        Verdict { reason, color: NO_COLOR, entry: core::ptr::null_mut() }
+        Verdict { reason, color: NO_COLOR, entry: core::ptr::null_mut(), signal: NO_SIGNAL }
     }
 
     #[inline(always)]
-    pub fn rewritten(reason: Reason, color: u8) -> Verdict {
-        Verdict { reason, color, entry: core::ptr::null_mut() }
+    pub fn rewritten(reason: Reason, color: u8, signal: u32) -> Verdict {
+        Verdict { reason, color, entry: core::ptr::null_mut(), signal }
+    }
+}
+
+/// This CPU's signals of a backend (`SIGNALS[index]`).
+#[inline(always)]
+pub fn signals(index: u32) -> Option<&'static mut BackendSignals> {
+    BG_SIGNALS_V1.get_ptr_mut(index).map(|p| unsafe { &mut *p })
+}
+
+/// A clock reading in `LATENCY_SHIFT` units, truncated (differences are taken modulo 2^32:
+/// 73 minutes, far longer than any handshake).
+#[inline(always)]
+fn units(now_ns: u64) -> u32 {
+    (now_ns >> LATENCY_SHIFT) as u32
+}
+
+/// Whether the flow is one whose handshake is judged: started by a SYN or a first datagram
+/// (a lost flow's entry was not), and not judged yet.
+#[inline(always)]
+fn undecided(e: &FlowEntry) -> bool {
+    e.flags & (FLOW_ANSWERED | FLOW_FAILED | FLOW_LOST) == 0
+}
+
+/// The backend answered the flow (a SYN-ACK, a UDP flow's first reply): answered in time
+/// unless already counted as failed; TCP handshakes also enter their latency histogram.
+#[inline(always)]
+fn count_answer(e: &FlowEntry, tcp: bool) {
+    if e.flags & FLOW_FAILED == 0 {
+        if let Some(s) = signals(e.signal as u32) {
+            s.answered += 1;
+        }
+    }
+    if tcp {
+        let latency = units(now_ns()).wrapping_sub(e.started);
+        if let Some(h) = BG_LATENCY_V1.get_ptr_mut(e.signal as u32 / MAX_BACKENDS as u32) {
+            if let Some(b) = unsafe { (*h).buckets.get_mut(latency_bucket(latency) as usize) } {
+                *b += 1;
+            }
+        }
     }
 }
 
@@ -152,6 +195,18 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
                     v.entry = core::ptr::null_mut();
                 }
                 return Some(v);
+            }
+            if undecided(e) {
+                // Its SYN again (the client's retransmission) before any SYN-ACK, or a UDP
+                // client sending again long after its first datagram with no reply yet: the
+                // backend did not answer in time.
+                let late = if tcp { syn } else { units(now).wrapping_sub(e.started) >= (UDP_NO_REPLY_NS >> LATENCY_SHIFT) as u32 };
+                if late {
+                    e.flags |= FLOW_FAILED;
+                    if let Some(s) = signals(e.signal as u32) {
+                        s.no_answer += 1;
+                    }
+                }
             }
             track_seq(pkt, e);
             e.last_seen_ns = now;
@@ -276,7 +331,7 @@ fn follow(pkt: &Packet, e: &mut FlowEntry, now: u64, reason: Reason) -> Verdict 
     }
     let (backend, port) = (e.backend, e.backend_port);
     rewrite(pkt, End::Dst, &backend, port);
-    Verdict { reason, color: e.color, entry: e as *mut FlowEntry }
+    Verdict { reason, color: e.color, entry: e as *mut FlowEntry, signal: e.signal as u32 }
 }
 
 /// A backend → client packet: the static map names the VIP. Replies also confirm flows: a
@@ -284,7 +339,7 @@ fn follow(pkt: &Packet, e: &mut FlowEntry, now: u64, reason: Reason) -> Verdict 
 #[inline(always)]
 fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
     let bkey = BackendKey { addr: key.src, port: key.sport, proto: key.proto, family: key.family };
-    let Some(r) = (unsafe { BG_REPLIES_V1.get(&bkey) }) else {
+    let Some(r) = (unsafe { BG_REPLIES_V2.get(&bkey) }) else {
         return Verdict::untouched(Reason::PassNotOurs);
     };
     // Answers to the gateway itself (the agent's health checks) are not NAT replies.
@@ -306,12 +361,17 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
             if let Some(e) = flows::get(Unconfirmed, &fkey) {
                 let e = unsafe { &mut *e };
                 if pkt.ack == e.isn.wrapping_add(1) && from_its_backend(e, key) {
+                    if e.flags & (FLOW_ANSWERED | FLOW_LOST) == 0 {
+                        count_answer(e, true);
+                    }
                     e.flags |= FLOW_ANSWERED;
                     e.peer_isn = pkt.seq;
                 }
             }
-        } else if !pkt.has(TCP_RST) && lost_flows_waiting() {
-            confirm(&fkey, key, cfg, |e| e.flags & FLOW_LOST != 0);
+        } else if pkt.has(TCP_RST) {
+            backend_reset(pkt, &fkey, key);
+        } else if lost_flows_waiting() {
+            confirm(&fkey, key, cfg, false, |e| e.flags & FLOW_LOST != 0);
         }
     } else if let Some(e) = flows::get(Established, &fkey) {
         // A confirmed UDP flow: its replies keep it alive too (a server that pushes to a quiet
@@ -324,10 +384,55 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
             }
         }
     } else {
-        confirm(&fkey, key, cfg, |_| true);
+        confirm(&fkey, key, cfg, true, |_| true);
     }
     rewrite(pkt, End::Src, &vip, vip_port);
-    Verdict::rewritten(Reason::FromBackend, color)
+    Verdict::rewritten(Reason::FromBackend, color, r.signal)
+}
+
+/// An RST from a backend: counted against it once per flow, as a refused handshake (an
+/// unanswered flow's SYN answered by an RST that acknowledges its ISN) or as a reset (a flow
+/// the backend had answered). An RST that matches no flow of that backend counts nothing.
+#[inline(always)]
+fn backend_reset(pkt: &Packet, fkey: &FlowKey, reply: &FlowKey) {
+    let e = match flows::get(Unconfirmed, fkey) {
+        Some(e) => unsafe { &mut *e },
+        None => match flows::get(Established, fkey) {
+            // Confirmed: answered (its flags no longer say so).
+            Some(e) => {
+                let e = unsafe { &mut *e };
+                if from_its_backend(e, reply) {
+                    count_reset(e);
+                }
+                return;
+            }
+            None => return,
+        },
+    };
+    if !from_its_backend(e, reply) {
+        return;
+    }
+    if !undecided(e) {
+        if e.flags & FLOW_ANSWERED != 0 {
+            count_reset(e);
+        }
+    } else if pkt.has(TCP_ACK) && pkt.ack == e.isn.wrapping_add(1) {
+        e.flags |= FLOW_FAILED;
+        if let Some(s) = signals(e.signal as u32) {
+            s.refused += 1;
+        }
+    }
+}
+
+/// A reset of an answered flow by its backend, once per flow.
+#[inline(always)]
+fn count_reset(e: &mut FlowEntry) {
+    if e.flags & FLOW_RESET == 0 {
+        e.flags |= FLOW_RESET;
+        if let Some(s) = signals(e.signal as u32) {
+            s.resets += 1;
+        }
+    }
 }
 
 /// Whether a lost flow started recently enough to still be waiting for its confirmation.
@@ -343,13 +448,17 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Moves the unconfirmed entry of `fkey` to the established table when `ok` says this reply
 /// confirms it. Not over an open established entry of the same key (a contested one): there
-/// the client's next packet decides.
+/// the client's next packet decides. `answer`: the reply is the flow's first answer (UDP),
+/// counted as such.
 #[inline(always)]
-fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, ok: impl Fn(&FlowEntry) -> bool) {
+fn confirm(fkey: &FlowKey, reply: &FlowKey, cfg: &DpConfig, answer: bool, ok: impl Fn(&FlowEntry) -> bool) {
     let Some(e) = flows::get(Unconfirmed, fkey) else { return };
     let e = unsafe { &mut *e };
     if !ok(e) || !from_its_backend(e, reply) {
         return;
+    }
+    if answer && e.flags & FLOW_LOST == 0 {
+        count_answer(e, false);
     }
     if let Some(old) = flows::get(Established, fkey).map(|p| unsafe { &*p }) {
         if old.flags & FLOW_CLOSING == 0 && !old.expired(fkey.proto, true, now_ns(), cfg) {
@@ -464,11 +573,14 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     let color = set.color as u8;
     let lost = reason == Reason::LostFlow;
     let syn = pkt.has(TCP_SYN);
+    let signal = signal_index(service.index, set.color, b);
     let mut entry = FlowEntry {
         last_seen_ns: now,
         flags: if lost { FLOW_LOST } else { 0 } | if preview { FLOW_PREVIEW } else { 0 },
         isn: if syn { pkt.seq } else { 0 },
         seq_next: pkt.seq.wrapping_add(syn as u32),
+        signal: signal as u16,
+        started: units(now),
         ..FlowEntry::to(backend.addr, backend.port, color)
     };
     track_seq(pkt, &mut entry);
@@ -501,5 +613,5 @@ fn new_flow(pkt: &Packet, key: &FlowKey, service: &ServiceInfo, cfg: &DpConfig, 
     }
     rewrite(pkt, End::Dst, &backend.addr, backend.port);
     crate::count_new_flow(color);
-    Verdict::rewritten(reason, color)
+    Verdict::rewritten(reason, color, signal)
 }

@@ -8,7 +8,7 @@ use bg_common::{BackendKey, FlowKey, Reason, REPLY_HAS_PREVIEW};
 use crate::{
     decide::Verdict,
     flows::{self, Table},
-    maps::{BG_PREVIEW_REPLIES_V1, BG_REPLIES_V1},
+    maps::{BG_PREVIEW_REPLIES_V1, BG_REPLIES_V2},
     parse::{is_vip, read_addr, End, IcmpError},
     rewrite::{rewrite_icmp_outer, rewrite_quoted},
 };
@@ -30,7 +30,7 @@ pub fn process(e: &IcmpError) -> Verdict {
     // the connection as client → VIP. A router's own address stays the source; the backend's
     // becomes the VIP.
     let bkey = BackendKey { addr: inner_dst, port: ports[1], proto: e.inner_proto, family: e.family };
-    if let Some(r) = unsafe { BG_REPLIES_V1.get(&bkey) } {
+    if let Some(r) = unsafe { BG_REPLIES_V2.get(&bkey) } {
         let (mut vip, mut vip_port) = (r.vip, r.vip_port);
         if r.flags & REPLY_HAS_PREVIEW != 0 {
             let reply = FlowKey { src: inner_dst, dst: inner_src, sport: ports[1], dport: ports[0], proto: e.inner_proto, family: e.family, _pad: [0; 2] };
@@ -42,7 +42,7 @@ pub fn process(e: &IcmpError) -> Verdict {
         if read_addr(e.l3, e.family, End::Src) == inner_dst {
             rewrite_icmp_outer(e, End::Src, &vip);
         }
-        return Verdict::rewritten(Reason::IcmpToClient, r.color);
+        return Verdict::rewritten(Reason::IcmpToClient, r.color, crate::decide::NO_SIGNAL);
     }
     // Quoted VIP → client (a reply we rewrote): the error is addressed to the VIP and belongs
     // to the backend of the flow client → VIP. Only as such: an error about a VIP reply sent to
@@ -58,5 +58,5 @@ pub fn process(e: &IcmpError) -> Verdict {
     let (backend, port, color) = (entry.backend, entry.backend_port, entry.color);
     rewrite_quoted(e, End::Src, &backend, port);
     rewrite_icmp_outer(e, End::Dst, &backend);
-    Verdict::rewritten(Reason::IcmpToBackend, color)
+    Verdict::rewritten(Reason::IcmpToBackend, color, crate::decide::NO_SIGNAL)
 }

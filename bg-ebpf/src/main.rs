@@ -36,6 +36,27 @@ use crate::{
 
 #[xdp]
 pub fn bg_xdp(ctx: XdpContext) -> u32 {
+    // The log line (rare) is written here, in a frame of its own beside `run`'s: aya-log's
+    // call would otherwise add its frame to `run`'s, the deepest, past the 512-byte stack.
+    let r = run(&ctx);
+    if r >> 32 != 0 {
+        log_drop(&ctx, (r >> 32) as u32 - 1);
+    }
+    r as u32
+}
+
+/// The log line about a drop (`finish`), in a frame of its own.
+#[inline(never)]
+fn log_drop(ctx: &XdpContext, reason: u32) {
+    if let Some(reason) = Reason::from_u32(reason) {
+        warn!(ctx, "dropped a packet to a VIP: {} (at most one such line a second per CPU; bgctl stats counts them all)", reason.name());
+    }
+}
+
+/// The program proper: the XDP action in the low 32 bits; above them, `reason + 1` when a
+/// line about that drop reason is to be logged (`log_allowed`), else 0.
+#[inline(never)]
+fn run(ctx: &XdpContext) -> u64 {
     // `--features variant` (tests only): one more map lookup, whose result is unused, makes a
     // program with a different tag and the same behaviour.
     #[cfg(feature = "variant")]
@@ -66,18 +87,31 @@ pub fn bg_xdp(ctx: XdpContext) -> u32 {
         return finish(&ctx, verdict.reason);
     }
     count(verdict.reason);
+    let len = (ctx.data_end() - ctx.data()) as u64;
     if let Some(c) = BG_COLOR_STATS_V1.get_ptr_mut(verdict.color as u32 & 1) {
         unsafe {
             (*c).packets += 1;
-            (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
+            (*c).bytes += len;
+        }
+    }
+    if verdict.signal != decide::NO_SIGNAL {
+        if let Some(s) = decide::signals(verdict.signal) {
+            if verdict.reason == Reason::FromBackend {
+                s.bytes_from += len;
+            } else {
+                s.bytes_to += len;
+                if verdict.reason == Reason::NewFlow {
+                    s.new_flows += 1;
+                }
+            }
         }
     }
     let Some(cfg) = BG_CONFIG_V2.get(0) else {
-        return xdp_action::XDP_PASS;
+        return xdp_action::XDP_PASS as u64;
     };
     let (action, fwd) = forward::forward(&ctx, &out, cfg);
     count_fwd(fwd, 1);
-    action
+    action as u64
 }
 
 /// The benchmark floor: returns XDP_PASS and nothing else (`cargo xtask bench` reports bg's
@@ -99,18 +133,17 @@ pub fn bg_redirect_err(ctx: TracePointContext) -> u32 {
     egress::redirect_err(&ctx)
 }
 
-/// Counts the reason of a packet that was not rewritten and returns its action: drop for the
-/// drop reasons (only ever for packets addressed to a VIP), pass untouched for the rest.
+/// Counts the reason of a packet that was not rewritten and returns its action (as `run`
+/// does): drop for the drop reasons (only ever for packets addressed to a VIP), pass untouched
+/// for the rest.
 #[inline(always)]
-fn finish(ctx: &XdpContext, reason: Reason) -> u32 {
+fn finish(_ctx: &XdpContext, reason: Reason) -> u64 {
     count(reason);
     if reason.is_drop() {
-        if (reason == Reason::DropStray || reason == Reason::DropFlowTableFull) && log_allowed(reason) {
-            warn!(ctx, "dropped a packet to a VIP: {} (at most one such line a second per CPU; bgctl stats counts them all)", reason.name());
-        }
-        xdp_action::XDP_DROP
+        let log = (reason == Reason::DropStray || reason == Reason::DropFlowTableFull) && log_allowed(reason);
+        xdp_action::XDP_DROP as u64 | if log { (reason as u64 + 1) << 32 } else { 0 }
     } else {
-        xdp_action::XDP_PASS
+        xdp_action::XDP_PASS as u64
     }
 }
 

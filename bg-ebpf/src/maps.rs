@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use bg_common::{
-    ADDR_FILTER_WORDS, BackendKey, BackendSet, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4, PreviewReply,
+    ADDR_FILTER_WORDS, BackendKey, BackendSet, BackendSignals, ColorStats, LatencyHist, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4, PreviewReply,
     RateWindow, ReplyNat, Selector, ServiceInfo, VipAddr, VipKey, DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_EGRESS,
     MAX_LOCAL_ADDRS, MAX_SERVICES, RING_SIZE, SLOTS, STAT_SLOTS,
 };
@@ -57,7 +57,7 @@ pub static BG_EMBRYO6_V1: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_
 /// Static reverse NAT: a backend's address, port and protocol → its service's VIP and color.
 /// Replies need no per-flow state, so no eviction can leak a backend's address.
 #[map]
-pub static BG_REPLIES_V1: HashMap<BackendKey, ReplyNat> = HashMap::with_max_entries(MAX_SERVICES * 2 * MAX_BACKENDS as u32, 0);
+pub static BG_REPLIES_V2: HashMap<BackendKey, ReplyNat> = HashMap::with_max_entries(MAX_SERVICES * 2 * MAX_BACKENDS as u32, 0);
 
 /// Preview flows' replies (their backend also serves the main VIP): reply 5-tuple → preview VIP.
 #[map]
@@ -109,3 +109,13 @@ pub static BG_PROG_IDS_V1: Array<u32> = Array::with_max_entries(2, 0);
 /// Per-CPU, per `Reason`: when a log line about that reason was last written (coarse clock).
 #[map]
 pub static BG_LOG_RATE_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+/// Per-CPU connection signals per backend (`bg_common::BackendSignals`), at
+/// `signal_index(service, color, backend)`; sized by the agent at load time to
+/// `services * 2 * MAX_BACKENDS`.
+#[map]
+pub static BG_SIGNALS_V1: PerCpuArray<BackendSignals> = PerCpuArray::with_max_entries(2 * MAX_BACKENDS as u32, 0);
+
+/// Per-CPU handshake latency histogram per (service, color): `service * 2 + color`.
+#[map]
+pub static BG_LATENCY_V1: PerCpuArray<LatencyHist> = PerCpuArray::with_max_entries(MAX_SERVICES * 2, 0);

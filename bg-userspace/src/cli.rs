@@ -306,7 +306,10 @@ fn print_status(s: &Status) {
         println!("canary: {:.1}% of new flows go to {}", c.percent, c.color);
     }
     if let Some(w) = &s.watch {
-        println!("watching {}: automatic rollback if it turns unhealthy in the next {} s", w.color, w.remaining_secs);
+        match w.remaining_secs {
+            Some(r) => println!("watching {}: automatic rollback if it turns unhealthy (backends or SLO) in the next {r} s", w.color),
+            None => println!("watching {}: the canary ends if it turns unhealthy (backends or SLO)", w.color),
+        }
     }
     println!(
         "live flows: blue {}, green {} (established: {} of {} entries, {} evicted so far; unconfirmed: {} of {}; {} expired)",
@@ -379,7 +382,10 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
             screen += &format!("  canary {:.1}% -> {}", cn.percent, cn.color);
         }
         if let Some(w) = &s.watch {
-            screen += &format!("  watching {} ({} s left)", w.color, w.remaining_secs);
+            match w.remaining_secs {
+                Some(r) => screen += &format!("  watching {} ({r} s left)", w.color),
+                None => screen += &format!("  watching {} (while the canary runs)", w.color),
+            }
         }
         screen += "\n\n";
         screen += &format!("{:<7} {:>12} {:>12} {:>10}  health\n", "color", "new flows/s", "live flows", "packets");

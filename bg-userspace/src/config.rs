@@ -87,6 +87,34 @@ pub struct Health {
     pub healthy_share: f64,
 }
 
+/// What real traffic must see for a color to count as healthy (README "Connection signals"):
+/// judged per service and color over the last `window`, from the data path's counters. A
+/// threshold of 0 is off.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slo {
+    pub window: std::time::Duration,
+    /// Flows whose handshake was decided (answered, refused or unanswered) in the window
+    /// below which nothing is judged: 1 failure in 2 flows trips nothing.
+    pub min_flows: u64,
+    /// The most of those flows that may fail (refused, or no answer in time).
+    pub max_handshake_failure_share: f64,
+    /// The most answered TCP flows the backends may reset.
+    pub max_reset_share: f64,
+    /// The slowest the 95th percentile of TCP handshakes (SYN to the backend's SYN-ACK, as
+    /// seen by the gateway) may be.
+    pub max_p95_handshake: std::time::Duration,
+}
+
+/// SLO defaults: they catch a color that fails most real connections (or answers them after a
+/// second) and leave healthy traffic alone.
+pub const DEFAULT_SLO_WINDOW_SECS: u64 = 5;
+pub const DEFAULT_SLO_MIN_FLOWS: u64 = 20;
+pub const DEFAULT_SLO_FAILURE_SHARE: f64 = 0.5;
+pub const DEFAULT_SLO_RESET_SHARE: f64 = 0.5;
+pub const DEFAULT_SLO_P95_MS: u64 = 1000;
+/// The longest SLO window.
+pub const MAX_SLO_WINDOW_SECS: u64 = 600;
+
 /// How rewritten packets leave the gateway.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +175,8 @@ struct RawConfig {
     watch_window_secs: Option<u64>,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    slo: RawSlo,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -165,6 +195,16 @@ struct RawHealth {
     healthy_share: Option<f64>,
 }
 
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlo {
+    window_secs: Option<u64>,
+    min_flows: Option<u64>,
+    max_handshake_failure_share: Option<f64>,
+    max_reset_share: Option<f64>,
+    max_p95_handshake_ms: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
@@ -175,6 +215,8 @@ struct RawService {
     preview_vip: Option<String>,
     /// Overrides of the global `[health]` settings for this service's backends.
     health: Option<RawHealth>,
+    /// Overrides of the global `[slo]` settings for this service.
+    slo: Option<RawSlo>,
     blue: Vec<toml::Value>,
     green: Vec<toml::Value>,
 }
@@ -232,6 +274,8 @@ pub struct Service {
     /// How this service's backends are checked (global `[health]` with the service's
     /// overrides).
     pub health: Health,
+    /// What this service's real traffic must see (global `[slo]` with the service's overrides).
+    pub slo: Slo,
     pub blue: Vec<BackendAddr>,
     pub green: Vec<BackendAddr>,
 }
@@ -418,6 +462,8 @@ impl RawConfig {
             ));
         }
 
+        // The global settings alone, so their errors name the global fields.
+        self.slo.clone().validate(Protocol::Tcp)?;
         let global_health = self.health.clone();
         // Replies are mapped back to their VIP by the backend's address and port alone, so a
         // backend belongs to one service and one color: where each was first listed.
@@ -530,11 +576,16 @@ impl RawConfig {
                     other => other,
                 }),
             }?;
+            let slo = self.slo.merged(s.slo.as_ref()).validate(s.protocol).map_err(|e| match e {
+                ConfigError::Field { field, message } if s.slo.is_some() => field_err(format!("service[{i}].{field}"), message),
+                other => other,
+            })?;
             services.push(Service {
                 name: s.name,
                 vip,
                 preview_vip,
                 health,
+                slo,
                 protocol: s.protocol,
                 blue,
                 green,
@@ -672,6 +723,55 @@ fn mem_total_bytes() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+impl RawSlo {
+    /// The global settings with a service's overrides.
+    fn merged(&self, o: Option<&RawSlo>) -> RawSlo {
+        let Some(o) = o else { return self.clone() };
+        RawSlo {
+            window_secs: o.window_secs.or(self.window_secs),
+            min_flows: o.min_flows.or(self.min_flows),
+            max_handshake_failure_share: o.max_handshake_failure_share.or(self.max_handshake_failure_share),
+            max_reset_share: o.max_reset_share.or(self.max_reset_share),
+            max_p95_handshake_ms: o.max_p95_handshake_ms.or(self.max_p95_handshake_ms),
+        }
+    }
+
+    /// A UDP service has no handshakes: its failure share (flows without a reply) is off
+    /// unless set, and its reset and latency thresholds do not apply.
+    fn validate(self, protocol: Protocol) -> Result<Slo, ConfigError> {
+        let window_secs = self.window_secs.unwrap_or(DEFAULT_SLO_WINDOW_SECS);
+        if !(1..=MAX_SLO_WINDOW_SECS).contains(&window_secs) {
+            return Err(field_err("slo.window_secs", format!("use 1 to {MAX_SLO_WINDOW_SECS} seconds")));
+        }
+        let min_flows = self.min_flows.unwrap_or(DEFAULT_SLO_MIN_FLOWS);
+        if !(1..=1_000_000_000).contains(&min_flows) {
+            return Err(field_err("slo.min_flows", "use 1 to 1000000000 flows (judging on fewer than about 20 trips on chance)"));
+        }
+        let tcp = protocol == Protocol::Tcp;
+        let share = |field: &str, v: Option<f64>, default: f64| -> Result<f64, ConfigError> {
+            let v = v.unwrap_or(default);
+            if !(0.0..=1.0).contains(&v) {
+                return Err(field_err(format!("slo.{field}"), "use a share from 0 (off) to 1, e.g. 0.5"));
+            }
+            Ok(v)
+        };
+        let max_handshake_failure_share =
+            share("max_handshake_failure_share", self.max_handshake_failure_share, if tcp { DEFAULT_SLO_FAILURE_SHARE } else { 0.0 })?;
+        let max_reset_share = share("max_reset_share", self.max_reset_share, if tcp { DEFAULT_SLO_RESET_SHARE } else { 0.0 })?;
+        let p95 = self.max_p95_handshake_ms.unwrap_or(if tcp { DEFAULT_SLO_P95_MS } else { 0 });
+        if p95 > 600_000 {
+            return Err(field_err("slo.max_p95_handshake_ms", "use 0 (off) to 600000 ms"));
+        }
+        Ok(Slo {
+            window: std::time::Duration::from_secs(window_secs),
+            min_flows,
+            max_handshake_failure_share,
+            max_reset_share,
+            max_p95_handshake: std::time::Duration::from_millis(p95),
+        })
+    }
 }
 
 impl RawHealth {

@@ -137,9 +137,11 @@ pub struct DrainStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WatchStatus {
-    /// The color the last flip went to; if it turns unhealthy now, the agent rolls back.
+    /// The color the last switch went to; if it turns unhealthy now (a backend confirmed down,
+    /// an SLO breach), the agent rolls back (a canary: ends it).
     pub color: String,
-    pub remaining_secs: u64,
+    /// None: a canary's watch, which lasts until the next switch.
+    pub remaining_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -23,11 +23,11 @@ use bg_common::{
     pin::{
         ALL_MAPS, MAP_ACTIVE, MAP_BACKEND_SETS, MAP_COLOR_STATS, MAP_CONFIG, MAP_EMBRYO4, MAP_EMBRYO6, MAP_FLOWS4, MAP_FLOWS6, MAP_FWD_STATS, MAP_GATE,
         MAP_LOCAL_ADDRS, MAP_LOCAL_FILTER, MAP_PREVIEW_REPLIES, MAP_REPLIES,
-        MAP_ADDR_FILTER, MAP_EGRESS, MAP_PROG_IDS, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_STATS, MAP_VIP_ADDRS,
+        MAP_ADDR_FILTER, MAP_EGRESS, MAP_LATENCY, MAP_PROG_IDS, MAP_RATE, MAP_RINGS, MAP_SERVICES, MAP_SIGNALS, MAP_STATS, MAP_VIP_ADDRS,
         PROBE_PROGRAM, PROGRAM, REDIRECT_ERR_PROGRAM,
     },
     addr_filter_bit, ADDR_FILTER_WORDS,
-    ring_base, slot_color, Backend, BackendKey, BackendSet, Color, ColorStats, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4,
+    ring_base, slot_color, Backend, BackendKey, BackendSet, BackendSignals, Color, ColorStats, LatencyHist, DpConfig, EgressState, FlowEntry, FlowKey, FlowKey4,
     Fwd, PreviewReply, ReplyNat, MAX_BACKENDS, MAX_LOCAL_ADDRS, REPLY_HAS_PREVIEW,
     RateWindow, Reason, Selector, ServiceInfo, VipAddr, VipKey, DP_FLAG_REDIRECT, DP_READY, FAMILY_V4, FAMILY_V6,
     EGRESS_NO_REDIRECT, MAX_EGRESS, MAX_SERVICES, PROBE_ETHERTYPE, RING_SIZE, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, SLOTS,
@@ -173,6 +173,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// Entries of the signal map: a block of `MAX_BACKENDS` per (service, color).
+fn signal_entries(config: &Config) -> u32 {
+    config.services.len() as u32 * 2 * MAX_BACKENDS as u32
+}
+
 /// The layout a pinned map must have to be adopted.
 fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
     use std::mem::size_of;
@@ -200,6 +205,8 @@ fn expected_layout(name: &str, config: &Config) -> (MapType, u32, u32, u32) {
         MAP_ADDR_FILTER => (MapType::Array, 4, 8, ADDR_FILTER_WORDS),
         MAP_EGRESS => (MapType::Hash, 4, size_of::<EgressState>() as u32, MAX_EGRESS),
         MAP_PROG_IDS => (MapType::Array, 4, 4, 2),
+        MAP_SIGNALS => (MapType::PerCpuArray, 4, size_of::<BackendSignals>() as u32, signal_entries(config)),
+        MAP_LATENCY => (MapType::PerCpuArray, 4, size_of::<LatencyHist>() as u32, MAX_SERVICES * 2),
         other => unreachable!("unknown map {other}"),
     }
 }
@@ -260,7 +267,7 @@ pub fn check_pinned_layout(dir: &Path, config: &Config) -> anyhow::Result<bool> 
             let hint = match name {
                 MAP_FLOWS4 | MAP_FLOWS6 => "flow_table_size differs from the config",
                 MAP_EMBRYO4 | MAP_EMBRYO6 | MAP_PREVIEW_REPLIES => "unconfirmed_table_size differs from the config",
-                MAP_RINGS => "the number of services differs from the config",
+                MAP_RINGS | MAP_SIGNALS => "the number of services differs from the config",
                 _ => "it was made by another bg version",
             };
             bail!(
@@ -363,7 +370,8 @@ impl Dataplane {
             .map_max_entries(MAP_EMBRYO4, config.unconfirmed_table_size)
             .map_max_entries(MAP_EMBRYO6, config.unconfirmed_table_size)
             .map_max_entries(MAP_PREVIEW_REPLIES, config.unconfirmed_table_size)
-            .map_max_entries(MAP_RINGS, rings);
+            .map_max_entries(MAP_RINGS, rings)
+            .map_max_entries(MAP_SIGNALS, signal_entries(config));
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -509,13 +517,14 @@ impl Dataplane {
         // allows a backend address:port in one service and one color only).
         {
             let mut wanted_replies: Vec<(BackendKey, ReplyNat)> = Vec::new();
-            for s in &services {
+            for (i, s) in services.iter().enumerate() {
                 let vk = vip_key(&s.vip, s);
                 for color in Color::ALL {
-                    for b in s.backends(color) {
+                    for (j, b) in s.backends(color).iter().enumerate() {
                         let bk = vip_key(&b.addr, s);
                         let flags = if s.preview_vip.is_some() { REPLY_HAS_PREVIEW } else { 0 };
-                        wanted_replies.push((bk, ReplyNat { vip: vk.addr, vip_port: vk.port, color: color as u8, flags }));
+                        let signal = bg_common::signal_index(i as u32, color as u32, j as u32);
+                        wanted_replies.push((bk, ReplyNat { vip: vk.addr, vip_port: vk.port, color: color as u8, flags, signal }));
                     }
                 }
             }
@@ -832,6 +841,15 @@ impl Dataplane {
             stats: dup_map(self.map(MAP_STATS)?)?,
             fwd: dup_map(self.map(MAP_FWD_STATS)?)?,
             colors: dup_map(self.map(MAP_COLOR_STATS)?)?,
+        })
+    }
+
+    /// Handles of their own on the signal maps, and the configured backends' places there.
+    pub fn signal_maps(&self) -> anyhow::Result<crate::signals::Maps> {
+        Ok(crate::signals::Maps {
+            signals: dup_map(self.map(MAP_SIGNALS)?)?,
+            latency: dup_map(self.map(MAP_LATENCY)?)?,
+            counts: self.services.iter().flat_map(|s| Color::ALL.map(|c| s.backends(c).len())).collect(),
         })
     }
 

@@ -18,6 +18,8 @@ use crate::{
 
 /// The longest `--drain`: a day.
 pub const MAX_DRAIN_SECS: u64 = 86_400;
+/// `Window::until_ms` of a canary's watch: it lasts until the next switch.
+pub const CANARY_WATCH: u64 = u64::MAX;
 
 /// A backend's state in the health table (`Unknown` until its first checks).
 pub fn state_of(table: &Backends, addr: &SocketAddr) -> HState {
@@ -71,6 +73,18 @@ pub fn verdict(services: &[Service], color: Color, table: &Backends) -> Verdict 
     }
     if unnamed > 0 {
         v.failing.push(format!("and {unnamed} more not up (`bgctl backends --color {}` lists them)", color.name()));
+    }
+    v
+}
+
+/// A health verdict with what the color's real traffic breaches (`signals::View::breaches`):
+/// a breach makes the color unhealthy for the gate and the watch window, as a backend
+/// confirmed down does.
+pub fn with_breaches(mut v: Verdict, breaches: Vec<String>) -> Verdict {
+    if !breaches.is_empty() {
+        v.healthy = false;
+        v.confirmed_down = true;
+        v.failing.extend(breaches.into_iter().map(|b| format!("SLO breach: {b}")));
     }
     v
 }
@@ -132,8 +146,10 @@ pub struct Plan {
     /// A canary's share of new flows to `to` (Some(0): a canary ended).
     pub percent: Option<u32>,
     pub drain_secs: Option<u64>,
-    /// Past a failing gate with --force: no watch window opens.
+    /// Past a failing gate with --force.
     pub forced: bool,
+    /// --force was given: automatic rollback is off for this switch, whatever the gate said.
+    pub force: bool,
     /// The generation once committed.
     pub generation: u64,
     pub drain: Option<Window>,
@@ -147,6 +163,21 @@ impl Plan {
             self.from
         } else {
             self.to
+        }
+    }
+
+    /// Whether automatic rollback guards this switch, in words (for the output and the audit).
+    pub fn auto_rollback(&self) -> String {
+        match (&self.watch, self.kind) {
+            (Some(w), _) if w.until_ms == CANARY_WATCH => format!(
+                "on while the canary runs: {} turning unhealthy (a backend confirmed down, an SLO breach) ends it",
+                self.to.name()
+            ),
+            (Some(_), _) => format!("on for the watch window: {} turning unhealthy (a backend confirmed down, an SLO breach) rolls back once", self.to.name()),
+            (None, _) if self.force => "off for this switch (--force)".into(),
+            (None, Kind::Rollback) => "off (a rollback opens no watch window)".into(),
+            (None, Kind::CanaryCancelled) => "off (the canary ended)".into(),
+            (None, _) => "off (watch_window_secs = 0)".into(),
         }
     }
 
@@ -248,10 +279,15 @@ impl Decisions {
             .drain_secs
             .map(|s| Ok::<_, String>(Window { color: from, until_ms: deadline(now_ms, s.saturating_mul(1000), "a drain")? }))
             .transpose()?;
-        // A flip forced past a failing gate opens no watch window: the operator overrode the
-        // health verdict, and rolling back on that same verdict would undo the override.
-        let watch = (self.watch_window_ms > 0 && !forced)
-            .then(|| Ok::<_, String>(Window { color: req.to, until_ms: deadline(now_ms, self.watch_window_ms, "a watch window")? }))
+        // --force opens no watch window: the operator overrides the automatic rollback (and
+        // rolling back on the verdict a flip was forced past would undo the override). A
+        // canary is watched for as long as it runs.
+        let canary = req.percent.is_some();
+        let watch = (self.watch_window_ms > 0 && !req.force)
+            .then(|| {
+                let until_ms = if canary { CANARY_WATCH } else { deadline(now_ms, self.watch_window_ms, "a watch window")? };
+                Ok::<_, String>(Window { color: req.to, until_ms })
+            })
             .transpose()?;
         Ok(Decision::Switch(Plan {
             kind: if req.percent.is_some() { Kind::Canary } else { Kind::Flip },
@@ -260,6 +296,7 @@ impl Decisions {
             percent: req.percent,
             drain_secs: req.drain_secs,
             forced,
+            force: req.force,
             generation,
             drain,
             watch,
@@ -277,6 +314,7 @@ impl Decisions {
                 percent: Some(0),
                 drain_secs: None,
                 forced: false,
+                force,
                 generation: self.generation.saturating_add(1),
                 drain: None,
                 watch: None,
@@ -357,9 +395,10 @@ impl Decisions {
         actions
     }
 
-    /// Seconds left of a window at `now_ms`.
-    pub fn remaining_secs(w: &Window, now_ms: u64) -> u64 {
-        w.until_ms.saturating_sub(now_ms) / 1000
+    /// Seconds left of a window at `now_ms` (None: a canary's, which lasts until the next
+    /// switch).
+    pub fn remaining_secs(w: &Window, now_ms: u64) -> Option<u64> {
+        (w.until_ms != CANARY_WATCH).then(|| w.until_ms.saturating_sub(now_ms) / 1000)
     }
 }
 
@@ -505,9 +544,13 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         let p = plan(d.decide_flip(&FlipRequest { force: true, ..flip(Green) }, &sick(), 0));
         assert!(p.forced, "forced past the gate");
         assert_eq!(p.watch, None, "a forced flip opens no watch window");
-        // --force on a healthy color is no override: the window opens.
+        // --force on a healthy color passes no failing gate, but still turns automatic
+        // rollback off for this switch: the operator overrides it.
         let p = plan(d.decide_flip(&FlipRequest { force: true, ..flip(Green) }, &healthy(), 0));
-        assert!(!p.forced && p.watch.is_some());
+        assert!(!p.forced && p.force && p.watch.is_none());
+        assert_eq!(p.auto_rollback(), "off for this switch (--force)");
+        let p = plan(d.decide_flip(&flip(Green), &healthy(), 0));
+        assert!(p.auto_rollback().starts_with("on for the watch window"), "{}", p.auto_rollback());
     }
 
     #[test]
@@ -531,7 +574,8 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         let mut d = fresh();
         let p = flipped(&mut d, FlipRequest { percent: Some(25), ..flip(Green) }, &healthy(), 0);
         assert_eq!((p.kind, p.active(), p.canary_permille()), (Kind::Canary, Blue, 250));
-        assert_eq!(p.watch.map(|w| w.color), Some(Green), "the canary's color is watched");
+        assert_eq!(p.watch, Some(Window { color: Green, until_ms: CANARY_WATCH }), "the canary's color is watched while it runs");
+        assert_eq!(Decisions::remaining_secs(p.watch.as_ref().unwrap(), 0), None);
         assert_eq!((d.active, d.canary_permille, d.previous), (Blue, 250, None));
         // Rollback ends the canary: blue keeps every new flow.
         let r = plan(d.decide_rollback(false, &|_| sick(), 10));
@@ -631,6 +675,32 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     }
 
     #[test]
+    fn an_slo_breach_trips_the_watch_window_and_ends_a_canary_past_the_window() {
+        let breach = || with_breaches(healthy(), vec!["service web on green: 20 of 20 handshakes failed".into()]);
+        assert!(!breach().healthy && breach().confirmed_down);
+        assert_eq!(breach().failing, vec!["SLO breach: service web on green: 20 of 20 handshakes failed".to_owned()]);
+        assert_eq!(with_breaches(healthy(), vec![]), healthy());
+        // A flip: the breach rolls back once, and the audit's reason carries the figures.
+        let mut d = fresh();
+        flipped(&mut d, flip(Green), &healthy(), 0);
+        let actions = d.tick(3_000, &|c| if c == Green { breach() } else { healthy() });
+        let [Action::AutoRollback { plan, why }] = actions.as_slice() else { panic!("{actions:?}") };
+        assert_eq!(plan.active(), Blue);
+        assert!(why.contains("SLO breach: service web on green: 20 of 20 handshakes failed"), "{why}");
+        // A canary an hour in (far past the 30 s window): the breach still ends it.
+        let mut d = fresh();
+        flipped(&mut d, FlipRequest { percent: Some(10), ..flip(Green) }, &healthy(), 0);
+        let actions = d.tick(3_600_000, &|c| if c == Green { breach() } else { healthy() });
+        let [Action::AutoRollback { plan, .. }] = actions.as_slice() else { panic!("{actions:?}") };
+        assert_eq!((plan.kind, plan.canary_permille()), (Kind::CanaryCancelled, 0));
+        // Forced: nothing watches it.
+        let mut d = fresh();
+        flipped(&mut d, FlipRequest { force: true, ..flip(Green) }, &healthy(), 0);
+        assert_eq!(d.tick(1_000, &|c| if c == Green { breach() } else { healthy() }), vec![]);
+        assert_eq!(d.active, Green);
+    }
+
+    #[test]
     fn a_failing_canary_is_kept_when_the_active_color_is_unhealthy_too() {
         let mut d = fresh();
         flipped(&mut d, FlipRequest { percent: Some(10), ..flip(Green) }, &healthy(), 0);
@@ -677,7 +747,7 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
         d.flips_total = u64::MAX;
         let p = flipped(&mut d, flip(Green), &healthy(), 0);
         assert_eq!((p.generation, d.generation, d.flips_total), (u64::MAX, u64::MAX, u64::MAX));
-        assert_eq!(Decisions::remaining_secs(&p.watch.unwrap(), 40_000), 0);
-        assert_eq!(Decisions::remaining_secs(&p.watch.unwrap(), 500), 29);
+        assert_eq!(Decisions::remaining_secs(&p.watch.unwrap(), 40_000), Some(0));
+        assert_eq!(Decisions::remaining_secs(&p.watch.unwrap(), 500), Some(29));
     }
 }

@@ -8,6 +8,7 @@ pub mod decisions;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;
+pub mod signals;
 pub mod state;
 
 /// Locks `m`, also after a thread panicked holding it: every decision writes the selector

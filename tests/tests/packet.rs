@@ -1162,3 +1162,72 @@ fn forged_answers_confirm_nothing_blind_fins_end_nothing_and_icmp_errors_leak_no
     let (action, out) = run(&dp, &err);
     assert_eq!((action, &out), (XDP_PASS, &err), "an error about a VIP reply to a third host passes untouched");
 }
+
+/// What each backend's real traffic saw, counted by the data path per backend (and so per
+/// service and color): flows started, answered in time, refused by an RST, left without an
+/// answer until the client retransmitted, reset after the answer; bytes each way; and the
+/// SYN → SYN-ACK latency in a log2 histogram. Expectations are counted by hand from the
+/// packets sent here.
+#[test]
+fn connection_signals_count_answers_refusals_silences_resets_bytes_and_latency() {
+    let dp = dataplane(CONFIG);
+    let maps = dp.signal_maps().unwrap();
+    let (vip, blue, dns, blue_dns) = (sa(VIP), sa(BLUE), sa(DNS), sa(BLUE_DNS));
+    let client = |port: u16| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);
+    let (mut to, mut from) = (0u64, 0u64);
+    let mut send = |frame: Vec<u8>, reply: bool| {
+        let (action, _) = run(&dp, &frame);
+        assert_eq!(action, XDP_PASS, "every packet here is rewritten and passed");
+        if reply {
+            from += frame.len() as u64;
+        } else {
+            to += frame.len() as u64;
+        }
+    };
+    // 1: a handshake answered 60 ms after its SYN, then reset by the backend (twice).
+    send(Pkt::tcp(client(41001), vip, TCP_SYN).seq(1000).build(), false);
+    std::thread::sleep(Duration::from_millis(60));
+    send(Pkt::tcp(blue, client(41001), TCP_SYN | TCP_ACK).seq(5000).ack(1001).build(), true);
+    send(Pkt::tcp(client(41001), vip, TCP_ACK).seq(1001).ack(5001).build(), false);
+    send(Pkt::tcp(blue, client(41001), TCP_RST | TCP_ACK).seq(5001).ack(1001).build(), true);
+    send(Pkt::tcp(blue, client(41001), TCP_RST).seq(5001).build(), true);
+    // 2: the SYN retransmitted before any answer (no answer in time), then answered late.
+    send(Pkt::tcp(client(41002), vip, TCP_SYN).seq(2000).build(), false);
+    send(Pkt::tcp(client(41002), vip, TCP_SYN).seq(2000).build(), false);
+    send(Pkt::tcp(blue, client(41002), TCP_SYN | TCP_ACK).seq(6000).ack(2001).build(), true);
+    // 3: the SYN refused (an RST acknowledging it), then a second RST: counted once.
+    send(Pkt::tcp(client(41003), vip, TCP_SYN).seq(3000).build(), false);
+    send(Pkt::tcp(blue, client(41003), TCP_RST | TCP_ACK).ack(3001).build(), true);
+    send(Pkt::tcp(blue, client(41003), TCP_RST | TCP_ACK).ack(3001).build(), true);
+    // 4: an RST that acknowledges something else refuses nothing; nor one for no flow at all.
+    send(Pkt::tcp(client(41004), vip, TCP_SYN).seq(4000).build(), false);
+    send(Pkt::tcp(blue, client(41004), TCP_RST | TCP_ACK).ack(777).build(), true);
+    send(Pkt::tcp(blue, client(49999), TCP_RST | TCP_ACK).ack(1).build(), true);
+    // 5: UDP: one flow answered, one whose client sent again more than a second later.
+    send(Pkt::udp(client(42001), dns).payload(b"q").build(), false);
+    send(Pkt::udp(blue_dns, client(42001)).payload(b"a").build(), true);
+    send(Pkt::udp(client(42002), dns).payload(b"q").build(), false);
+    std::thread::sleep(Duration::from_millis(1100));
+    send(Pkt::udp(client(42002), dns).payload(b"q").build(), false);
+
+    let r = maps.read().unwrap();
+    // Blocks: web blue, web green, dns blue, dns green; one backend each.
+    let web = r.blocks[0][0];
+    assert_eq!(
+        (web.new_flows, web.answered, web.refused, web.no_answer, web.resets),
+        (4, 1, 1, 1, 1),
+        "web blue: 4 SYNs; flow 1 answered in time and reset; flow 2 unanswered in time; flow 3 refused: {web:?}"
+    );
+    let udp = r.blocks[2][0];
+    assert_eq!((udp.new_flows, udp.answered, udp.no_answer, udp.refused, udp.resets), (2, 1, 1, 0, 0), "dns blue: {udp:?}");
+    assert_eq!(web.bytes_to + udp.bytes_to, to, "bytes client -> backend, every frame counted whole");
+    assert_eq!(web.bytes_from + udp.bytes_from, from, "bytes backend -> client");
+    assert!(r.blocks[1][0] == Default::default() && r.blocks[3][0] == Default::default(), "green saw nothing: {r:?}");
+    // Two SYN-ACKs timed: flow 1's after 60 ms (bucket [33.5, 67.1) ms, or the next on a slow
+    // machine), flow 2's at once.
+    let h = r.latency[0];
+    assert_eq!(h.iter().sum::<u64>(), 2, "web blue handshakes timed: {h:?}");
+    assert_eq!(h[16] + h[17] + h[18], 1, "flow 1's 60 ms handshake: {h:?}");
+    assert_eq!(h[..14].iter().sum::<u64>(), 1, "flow 2's handshake, answered within 8 ms of its retransmission: {h:?}");
+    assert!(r.latency[1..].iter().all(|h| h.iter().sum::<u64>() == 0), "no other histogram moved");
+}

@@ -1,0 +1,486 @@
+//! Connection signals: what real traffic sees, per service and color, from the data path's
+//! counters (`bg_common::BackendSignals`, the handshake latency histograms), and the SLOs
+//! judged on them (README "Connection signals").
+//!
+//! A sampler thread reads the counters every `SAMPLE_EVERY` and keeps enough readings to
+//! cover the longest SLO window; `figures` turns two readings into a window's figures and
+//! `judge` says whether they breach a service's SLO. Both are pure: tested on the host.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use aya::maps::{MapData, PerCpuArray};
+use bg_common::{signal_index, BackendSignals, Color, LatencyHist, LATENCY_BUCKETS, LATENCY_SHIFT};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::config::{Service, Slo};
+
+/// How often the sampler reads the counters.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// One reading of every configured backend's counters (summed over CPUs) and of every
+/// (service, color)'s latency histogram: `blocks[service * 2 + color][backend]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reading {
+    pub blocks: Vec<Vec<BackendSignals>>,
+    pub latency: Vec<[u64; LATENCY_BUCKETS]>,
+}
+
+impl Reading {
+    /// Each (service, color)'s backends summed.
+    pub fn sums(&self) -> Sums {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let mut t = BackendSignals::default();
+                b.iter().for_each(|x| add(&mut t, x));
+                t
+            })
+            .collect();
+        Sums { blocks, latency: self.latency.clone() }
+    }
+}
+
+/// A reading summed per (service, color): what windows are computed from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sums {
+    pub blocks: Vec<BackendSignals>,
+    pub latency: Vec<[u64; LATENCY_BUCKETS]>,
+}
+
+fn add(t: &mut BackendSignals, b: &BackendSignals) {
+    t.new_flows += b.new_flows;
+    t.answered += b.answered;
+    t.refused += b.refused;
+    t.no_answer += b.no_answer;
+    t.resets += b.resets;
+    t.bytes_to += b.bytes_to;
+    t.bytes_from += b.bytes_from;
+}
+
+fn delta(new: &BackendSignals, old: &BackendSignals) -> BackendSignals {
+    BackendSignals {
+        new_flows: new.new_flows.saturating_sub(old.new_flows),
+        answered: new.answered.saturating_sub(old.answered),
+        refused: new.refused.saturating_sub(old.refused),
+        no_answer: new.no_answer.saturating_sub(old.no_answer),
+        resets: new.resets.saturating_sub(old.resets),
+        bytes_to: new.bytes_to.saturating_sub(old.bytes_to),
+        bytes_from: new.bytes_from.saturating_sub(old.bytes_from),
+    }
+}
+
+/// A latency in histogram units, in milliseconds.
+fn units_ms(units: f64) -> f64 {
+    units * (1u64 << LATENCY_SHIFT) as f64 / 1e6
+}
+
+/// Where bucket `k` starts and ends, in units (the last one is taken as twice its start).
+pub fn bucket_bounds(k: usize) -> (f64, f64) {
+    if k == 0 {
+        (0.0, 1.0)
+    } else {
+        let lo = (1u64 << (k - 1)) as f64;
+        (lo, lo * 2.0)
+    }
+}
+
+/// The `q` quantile (0..1) of a histogram in milliseconds, interpolated linearly inside its
+/// bucket (as Prometheus' `histogram_quantile` does); None when it is empty.
+pub fn quantile_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (k, &n) in hist.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let (lo, hi) = bucket_bounds(k);
+            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+            return Some(units_ms(lo + (hi - lo) * within));
+        }
+        below += n;
+    }
+    Some(units_ms(bucket_bounds(LATENCY_BUCKETS - 1).1))
+}
+
+/// One (service, color)'s figures over a window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub service: String,
+    pub color: String,
+    /// The time the figures cover (the window, or less right after the agent started).
+    pub secs: f64,
+    pub new_flows: u64,
+    pub answered: u64,
+    pub refused: u64,
+    pub no_answer: u64,
+    pub resets: u64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+    /// Handshakes that entered the latency histogram (answered ones, late ones included).
+    pub handshakes: u64,
+    /// (refused + no answer) / (answered + refused + no answer); None with no such flow.
+    pub failure_share: Option<f64>,
+    /// resets / answered; None with no answered flow.
+    pub reset_share: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    /// Whether enough flows were decided for the SLO to judge (`min_flows`).
+    pub judged: bool,
+    /// What the figures breach, in words; None when within the SLO (or not judged).
+    pub breach: Option<String>,
+}
+
+impl Figures {
+    /// Flows whose handshake was decided.
+    pub fn decided(&self) -> u64 {
+        self.answered + self.refused + self.no_answer
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// Figures between two readings of one block (`service * 2 + color`), judged by `slo`.
+pub fn figures(service: &str, color: Color, block: usize, old: &Sums, new: &Sums, secs: f64, slo: &Slo) -> Figures {
+    let zero = BackendSignals::default();
+    let d = delta(new.blocks.get(block).unwrap_or(&zero), old.blocks.get(block).unwrap_or(&zero));
+    let mut hist = [0u64; LATENCY_BUCKETS];
+    if let Some(n) = new.latency.get(block) {
+        let o = old.latency.get(block).copied().unwrap_or([0; LATENCY_BUCKETS]);
+        for k in 0..LATENCY_BUCKETS {
+            hist[k] = n[k].saturating_sub(o[k]);
+        }
+    }
+    let decided = d.answered + d.refused + d.no_answer;
+    let mut f = Figures {
+        service: service.to_owned(),
+        color: color.name().to_owned(),
+        secs,
+        new_flows: d.new_flows,
+        answered: d.answered,
+        refused: d.refused,
+        no_answer: d.no_answer,
+        resets: d.resets,
+        bytes_to: d.bytes_to,
+        bytes_from: d.bytes_from,
+        handshakes: hist.iter().sum(),
+        failure_share: (decided > 0).then(|| (d.refused + d.no_answer) as f64 / decided as f64),
+        reset_share: (d.answered > 0).then(|| (d.resets as f64 / d.answered as f64).min(1.0)),
+        p50_ms: quantile_ms(&hist, 0.5),
+        p95_ms: quantile_ms(&hist, 0.95),
+        judged: false,
+        breach: None,
+    };
+    judge(&mut f, slo);
+    f
+}
+
+/// Judges figures by an SLO: each threshold (0 is off) is judged only on at least
+/// `min_flows` flows of its own kind (decided flows, answered ones, timed handshakes).
+pub fn judge(f: &mut Figures, slo: &Slo) {
+    let mut breaches = Vec::new();
+    let decided = f.decided();
+    f.judged = decided >= slo.min_flows;
+    let window = format!("in the last {:.0} s", f.secs);
+    if let Some(share) = f.failure_share.filter(|_| f.judged && slo.max_handshake_failure_share > 0.0) {
+        if share > slo.max_handshake_failure_share {
+            breaches.push(format!(
+                "{} of {decided} handshakes failed {window} ({} refused, {} unanswered): {} > {}",
+                f.refused + f.no_answer,
+                f.refused,
+                f.no_answer,
+                pct(share),
+                pct(slo.max_handshake_failure_share)
+            ));
+        }
+    }
+    if let Some(share) = f.reset_share.filter(|_| f.answered >= slo.min_flows && slo.max_reset_share > 0.0) {
+        if share > slo.max_reset_share {
+            breaches.push(format!(
+                "{} of {} answered flows reset by the backend {window}: {} > {}",
+                f.resets,
+                f.answered,
+                pct(share),
+                pct(slo.max_reset_share)
+            ));
+        }
+    }
+    let max_ms = slo.max_p95_handshake.as_secs_f64() * 1000.0;
+    if let Some(p95) = f.p95_ms.filter(|_| f.handshakes >= slo.min_flows && max_ms > 0.0) {
+        if p95 > max_ms {
+            breaches.push(format!("p95 handshake {p95:.1} ms over {} handshakes {window}: > {max_ms:.0} ms", f.handshakes));
+        }
+    }
+    f.breach = (!breaches.is_empty()).then(|| format!("service {} on {}: {}", f.service, f.color, breaches.join("; ")));
+}
+
+/// The sampler's readings and the figures of the last window of every (service, color).
+#[derive(Default)]
+pub struct View {
+    /// The latest reading (cumulative counters, for metrics) and when it was taken.
+    pub latest: Option<(Instant, Reading)>,
+    /// Per service, blue then green: `figures[service * 2 + color]`.
+    pub figures: Vec<Figures>,
+}
+
+impl View {
+    /// What `color` breaches, one line per service.
+    pub fn breaches(&self, color: Color) -> Vec<String> {
+        self.figures.iter().filter(|f| f.color == color.name()).filter_map(|f| f.breach.clone()).collect()
+    }
+}
+
+pub type Shared = Arc<Mutex<View>>;
+
+/// The signal maps on handles of their own, and where each configured backend's entry is.
+pub struct Maps {
+    pub signals: aya::maps::Map,
+    pub latency: aya::maps::Map,
+    /// Backends per (service, color), in config order.
+    pub counts: Vec<usize>,
+}
+
+impl Maps {
+    /// Reads every configured backend's signals and every histogram, summed over CPUs.
+    pub fn read(&self) -> anyhow::Result<Reading> {
+        let signals: PerCpuArray<&MapData, BackendSignals> = PerCpuArray::try_from(&self.signals)?;
+        let latency: PerCpuArray<&MapData, LatencyHist> = PerCpuArray::try_from(&self.latency)?;
+        let mut r = Reading::default();
+        for (block, &n) in self.counts.iter().enumerate() {
+            let (service, color) = ((block / 2) as u32, (block % 2) as u32);
+            let mut v = Vec::with_capacity(n);
+            for j in 0..n as u32 {
+                let mut t = BackendSignals::default();
+                for c in signals.get(&signal_index(service, color, j), 0).context("reading a backend's signals")?.iter() {
+                    add(&mut t, c);
+                }
+                v.push(t);
+            }
+            r.blocks.push(v);
+            let mut h = [0u64; LATENCY_BUCKETS];
+            for c in latency.get(&(block as u32), 0).context("reading a latency histogram")?.iter() {
+                for k in 0..LATENCY_BUCKETS {
+                    h[k] += c.buckets[k];
+                }
+            }
+            r.latency.push(h);
+        }
+        Ok(r)
+    }
+}
+
+/// Keeps readings for the longest window and computes every service's figures over its own.
+pub struct Sampler {
+    services: Vec<Service>,
+    readings: VecDeque<(Instant, Sums)>,
+    longest: Duration,
+}
+
+impl Sampler {
+    pub fn new(services: Vec<Service>) -> Sampler {
+        let longest = services.iter().map(|s| s.slo.window).max().unwrap_or_default();
+        Sampler { services, readings: VecDeque::new(), longest }
+    }
+
+    /// Adds a reading taken at `at` and returns the figures of every window ending there.
+    /// Readings are kept back to the latest one at least the longest window old.
+    pub fn push(&mut self, at: Instant, r: Sums) -> Vec<Figures> {
+        self.readings.push_back((at, r));
+        while self.readings.get(1).is_some_and(|(t, _)| at.duration_since(*t) >= self.longest) {
+            self.readings.pop_front();
+        }
+        let (_, new) = self.readings.back().expect("just pushed");
+        let mut out = Vec::with_capacity(self.services.len() * 2);
+        for (i, s) in self.services.iter().enumerate() {
+            // The latest reading at least a window old (or the oldest one kept).
+            let (t0, old) = self
+                .readings
+                .iter()
+                .rev()
+                .find(|(t, _)| at.duration_since(*t) >= s.slo.window)
+                .unwrap_or_else(|| self.readings.front().expect("not empty"));
+            let secs = at.duration_since(*t0).as_secs_f64();
+            for c in Color::ALL {
+                out.push(figures(&s.name, c, i * 2 + c as usize, old, new, secs, &s.slo));
+            }
+        }
+        out
+    }
+}
+
+/// Reads the signal maps every `SAMPLE_EVERY` on a thread of its own (no lock of the agent's
+/// held while reading), resting at least four times as long as a read took.
+pub fn spawn(maps: Maps, services: Vec<Service>) -> anyhow::Result<Shared> {
+    let view: Shared = Arc::new(Mutex::new(View::default()));
+    let out = view.clone();
+    let mut sampler = Sampler::new(services);
+    std::thread::Builder::new()
+        .name("bg-signals".into())
+        .spawn(move || loop {
+            let started = Instant::now();
+            match maps.read() {
+                Ok(r) => {
+                    let figures = sampler.push(started, r.sums());
+                    let mut v = crate::lock(&out);
+                    v.latest = Some((started, r));
+                    v.figures = figures;
+                }
+                Err(e) => warn!(error = %format!("{e:#}"), "reading the connection signals failed"),
+            }
+            std::thread::sleep((started.elapsed() * 4).max(SAMPLE_EVERY));
+        })
+        .context("starting the signal sampler")?;
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slo() -> Slo {
+        Slo {
+            window: Duration::from_secs(5),
+            min_flows: 20,
+            max_handshake_failure_share: 0.5,
+            max_reset_share: 0.5,
+            max_p95_handshake: Duration::from_millis(1000),
+        }
+    }
+
+    /// One block (service 0, blue) with these totals and histogram.
+    fn reading(s: BackendSignals, hist: [u64; LATENCY_BUCKETS]) -> Sums {
+        Reading { blocks: vec![vec![s], vec![]], latency: vec![hist, [0; LATENCY_BUCKETS]] }.sums()
+    }
+
+    fn sig(answered: u64, refused: u64, no_answer: u64, resets: u64) -> BackendSignals {
+        BackendSignals { new_flows: answered + refused + no_answer, answered, refused, no_answer, resets, ..Default::default() }
+    }
+
+    fn judged(s: BackendSignals, hist: [u64; LATENCY_BUCKETS], slo: &Slo) -> Figures {
+        figures("web", Color::Blue, 0, &Sums::default(), &reading(s, hist), 5.0, slo)
+    }
+
+    /// `n` handshakes all in the bucket of `ms`.
+    fn hist_at(ms: f64, n: u64) -> [u64; LATENCY_BUCKETS] {
+        let units = (ms * 1e6) as u64 >> LATENCY_SHIFT;
+        let mut h = [0; LATENCY_BUCKETS];
+        h[bg_common::latency_bucket(units as u32) as usize] = n;
+        h
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_log2_buckets() {
+        let mut h = [0u64; LATENCY_BUCKETS];
+        assert_eq!(quantile_ms(&h, 0.5), None);
+        // 100 handshakes in bucket 10: [512, 1024) units = [0.524, 1.049) ms.
+        h[10] = 100;
+        let p50 = quantile_ms(&h, 0.5).unwrap();
+        assert!((p50 - 0.786).abs() < 0.001, "p50 {p50}");
+        let p95 = quantile_ms(&h, 0.95).unwrap();
+        assert!((p95 - 1.022).abs() < 0.001, "p95 {p95}");
+        // 90 fast (bucket 5), 10 slow (bucket 20: [0.537, 1.074) s): p50 fast, p95 slow.
+        let mut h = [0u64; LATENCY_BUCKETS];
+        h[5] = 90;
+        h[20] = 10;
+        assert!(quantile_ms(&h, 0.5).unwrap() < 0.05);
+        let p95 = quantile_ms(&h, 0.95).unwrap();
+        assert!((536.0..=1074.0).contains(&p95), "p95 {p95}");
+    }
+
+    #[test]
+    fn healthy_traffic_breaches_nothing() {
+        let f = judged(sig(1000, 0, 0, 2), hist_at(0.3, 1000), &slo());
+        assert!(f.judged);
+        assert_eq!(f.breach, None, "{f:?}");
+        assert_eq!(f.failure_share, Some(0.0));
+    }
+
+    #[test]
+    fn refused_and_unanswered_handshakes_breach_the_failure_share() {
+        let f = judged(sig(5, 10, 10, 0), hist_at(0.3, 5), &slo());
+        let b = f.breach.expect("breach");
+        assert!(b.contains("20 of 25 handshakes failed") && b.contains("10 refused, 10 unanswered") && b.contains("80% > 50%"), "{b}");
+        // Exactly at the threshold is within it.
+        assert_eq!(judged(sig(10, 10, 0, 0), [0; LATENCY_BUCKETS], &slo()).breach, None);
+    }
+
+    #[test]
+    fn too_few_flows_are_not_judged() {
+        // 1 failure in 2 flows: 50%, 100% ... but on 19 flows nothing is judged.
+        let f = judged(sig(0, 19, 0, 0), [0; LATENCY_BUCKETS], &slo());
+        assert!(!f.judged);
+        assert_eq!(f.breach, None);
+        assert!(judged(sig(0, 20, 0, 0), [0; LATENCY_BUCKETS], &slo()).breach.is_some());
+    }
+
+    #[test]
+    fn resets_of_answered_flows_breach_the_reset_share() {
+        let f = judged(sig(40, 0, 0, 30), hist_at(0.3, 40), &slo());
+        let b = f.breach.expect("breach");
+        assert!(b.contains("30 of 40 answered flows reset") && b.contains("75% > 50%"), "{b}");
+        assert_eq!(judged(sig(40, 0, 0, 20), hist_at(0.3, 40), &slo()).breach, None);
+    }
+
+    #[test]
+    fn slow_handshakes_breach_the_latency_slo_and_fast_enough_ones_do_not() {
+        let strict = Slo { max_p95_handshake: Duration::from_millis(150), ..slo() };
+        // 300 ms handshakes: bucket [268, 537) ms.
+        let f = judged(sig(50, 0, 0, 0), hist_at(300.0, 50), &strict);
+        assert!(f.breach.as_deref().is_some_and(|b| b.contains("p95 handshake")), "{f:?}");
+        // 40 ms handshakes: bucket [33.6, 67.1) ms, under 150.
+        assert_eq!(judged(sig(50, 0, 0, 0), hist_at(40.0, 50), &strict).breach, None);
+    }
+
+    #[test]
+    fn a_threshold_of_zero_is_off() {
+        let off = Slo { max_handshake_failure_share: 0.0, max_reset_share: 0.0, max_p95_handshake: Duration::ZERO, ..slo() };
+        let f = judged(sig(20, 100, 100, 20), hist_at(3000.0, 20), &off);
+        assert!(f.judged);
+        assert_eq!(f.breach, None);
+    }
+
+    #[test]
+    fn the_sampler_judges_each_service_over_its_own_window() {
+        let cfg = crate::config::Config::parse(
+            r#"
+interfaces = ["eth0"]
+[[service]]
+name = "web"
+vip = "10.100.0.1:80"
+slo = { window_secs = 2 }
+blue = ["10.1.0.2:8080"]
+green = ["10.2.0.2:8080"]
+"#,
+        )
+        .unwrap();
+        let mut s = Sampler::new(cfg.services);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let r = |refused: u64| {
+            Reading { blocks: vec![vec![sig(0, 0, 0, 0)], vec![sig(0, refused, 0, 0)]], latency: vec![[0; LATENCY_BUCKETS]; 2] }.sums()
+        };
+        s.push(at(0), r(0));
+        // 30 refusals on green within 1 s: a breach, judged on green only.
+        let f = s.push(at(1000), r(30));
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].breach, None);
+        assert!(f[1].breach.is_some(), "{:?}", f[1]);
+        // 3.5 s later with no more failures: the window (2 s) has moved past them.
+        s.push(at(3000), r(30));
+        let f = s.push(at(4500), r(30));
+        assert_eq!(f[1].refused, 0, "{:?}", f[1]);
+        assert_eq!(f[1].breach, None);
+        // Measured from the reading at 1 s: the latest one at least a window old.
+        assert!((f[1].secs - 3.5).abs() < 0.01, "{}", f[1].secs);
+    }
+}
