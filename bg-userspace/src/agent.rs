@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{parse_color, Config, Forwarding},
     control::{
-        BackendStatus, CanaryStatus, ColorHealth, DrainStatus, FlipResult, RepublishStatus, Request, Response, ServiceStatus, Status,
+        BackendStatus, CanaryStatus, ColorHealth, DrainStatus, DryRun, FlipResult, SelectorView, RepublishStatus, Request, Response, ServiceStatus, Status,
         WatchStatus, MAX_BACKENDS_PAGE, MAX_LINE, STATUS_BACKENDS,
     },
     dataplane::{remove_pinned, require_embedded_object, Attachment, Dataplane},
@@ -43,6 +43,8 @@ use crate::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The most (service, color) figures an audit event carries.
+const AUDIT_SIGNALS: usize = 16;
 /// The most audit events one `history` request returns (each answer must fit `MAX_LINE`).
 pub const MAX_HISTORY: usize = 1_000;
 /// Control connections served at once; more are answered with an error and closed.
@@ -85,6 +87,8 @@ pub struct State {
     pub flow_tables: Arc<crate::dataplane::FlowTables>,
     /// Handles of their own on the counter maps: scrapes and `stats` read them after the lock.
     counter_maps: Arc<crate::dataplane::CounterMaps>,
+    /// The connection signals' sampler's last reading and window figures.
+    signals: crate::signals::Shared,
     /// The switch state and its promises; the rules are in `decisions`. Its active color and
     /// canary share are what the selector in `dp` holds: both change together, in `carry_out`.
     pub dec: Decisions,
@@ -293,9 +297,14 @@ impl State {
         decisions::effective_weights(&self.config.services, color, &crate::lock(&self.health))
     }
 
-    /// What health says of `color` (see `decisions::verdict`).
+    /// What health and the SLOs say of `color`: the gate's and the watch window's verdict.
     fn verdict(&self, color: Color) -> Verdict {
-        decisions::verdict(&self.config.services, color, &crate::lock(&self.health))
+        gate_verdict(&self.config.services, &self.health, &self.signals, color)
+    }
+
+    /// The last window's figures of `color` (or both), per service.
+    fn figures(&self, color: Option<Color>) -> Vec<crate::signals::Figures> {
+        crate::lock(&self.signals).figures.iter().filter(|f| color.is_none_or(|c| f.color == c.name())).cloned().collect()
     }
 
     /// Per color: counts per state and the backends not up (at most `STATUS_BACKENDS`), for
@@ -353,9 +362,11 @@ impl State {
                     healthy &= decisions::meets_share(up, s.backends(c).len(), s.health.healthy_share);
                 }
                 let published = &self.published[c as usize];
+                let slo_breaches = crate::lock(&self.signals).breaches(c);
                 ColorHealth {
                     color: c.name().into(),
-                    healthy,
+                    healthy: healthy && slo_breaches.is_empty(),
+                    slo_breaches,
                     all_down: published.iter().any(|s| s.iter().all(|x| *x == 0)),
                     up: counts[HState::Up as usize],
                     down: counts[HState::Down as usize],
@@ -371,6 +382,10 @@ impl State {
     fn audit(&self, mut event: serde_json::Value) {
         if let Some(o) = event.as_object_mut() {
             o.insert("health".into(), self.health_snapshot());
+            // The figures of the last window where there was traffic (at most
+            // `AUDIT_SIGNALS`: an audit line stays small at any number of services).
+            let figures: Vec<_> = self.figures(None).into_iter().filter(|f| f.new_flows > 0 || f.decided() > 0).take(AUDIT_SIGNALS).collect();
+            o.insert("signals".into(), json!(figures));
         }
         if let Err(e) = self.store.audit(event) {
             error!(error = %e, "could not write the audit log");
@@ -458,6 +473,39 @@ impl State {
         self.carry_out(decision, who, "requested", started)
     }
 
+    /// What a flip would do, touching nothing (no republish, no selector write, no audit).
+    fn dry_run(&self, req: FlipRequest) -> anyhow::Result<DryRun> {
+        let verdict = self.verdict(req.to);
+        let decision = self.dec.decide_flip(&req, &verdict, self.now_ms()).map_err(|e| anyhow!(e))?;
+        let view = |s: bg_common::Selector| SelectorView {
+            active: Color::from_u8(slot_color(s.primary())).unwrap_or(Color::Blue).name().into(),
+            canary_percent: s.canary_permille() as f64 / 10.0,
+            value: s.0,
+        };
+        let now = self.dp.current();
+        let (outcome, after, auto_rollback, generation) = match &decision {
+            Decision::Unchanged => ("unchanged", now, "unchanged: nothing to guard".to_owned(), self.dec.generation),
+            Decision::Refused { .. } => ("refused", now, "refused: nothing to guard".to_owned(), self.dec.generation),
+            Decision::Switch(p) => ("switch", self.dp.selector_for(p.active(), p.canary_permille()), p.auto_rollback(), p.generation),
+        };
+        let sample = *crate::lock(&self.flow_sample);
+        Ok(DryRun {
+            outcome: outcome.into(),
+            from: self.active().name().into(),
+            to: req.to.name().into(),
+            percent: req.percent,
+            generation,
+            healthy: verdict.healthy,
+            failing: verdict.failing,
+            selector_now: view(now),
+            selector_after: view(after),
+            live_flows: sample.map(|(c, _)| c.flows).unwrap_or_default(),
+            live_flows_age_ms: sample.map(|(_, at)| at.elapsed().as_millis() as u64),
+            auto_rollback,
+            signals: self.figures(Some(req.to)),
+        })
+    }
+
     /// Undoes the last switch: ends a canary, or flips back to the previous color.
     fn rollback(&mut self, force: bool, who: Actor) -> anyhow::Result<FlipResult> {
         let started = Instant::now();
@@ -482,6 +530,7 @@ impl State {
                     drain_secs: None,
                     percent: None,
                     forced: false,
+                    auto_rollback: "unchanged: nothing to guard".into(),
                 });
             }
             Decision::Refused { to, failing } => {
@@ -513,6 +562,7 @@ impl State {
             drain_secs: plan.drain_secs,
             percent: plan.percent,
             forced: plan.forced,
+            auto_rollback: plan.auto_rollback(),
         })
     }
 
@@ -523,7 +573,8 @@ impl State {
             reason.to_owned()
         };
         self.audit(json!({"event": plan.kind.event(), "from": plan.from.name(), "to": plan.to.name(), "generation": plan.generation,
-            "uid": who.json(), "reason": reason, "forced": plan.forced, "percent": plan.percent, "drain_secs": plan.drain_secs}));
+            "uid": who.json(), "reason": reason, "forced": plan.forced, "force": plan.force, "percent": plan.percent, "drain_secs": plan.drain_secs,
+            "auto_rollback": plan.auto_rollback()}));
     }
 
     /// What time decides (`Decisions::tick`): an automatic rollback (once per switch, and
@@ -531,9 +582,8 @@ impl State {
     /// agent's lock, `finish_drain` after).
     fn tick(&mut self) -> Option<(Color, crate::dataplane::FlowTables)> {
         let now = self.now_ms();
-        let services = &self.config.services;
-        let health = &self.health;
-        let actions = self.dec.tick(now, &|c| decisions::verdict(services, c, &crate::lock(health)));
+        let (services, health, signals) = (&self.config.services, &self.health, &self.signals);
+        let actions = self.dec.tick(now, &|c| gate_verdict(services, health, signals, c));
         let mut drain = None;
         for action in actions {
             match action {
@@ -597,6 +647,10 @@ impl State {
             .map(|b| decisions::state_of(&table, &b.addr))
             .collect();
         drop(table);
+        let (signals, figures) = {
+            let v = crate::lock(&self.signals);
+            (v.latest.as_ref().map(|(_, r)| r.clone()), v.figures.clone())
+        };
         Ok(metrics::Snapshot {
             counters: Default::default(),
             flows: sample.map(|(c, _)| c).unwrap_or_default(),
@@ -612,6 +666,8 @@ impl State {
             unconfirmed_table_size: self.config.unconfirmed_table_size,
             egress: self.egress()?,
             backends,
+            signals,
+            figures,
         })
     }
 
@@ -658,8 +714,16 @@ impl State {
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
             last_republish: self.last_republish.clone(),
+            signals: self.figures(None),
         })
     }
+}
+
+/// What health and the SLOs say of `color` (`decisions::verdict` with the signal view's
+/// breaches).
+fn gate_verdict(services: &[crate::config::Service], health: &health::Table, signals: &crate::signals::Shared, color: Color) -> Verdict {
+    let v = decisions::verdict(services, color, &crate::lock(health));
+    decisions::with_breaches(v, crate::lock(signals).breaches(color))
 }
 
 /// The flow sampler's last counts and when they were taken.
@@ -820,8 +884,10 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     let flow_sample = spawn_flow_sampler(flow_tables.clone())?;
     let canary = dp.current().canary_permille();
     let counter_maps = Arc::new(dp.counter_maps()?);
+    let signals = crate::signals::spawn(dp.signal_maps()?, config.services.clone())?;
     let mut state = State {
         counter_maps,
+        signals,
         flow_sample,
         flow_tables,
         dp,
@@ -986,7 +1052,7 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
             // Flips, rollbacks, status and stats take microseconds under the lock (no table
             // walk, no file read): answered here, without a hop to another thread. Reading
             // the audit log and walking the flow tables go to the blocking pool.
-            Ok(req @ (Request::History { .. } | Request::Status { count_flows: true })) => {
+            Ok(req @ (Request::History { .. } | Request::Status { count_flows: true } | Request::Flip { dry_run: true, .. })) => {
                 let state = state.clone();
                 tokio::task::spawn_blocking(move || handle(&state, req, Actor::Uid(uid))).await?
             }
@@ -1059,8 +1125,20 @@ fn handle(state: &Mutex<State>, req: Request, who: Actor) -> Response {
             }
             n => Err(anyhow!("history limit {n} is out of range; use 1 to {MAX_HISTORY} events")),
         },
-        Request::Flip { color, drain_secs, percent, force } => match parse_color(&color) {
+        Request::Flip { color, drain_secs, percent, force, dry_run } => match parse_color(&color) {
             None => Err(anyhow!("unknown color `{color}`; use `blue` or `green`")),
+            Some(to) if dry_run => {
+                // The live flows are counted after the lock is let go (a walk of any length
+                // delays no flip); this runs on the blocking pool (`serve`).
+                let d = st.dry_run(FlipRequest { to, percent, drain_secs, force });
+                let tables = st.flow_tables.clone();
+                drop(st);
+                d.and_then(|mut d| {
+                    d.live_flows = tables.counts()?.flows;
+                    d.live_flows_age_ms = Some(0);
+                    Ok(Response::DryRun(d))
+                })
+            }
             Some(to) => st.flip(FlipRequest { to, percent, drain_secs, force }, who).map(Response::Flipped),
         },
         Request::Rollback { force } => st.rollback(force, who).map(Response::Flipped),

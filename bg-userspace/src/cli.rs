@@ -66,9 +66,15 @@ pub enum Command {
         /// removed, and their next packet is answered with a TCP RST by the active color.
         #[arg(long, value_name = "SECS")]
         drain: Option<u64>,
-        /// Flip even though COLOR fails its health checks (recorded as forced).
+        /// Flip even though COLOR fails its health checks or SLOs (recorded as forced); turns
+        /// automatic rollback off for this switch.
         #[arg(long)]
         force: bool,
+        /// Run the gate (health, and the SLOs on COLOR's recent preview or canary traffic) and
+        /// say what would happen: the selector it would write, the live flows that stay where
+        /// they are. Changes nothing; exits 1 when the flip would be refused.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -104,7 +110,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A live view during a cutover: new flows/s and live flows per color, health, generation.
+    /// A live view during a cutover: new flows/s and live flows per color, health, generation,
+    /// and the connection signals (handshakes failed, resets, handshake p50/p95) per service.
     Watch {
         /// Refresh interval in milliseconds.
         #[arg(long, default_value_t = 1000)]
@@ -169,7 +176,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json, count_flows } => output(call(&socket, &Request::Status { count_flows })?, json),
-        Command::Flip { color, percent, drain, force, json } => {
+        Command::Flip { color, percent, drain, force, dry_run, json } => {
             if color != "blue" && color != "green" {
                 bail!("unknown color `{color}`; use `blue` or `green`");
             }
@@ -178,7 +185,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                     bail!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)");
                 }
             }
-            output(call(&socket, &Request::Flip { color, drain_secs: drain, percent, force })?, json)
+            output(call(&socket, &Request::Flip { color, drain_secs: drain, percent, force, dry_run })?, json)
         }
         Command::Rollback { force, json } => output(call(&socket, &Request::Rollback { force })?, json),
         Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
@@ -196,11 +203,22 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
         }
         bail!("{message}");
     }
+    // A dry run that would be refused exits 1, after saying so.
+    let refused = matches!(&r, Response::DryRun(d) if d.outcome == "refused");
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+    } else {
+        print_response(r);
     }
+    if refused {
+        bail!("dry run: the flip would be refused (nothing was changed)");
+    }
+    Ok(())
+}
+
+fn print_response(r: Response) {
     match r {
+        Response::DryRun(d) => print_dry_run(&d),
         Response::Status(s) => print_status(&s),
         Response::Flipped(f) => print_flip(&f),
         Response::Stats(c) => print_stats(&c),
@@ -208,7 +226,54 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
         Response::Backends { backends, .. } => print_backends(&backends),
         Response::Error { .. } => unreachable!(),
     }
-    Ok(())
+}
+
+fn print_dry_run(d: &crate::control::DryRun) {
+    let what = match d.percent {
+        Some(p) => format!("a canary of {p}% to {}", d.to),
+        None => format!("a flip {} -> {}", d.from, d.to),
+    };
+    let sel = |s: &crate::control::SelectorView| format!("active {}, canary {:.1}% (value {:#x})", s.active, s.canary_percent, s.value);
+    match d.outcome.as_str() {
+        "switch" => println!("dry run: {what} would pass the gate (generation {})", d.generation),
+        "refused" => println!("dry run: {what} would be REFUSED: {}", d.failing.join("; ")),
+        _ => println!("dry run: {what} would change nothing ({} is already so)", d.to),
+    }
+    println!("  selector now:   {}", sel(&d.selector_now));
+    println!("  selector after: {}", sel(&d.selector_after));
+    let age = d.live_flows_age_ms.map(|a| format!(" (counted {a} ms ago)")).unwrap_or_default();
+    println!("  live flows stay where they are: blue {}, green {}{age}", d.live_flows[0], d.live_flows[1]);
+    println!("  automatic rollback: {}", d.auto_rollback);
+    for f in &d.signals {
+        println!("  {}", signal_line(f));
+    }
+    println!("  nothing was changed");
+}
+
+/// One (service, color)'s figures of the last window, in a line.
+pub fn signal_line(f: &crate::signals::Figures) -> String {
+    let share = |x: Option<f64>| x.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_else(|| "-".into());
+    let ms = |x: Option<f64>| x.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into());
+    let verdict = match (&f.breach, f.judged) {
+        (Some(_), _) => "BREACH",
+        (None, true) => "within SLO",
+        (None, false) => "too few flows to judge",
+    };
+    format!(
+        "{:<10} {:<5} last {:.0} s: {} new, {} answered, {} refused, {} unanswered ({} failed), {} reset ({}), handshake p50 {} p95 {}: {verdict}",
+        f.service,
+        f.color,
+        f.secs,
+        f.new_flows,
+        f.answered,
+        f.refused,
+        f.no_answer,
+        share(f.failure_share),
+        f.resets,
+        share(f.reset_share),
+        ms(f.p50_ms),
+        ms(f.p95_ms)
+    )
 }
 
 /// Fetches every page of the backend list (each answer stays under the protocol's line limit).
@@ -289,6 +354,9 @@ fn print_flip(f: &FlipResult) {
     if f.forced {
         println!("FORCED past a failing health gate (recorded in the audit log)");
     }
+    if !f.auto_rollback.is_empty() {
+        println!("automatic rollback: {}", f.auto_rollback);
+    }
     if let Some(s) = f.drain_secs {
         println!("{}'s remaining flows will be ended in {s} s", f.from);
     }
@@ -332,11 +400,20 @@ fn print_status(s: &Status) {
             "NOT healthy"
         };
         println!("{mark} {} ({verdict}): {} up, {} down, {} unknown", h.color, h.up, h.down, h.unknown);
+        for b in &h.slo_breaches {
+            println!("    SLO BREACH: {b}");
+        }
         for b in &h.backends {
             println!("    {:<10} {:<28} {:<8} {}", b.service, b.backend, format!("{:?}", b.state).to_lowercase(), b.last);
         }
         if h.backends_not_listed > 0 {
             println!("    ... and {} more not up (`bgctl backends --color {} --state down`)", h.backends_not_listed, h.color);
+        }
+    }
+    if !s.signals.is_empty() {
+        println!("connection signals (last SLO window):");
+        for f in &s.signals {
+            println!("  {}", signal_line(f));
         }
     }
     for svc in &s.services {
@@ -400,6 +477,19 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
                 if h.healthy { "healthy" } else { "NOT healthy" },
                 h.up + h.down + h.unknown
             );
+        }
+        // The connection signals of the last SLO window, for the services with traffic.
+        let busy: Vec<_> = s.signals.iter().filter(|f| f.new_flows > 0 || f.decided() > 0 || f.breach.is_some()).collect();
+        if !busy.is_empty() {
+            screen += "\nconnection signals (last SLO window):\n";
+            for f in busy {
+                screen += &format!("  {}\n", signal_line(f));
+            }
+        }
+        for h in &s.health {
+            for b in &h.slo_breaches {
+                screen += &format!("SLO BREACH: {b}\n");
+            }
         }
         print!("{screen}");
         use std::io::Write;

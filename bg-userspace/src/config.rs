@@ -994,6 +994,34 @@ green = ["10.2.0.2:8080"]
         assert!(e.contains("initial_color") && e.contains("\"blue\""), "{e}");
     }
 
+    #[test]
+    fn slo_defaults_overrides_and_bad_values() {
+        let c = Config::parse(GOOD).unwrap();
+        let slo = &c.services[0].slo;
+        assert_eq!(
+            (slo.window.as_secs(), slo.min_flows, slo.max_handshake_failure_share, slo.max_reset_share, slo.max_p95_handshake.as_millis()),
+            (5, 20, 0.5, 0.5, 1000),
+            "the defaults the README states"
+        );
+        let udp = Config::parse(&format!("{GOOD}[[service]]\nname = \"dns\"\nvip = \"10.100.0.1:53\"\nprotocol = \"udp\"\nblue = [\"10.1.0.2:53\"]\ngreen = [\"10.2.0.2:53\"]\n")).unwrap();
+        let u = &udp.services[1].slo;
+        assert_eq!((u.max_handshake_failure_share, u.max_reset_share, u.max_p95_handshake.as_millis()), (0.0, 0.0, 0), "off for UDP unless set");
+        let o = Config::parse(&format!("{}[slo]\nwindow_secs = 10\nmax_reset_share = 0\n", GOOD.replace("name = \"web\"", "name = \"web\"\nslo = { min_flows = 5 }"))).unwrap();
+        let o = &o.services[0].slo;
+        assert_eq!((o.window.as_secs(), o.min_flows, o.max_reset_share), (10, 5, 0.0), "global settings with the service's override");
+        for (text, field) in [
+            (format!("{GOOD}[slo]\nwindow_secs = 0\n"), "slo.window_secs"),
+            (format!("{GOOD}[slo]\nmax_handshake_failure_share = 1.5\n"), "slo.max_handshake_failure_share"),
+            (format!("{GOOD}[slo]\nmin_flows = 0\n"), "slo.min_flows"),
+            (format!("{GOOD}[slo]\nmax_p95_handshake_ms = 600001\n"), "slo.max_p95_handshake_ms"),
+            (format!("{GOOD}[slo]\nmax_reset = 0.5\n"), "max_reset"),
+            (GOOD.replace("name = \"web\"", "name = \"web\"\nslo = { max_reset_share = -1 }"), "service[0].slo.max_reset_share"),
+        ] {
+            let e = err_of(&text);
+            assert!(e.contains(field), "expected `{field}` in: {e}");
+        }
+    }
+
     /// Configs that parse as TOML but would give a wrong data plane: each refused, naming the
     /// field and what is wrong with it.
     #[test]
@@ -1073,7 +1101,7 @@ green = ["10.2.0.2:8080"]
             "initial_color", "state_dir", "metrics_listen", "metrics_allow_remote", "watch_window_secs",
         ];
         const HEALTH: &[&str] = &["kind", "port", "path", "expect_status", "interval_ms", "timeout_ms", "rise", "fall", "healthy_share"];
-        const SERVICE: &[&str] = &["name", "vip", "preview_vip", "protocol", "blue", "green", "health"];
+        const SERVICE: &[&str] = &["name", "vip", "preview_vip", "protocol", "blue", "green", "health", "slo"];
 
         /// Numbers at and around every stated bound.
         const BOUNDS: &[u64] = &[

@@ -36,9 +36,13 @@ pub enum Request {
         /// A canary: this share of new flows to `color`, the rest stays where it is.
         #[serde(default)]
         percent: Option<u32>,
-        /// Flip even when `color` is not healthy (recorded as forced).
+        /// Flip even when `color` is not healthy (recorded as forced); automatic rollback is
+        /// off for this switch.
         #[serde(default)]
         force: bool,
+        /// Run the gate and say what would happen; change nothing.
+        #[serde(default)]
+        dry_run: bool,
     },
     Rollback {
         #[serde(default)]
@@ -68,6 +72,7 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Flipped(FlipResult),
+    DryRun(DryRun),
     Stats(Counters),
     /// One page of `Request::Backends`: `total` backends match, these start at `offset`.
     Backends { total: usize, offset: usize, backends: Vec<BackendStatus> },
@@ -110,6 +115,10 @@ pub struct ColorHealth {
     /// down stops counting here once its color's tables are republished without it).
     #[serde(default)]
     pub taking_flows: usize,
+    /// What this color's real traffic breaches (its SLOs), one line per service; a breach
+    /// makes it unhealthy for the gate and the watch window.
+    #[serde(default)]
+    pub slo_breaches: Vec<String>,
     /// The backends that are not up, at most `STATUS_BACKENDS` of them (the rest:
     /// `backends_not_listed`; every backend: `bgctl backends`).
     pub backends: Vec<BackendStatus>,
@@ -185,6 +194,45 @@ pub struct Status {
     /// The last republish of a color's backend tables after a health change.
     #[serde(default)]
     pub last_republish: Option<RepublishStatus>,
+    /// Connection signals of the last SLO window per service and color (service-major, blue
+    /// then green), judged by each service's SLO.
+    #[serde(default)]
+    pub signals: Vec<crate::signals::Figures>,
+}
+
+/// The selector as words and as the value in the map.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SelectorView {
+    pub active: String,
+    pub canary_percent: f64,
+    /// The raw map value (`bg_common::Selector`).
+    pub value: u32,
+}
+
+/// What `flip --dry-run` found. Nothing was changed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DryRun {
+    /// "switch", "refused" or "unchanged".
+    pub outcome: String,
+    pub from: String,
+    pub to: String,
+    pub percent: Option<u32>,
+    pub generation: u64,
+    /// The gate's verdict on `to`: health and the SLOs on its recent traffic (preview or
+    /// canary flows), with what fails.
+    pub healthy: bool,
+    pub failing: Vec<String>,
+    pub selector_now: SelectorView,
+    /// What the selector would become (the same when refused or unchanged).
+    pub selector_after: SelectorView,
+    /// Live flows per color [blue, green]: they stay where they are whatever happens.
+    pub live_flows: [u64; 2],
+    /// How old `live_flows` is (ms); None before the first walk of the flow tables.
+    pub live_flows_age_ms: Option<u64>,
+    /// Whether automatic rollback would guard the switch.
+    pub auto_rollback: String,
+    /// `to`'s connection signals of the last window, per service.
+    pub signals: Vec<crate::signals::Figures>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -215,6 +263,9 @@ pub struct FlipResult {
     pub percent: Option<u32>,
     /// Flipped with --force past a failing health gate.
     pub forced: bool,
+    /// Whether automatic rollback guards this switch, in words.
+    #[serde(default)]
+    pub auto_rollback: String,
 }
 
 /// Sends one request to the agent and waits for its answer.

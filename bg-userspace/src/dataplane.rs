@@ -695,10 +695,15 @@ impl Dataplane {
     /// Points new flows at `active` (and `canary_permille`/1000 of them at the other color):
     /// one 4-byte map write (see `Selector`). Returns how long the write took.
     pub fn route(&mut self, active: Color, canary_permille: u32) -> anyhow::Result<Duration> {
-        let (a, b) = (self.current_slot(active), self.current_slot(active.other()));
+        let s = self.selector_for(active, canary_permille);
         let t = Instant::now();
-        self.write_selector(Selector::new(a, b, canary_permille))?;
+        self.write_selector(s)?;
         Ok(t.elapsed())
+    }
+
+    /// The selector `route(active, canary_permille)` would write.
+    pub fn selector_for(&self, active: Color, canary_permille: u32) -> Selector {
+        Selector::new(self.current_slot(active), self.current_slot(active.other()), canary_permille)
     }
 
     /// Shorthand for `route(color, 0)`.

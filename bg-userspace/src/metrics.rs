@@ -54,6 +54,10 @@ pub struct Snapshot {
     pub egress: Vec<Egress>,
     /// Each backend's state, in the order of `Labels::backends`.
     pub backends: Vec<HState>,
+    /// The connection signals' last reading (cumulative, per backend in the order of
+    /// `Labels::backends`; None before the first) and the last window's figures.
+    pub signals: Option<crate::signals::Reading>,
+    pub figures: Vec<crate::signals::Figures>,
 }
 
 /// The backends' labels, fixed for the agent's life (the config does not change under it).
@@ -133,7 +137,106 @@ pub fn render(st: &Snapshot, labels: &Labels) -> String {
         })
         .collect();
     family(&mut out, "bg_backend_up", "gauge", "Backend health: 1 up, 0 down, -1 not yet known.", &up);
+    if let Some(r) = &st.signals {
+        render_signals(&mut out, r, &st.figures, labels);
+    }
     out
+}
+
+type Samples<'a> = Vec<(Vec<(&'a str, String)>, f64)>;
+
+/// The connection signals: per backend and per color (cumulative, from the data path), the
+/// handshake latency histograms per service and color, and the last SLO window's figures.
+fn render_signals(out: &mut String, r: &crate::signals::Reading, figures: &[crate::signals::Figures], labels: &Labels) {
+    use bg_common::BackendSignals;
+    let per_backend: Vec<&BackendSignals> = r.blocks.iter().flatten().collect();
+    let lb = |i: usize| {
+        let (service, c, backend) = &labels.backends[i];
+        vec![("service", service.clone()), ("color", c.name().to_owned()), ("backend", backend.clone())]
+    };
+    let n = per_backend.len().min(labels.backends.len());
+    let each = |f: &dyn Fn(&BackendSignals) -> u64| -> Samples { (0..n).map(|i| (lb(i), f(per_backend[i]) as f64)).collect() };
+    family(out, "bg_backend_new_flows_total", "counter", "Flows started toward this backend (TCP SYNs, first UDP datagrams).", &each(&|b| b.new_flows));
+    let mut hs: Samples = Vec::new();
+    for i in 0..n {
+        for (outcome, v) in [("answered", per_backend[i].answered), ("refused", per_backend[i].refused), ("no_answer", per_backend[i].no_answer)] {
+            let mut l = lb(i);
+            l.push(("outcome", outcome.into()));
+            hs.push((l, v as f64));
+        }
+    }
+    family(out, "bg_backend_handshakes_total", "counter",
+        "Flows by how the backend answered: in time (SYN-ACK before a SYN retransmission; UDP: a reply), refused (RST to the SYN), no answer in time.", &hs);
+    family(out, "bg_backend_resets_total", "counter", "Answered flows the backend reset (once per flow).", &each(&|b| b.resets));
+    let mut bytes: Samples = Vec::new();
+    for i in 0..n {
+        for (dir, v) in [("to_backend", per_backend[i].bytes_to), ("from_backend", per_backend[i].bytes_from)] {
+            let mut l = lb(i);
+            l.push(("direction", dir.into()));
+            bytes.push((l, v as f64));
+        }
+    }
+    family(out, "bg_backend_bytes_total", "counter", "Bytes (whole frames) of this backend's flows, each way.", &bytes);
+    // Per color, every service's backends summed.
+    let mut colors = [BackendSignals::default(); 2];
+    for (block, b) in r.blocks.iter().enumerate() {
+        for x in b {
+            let t = &mut colors[block % 2];
+            t.answered += x.answered;
+            t.refused += x.refused;
+            t.no_answer += x.no_answer;
+            t.resets += x.resets;
+        }
+    }
+    let mut ch: Samples = Vec::new();
+    for c in Color::ALL {
+        let t = &colors[c as usize];
+        for (outcome, v) in [("answered", t.answered), ("refused", t.refused), ("no_answer", t.no_answer)] {
+            ch.push((vec![("color", c.name().into()), ("outcome", outcome.into())], v as f64));
+        }
+    }
+    family(out, "bg_color_handshakes_total", "counter", "Flows of each color by how their backend answered (see bg_backend_handshakes_total).", &ch);
+    let cr: Samples = Color::ALL.iter().map(|c| (vec![("color", c.name().into())], colors[*c as usize].resets as f64)).collect();
+    family(out, "bg_color_resets_total", "counter", "Answered flows of each color reset by their backend.", &cr);
+    // The latency histograms, cumulative buckets in seconds.
+    let name = "bg_handshake_latency_seconds";
+    let _ = writeln!(out, "# HELP {name} TCP handshake latency (SYN to the backend's SYN-ACK, at the gateway) per service and color; log2 buckets. _sum is estimated from bucket midpoints.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let services: Vec<&String> = {
+        let mut v: Vec<&String> = Vec::new();
+        for (s, _, _) in &labels.backends {
+            if v.last() != Some(&s) {
+                v.push(s);
+            }
+        }
+        v
+    };
+    for (block, h) in r.latency.iter().enumerate() {
+        let (Some(service), Some(c)) = (services.get(block / 2), Color::from_u8((block % 2) as u8)) else { continue };
+        let l = format!("service=\"{}\",color=\"{}\"", escape(service), c.name());
+        let (mut cum, mut sum) = (0u64, 0f64);
+        for (k, n) in h.iter().enumerate() {
+            cum += n;
+            let (lo, hi) = crate::signals::bucket_bounds(k);
+            let unit = (1u64 << bg_common::LATENCY_SHIFT) as f64 / 1e9;
+            sum += *n as f64 * (lo + hi) / 2.0 * unit;
+            if k + 1 < h.len() {
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{}\"}} {cum}", hi * unit);
+            }
+        }
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum{{{l}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{l}}} {cum}");
+    }
+    let fl = |f: &crate::signals::Figures| vec![("service", f.service.clone()), ("color", f.color.clone())];
+    let gauge = |g: &dyn Fn(&crate::signals::Figures) -> Option<f64>| -> Samples {
+        figures.iter().filter_map(|f| g(f).map(|v| (fl(f), v))).collect()
+    };
+    family(out, "bg_slo_handshake_failure_share", "gauge", "Last SLO window: failed handshakes (refused, no answer) / decided ones.", &gauge(&|f| f.failure_share));
+    family(out, "bg_slo_reset_share", "gauge", "Last SLO window: resets / answered flows.", &gauge(&|f| f.reset_share));
+    family(out, "bg_slo_handshake_p95_seconds", "gauge", "Last SLO window: 95th percentile handshake latency.", &gauge(&|f| f.p95_ms.map(|m| m / 1000.0)));
+    family(out, "bg_slo_decided_flows", "gauge", "Last SLO window: flows whose handshake was decided.", &gauge(&|f| Some(f.decided() as f64)));
+    family(out, "bg_slo_breach", "gauge", "1 when the last SLO window breaches the service's SLO on this color.", &gauge(&|f| Some(f.breach.is_some() as u8 as f64)));
 }
 
 /// How a scrape gets its snapshot (the agent's side).

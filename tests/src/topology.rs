@@ -90,6 +90,11 @@ pub fn load(t: &Topology, addr: std::net::SocketAddr, gap: Duration, max: u64, s
     r
 }
 
+/// The VIP at `port`.
+pub fn vip(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(VIP.parse().expect("VIP"), port)
+}
+
 pub struct Topology {
     /// Holds the agent config; the socket lives here too. Removed on drop.
     pub run_dir: PathBuf,
@@ -287,6 +292,31 @@ green = ["[{GREEN6}]:{UDP_PORT}"]
                 bail!("the agent did not answer `bgctl status` within 20 s");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `bgctl status --json --count-flows`, parsed (panics when the agent does not answer).
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.bgctl(&["status", "--json", "--count-flows"]).expect("status").stdout).expect("status JSON")
+    }
+
+    /// The last 100 audit events (`bgctl history`).
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&self.bgctl(&["history", "--json", "-n", "100"]).expect("history").stdout).expect("history JSON");
+        v["events"].as_array().expect("events").clone()
+    }
+
+    /// Polls `status` until `pred` holds; returns when it did (panics after `limit`, naming
+    /// `what` and the last status).
+    pub fn wait_until(&self, what: &str, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Instant {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return Instant::now();
+            }
+            assert!(start.elapsed() < limit, "{what} did not happen within {limit:?}: {s}");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

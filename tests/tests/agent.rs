@@ -3,7 +3,6 @@
 //! metrics. Needs root.
 
 use std::{
-    net::SocketAddr,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -12,25 +11,15 @@ use std::{
 use aya::programs::links::{FdLink, PinnedLink};
 use bg_tests::{
     paths,
-    topology::{load, Topology, ECHO_PORT, PREVIEW_PORT, VIP, VIP_PORT},
+    topology::{load, vip, Topology, ECHO_PORT, PREVIEW_PORT, VIP, VIP_PORT},
 };
 
 fn tag() -> String {
     bg_tests::run::tag("a")
 }
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::new(VIP.parse().unwrap(), port)
-}
 
-fn status(t: &Topology) -> serde_json::Value {
-    serde_json::from_slice(&t.bgctl(&["status", "--json", "--count-flows"]).expect("status").stdout).expect("status JSON")
-}
 
-fn history(t: &Topology) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_slice(&t.bgctl(&["history", "--json", "-n", "100"]).unwrap().stdout).unwrap();
-    v["events"].as_array().unwrap().clone()
-}
 
 fn bgctl_fails(t: &Topology, args: &[&str]) -> String {
     let out = Command::new(paths::bgctl()).arg("--socket").arg(t.socket()).args(args).output().unwrap();
@@ -41,14 +30,7 @@ fn bgctl_fails(t: &Topology, args: &[&str]) -> String {
 /// Polls `status` until `pred` holds; returns how long it took.
 fn wait_for(t: &Topology, what: &str, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Duration {
     let start = Instant::now();
-    loop {
-        let s = status(t);
-        if pred(&s) {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{what} did not happen within {limit:?}: {s}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    t.wait_until(what, limit, pred) - start
 }
 
 #[test]
@@ -62,17 +44,17 @@ fn a_flip_to_an_unhealthy_green_is_refused_and_changes_nothing() {
     }
     // Checks are spread over the interval: every green backend is down within a few.
     wait_for(&t, "every green backend down", Duration::from_secs(6), |s| s["health"][1]["down"] == 5);
-    let before = status(&t);
+    let before = t.status();
 
     let err = bgctl_fails(&t, &["flip", "green"]);
     assert!(err.contains("refused: green is not healthy"), "{err}");
     assert!(err.contains("10.2.0.2:8080") && err.contains("connect"), "names the failing backend and its last result: {err}");
     assert!(err.contains("--force"), "says what to do: {err}");
 
-    let after = status(&t);
+    let after = t.status();
     assert_eq!((after["active"].clone(), after["generation"].clone()), (before["active"].clone(), before["generation"].clone()));
     assert_eq!(t.get_vip().unwrap(), "blue", "traffic still on blue");
-    let h = history(&t);
+    let h = t.history();
     let last = h.last().unwrap();
     assert_eq!((last["event"].as_str(), last["to"].as_str()), (Some("refused"), Some("green")), "{last}");
     assert_eq!(last["uid"], 0, "who asked: the peer uid");
@@ -83,11 +65,11 @@ fn a_flip_to_an_unhealthy_green_is_refused_and_changes_nothing() {
     // --force overrides and is recorded as forced.
     let out = t.bgctl(&["flip", "green", "--force"]).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("FORCED"));
-    let last = history(&t).last().unwrap().clone();
+    let last = t.history().last().unwrap().clone();
     assert_eq!((last["event"].as_str(), last["forced"].as_bool()), (Some("flip"), Some(true)));
     // A forced flip opens no automatic-rollback window: the override stands.
     std::thread::sleep(Duration::from_millis(500));
-    let s = status(&t);
+    let s = t.status();
     assert_eq!((s["active"].as_str(), s["watch"].is_null()), (Some("green"), true), "{s}");
 }
 
@@ -99,7 +81,7 @@ fn green_dying_in_the_watch_window_rolls_back_once() {
     t.wait_healthy().unwrap();
     t.bgctl(&["flip", "green"]).unwrap();
     assert_eq!(t.get_vip().unwrap(), "green");
-    assert_eq!(status(&t)["watch"]["color"], "green", "the watch window is open");
+    assert_eq!(t.status()["watch"]["color"], "green", "the watch window is open");
 
     for p in &mut backends.green {
         p.stop(Duration::from_secs(3));
@@ -110,15 +92,15 @@ fn green_dying_in_the_watch_window_rolls_back_once() {
     assert!(took <= Duration::from_millis(2 * 200 + 1000), "rollback took {took:?}");
     assert_eq!(t.get_vip().unwrap(), "blue", "new connections back on blue");
 
-    let s = status(&t);
+    let s = t.status();
     assert_eq!(s["auto_rollbacks_total"], 1);
     let generation = s["generation"].clone();
-    let autos: Vec<_> = history(&t).into_iter().filter(|e| e["uid"] == "agent" && e["event"] == "rollback").collect();
+    let autos: Vec<_> = t.history().into_iter().filter(|e| e["uid"] == "agent" && e["event"] == "rollback").collect();
     assert_eq!(autos.len(), 1, "exactly one automatic rollback");
     let reason = autos[0]["reason"].as_str().unwrap();
     assert!(reason.contains("automatic rollback") && reason.contains("green unhealthy") && reason.contains("10.2.0.2"), "{reason}");
 
-    assert!(status(&t)["watch"].is_null(), "the rollback opens no watch window");
+    assert!(t.status()["watch"].is_null(), "the rollback opens no watch window");
 
     // Green comes back; then blue, the color rolled back to, dies. No back-and-forth: the
     // rollback opened no window, so nothing flips by itself.
@@ -129,7 +111,7 @@ fn green_dying_in_the_watch_window_rolls_back_once() {
     }
     wait_for(&t, "blue down", Duration::from_secs(5), |s| s["health"][0]["backends"][0]["state"] == "down");
     std::thread::sleep(Duration::from_millis(600));
-    let s = status(&t);
+    let s = t.status();
     assert_eq!((s["active"].as_str(), &s["generation"], &s["auto_rollbacks_total"]), (Some("blue"), &generation, &serde_json::json!(1)), "no second flip: {s}");
 }
 
@@ -147,17 +129,17 @@ fn with_window(secs: u64) -> (Topology, bg_tests::topology::Backends, bg_tests::
 fn no_automatic_rollback_once_the_watch_window_has_expired() {
     let (t, mut backends, _agent) = with_window(2);
     t.bgctl(&["flip", "green"]).unwrap();
-    assert_eq!(status(&t)["watch"]["color"], "green");
+    assert_eq!(t.status()["watch"]["color"], "green");
     std::thread::sleep(Duration::from_millis(2300));
-    assert!(status(&t)["watch"].is_null(), "the window closed after 2 s");
+    assert!(t.status()["watch"].is_null(), "the window closed after 2 s");
     for p in &mut backends.green {
         p.stop(Duration::from_secs(3));
     }
     wait_for(&t, "green down", Duration::from_secs(5), |s| s["health"][1]["healthy"] == false);
     std::thread::sleep(Duration::from_millis(600));
-    let s = status(&t);
+    let s = t.status();
     assert_eq!((s["active"].as_str(), s["generation"].as_u64(), s["auto_rollbacks_total"].as_u64()), (Some("green"), Some(2), Some(0)), "{s}");
-    assert!(!history(&t).iter().any(|e| e["uid"] == "agent" && e["event"] != "started"), "no automatic action after the window");
+    assert!(!t.history().iter().any(|e| e["uid"] == "agent" && e["event"] != "started"), "no automatic action after the window");
 }
 
 #[test]
@@ -173,9 +155,9 @@ fn automatic_rollback_is_skipped_and_recorded_when_the_previous_color_is_unhealt
     }
     wait_for(&t, "green down", Duration::from_secs(5), |s| s["health"][1]["healthy"] == false);
     std::thread::sleep(Duration::from_millis(600));
-    let s = status(&t);
+    let s = t.status();
     assert_eq!((s["active"].as_str(), s["generation"].as_u64(), s["auto_rollbacks_total"].as_u64()), (Some("green"), Some(2), Some(0)), "{s}");
-    let skipped: Vec<_> = history(&t).into_iter().filter(|e| e["event"] == "auto_rollback_skipped").collect();
+    let skipped: Vec<_> = t.history().into_iter().filter(|e| e["event"] == "auto_rollback_skipped").collect();
     assert_eq!(skipped.len(), 1, "the skipped rollback is recorded once");
     let reason = skipped[0]["reason"].as_str().unwrap();
     assert!(reason.contains("green unhealthy") && reason.contains("blue unhealthy too"), "{reason}");
@@ -189,7 +171,7 @@ fn kill_9_of_the_agent_loses_no_request_and_the_restart_adopts_everything() {
     let mut agent = t.start_agent().unwrap();
     t.wait_healthy().unwrap();
     t.bgctl(&["flip", "green"]).unwrap();
-    let generation = status(&t)["generation"].clone();
+    let generation = t.status()["generation"].clone();
     let stop = AtomicBool::new(false);
 
     let (result, stream_ok) = std::thread::scope(|s| {
@@ -219,7 +201,7 @@ fn kill_9_of_the_agent_loses_no_request_and_the_restart_adopts_everything() {
         std::thread::sleep(Duration::from_millis(500));
         let restarted = t.start_agent().expect("restart");
         std::thread::sleep(Duration::from_millis(300));
-        let s = status(&t);
+        let s = t.status();
         assert_eq!(s["active"], "green", "same color after the restart");
         assert_eq!(s["generation"], generation, "same generation after the restart");
         assert_eq!(s["adopted"], true, "the pinned data plane was adopted");
@@ -294,7 +276,7 @@ fn upgrading_the_program_through_the_pinned_link_keeps_every_connection() {
             let extra: Vec<String> = object.iter().flat_map(|p| ["--xdp-object".to_owned(), p.display().to_string()]).collect();
             agent = t.start_agent_with(&extra.iter().map(String::as_str).collect::<Vec<_>>(), None).expect("restarted agent");
             let (link, prog, tag) = link_program(&t);
-            let st = status(&t);
+            let st = t.status();
             steps.push((link, prog, tag, want, st["adopted"].as_bool(), st["flows"]["flows"][0].as_u64().unwrap_or(0)));
             std::thread::sleep(Duration::from_millis(400));
         }
@@ -407,7 +389,7 @@ fn the_socket_and_pins_are_root_only_and_a_non_root_client_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("uid 65534 is not root"), "{err}");
-    assert_eq!(status(&t)["generation"], 1, "nothing changed");
+    assert_eq!(t.status()["generation"], 1, "nothing changed");
 }
 
 #[test]
@@ -426,7 +408,7 @@ fn preview_reaches_the_idle_color_and_a_canary_splits_new_flows() {
 
     let out = t.bgctl(&["flip", "green", "--percent", "25"]).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("25% of new flows go to green"));
-    assert_eq!(status(&t)["canary"]["percent"], 25.0);
+    assert_eq!(t.status()["canary"]["percent"], 25.0);
     let n = 600;
     let r = count(VIP_PORT, n);
     assert!(r.failures.is_empty(), "{:?}", r.failures);
@@ -501,6 +483,18 @@ fn metrics_are_served_on_loopback() {
         ("bg_forwarding_total", "counter"),
         ("bg_egress_redirect", "gauge"),
         ("bg_redirect_errors_total", "counter"),
+        ("bg_backend_new_flows_total", "counter"),
+        ("bg_backend_handshakes_total", "counter"),
+        ("bg_backend_resets_total", "counter"),
+        ("bg_backend_bytes_total", "counter"),
+        ("bg_color_handshakes_total", "counter"),
+        ("bg_color_resets_total", "counter"),
+        ("bg_handshake_latency_seconds", "histogram"),
+        ("bg_slo_handshake_failure_share", "gauge"),
+        ("bg_slo_reset_share", "gauge"),
+        ("bg_slo_handshake_p95_seconds", "gauge"),
+        ("bg_slo_decided_flows", "gauge"),
+        ("bg_slo_breach", "gauge"),
     ] {
         assert!(text.contains(&format!("# TYPE {family} {kind}\n")), "missing family {family} ({kind}) in:\n{text}");
     }
@@ -514,6 +508,17 @@ fn metrics_are_served_on_loopback() {
     assert!(value("bg_last_flip_duration_seconds") > 0.0);
     assert_eq!(value("bg_flow_table_entries"), 1.0, "one established entry for the one flow (confirmed by its SYN-ACK)");
     assert_eq!(value("bg_xdp_packets_total{reason=\"new_flow\"}"), 1.0);
+    // The one GET's connection signals: one flow to green's web backend, answered in time,
+    // one handshake in the histogram (under a second: on the +Inf and the 1.07 s buckets).
+    let green_web = "service=\"web\",color=\"green\",backend=\"10.2.0.2:8080\"";
+    assert_eq!(value(&format!("bg_backend_new_flows_total{{{green_web}}}")), 1.0);
+    assert_eq!(value(&format!("bg_backend_handshakes_total{{{green_web},outcome=\"answered\"}}")), 1.0);
+    assert_eq!(value(&format!("bg_backend_handshakes_total{{{green_web},outcome=\"refused\"}}")), 0.0);
+    assert!(value(&format!("bg_backend_bytes_total{{{green_web},direction=\"from_backend\"}}")) >= 100.0, "the answer's bytes");
+    assert_eq!(value("bg_color_handshakes_total{color=\"green\",outcome=\"answered\"}"), 1.0);
+    assert_eq!(value("bg_handshake_latency_seconds_count{service=\"web\",color=\"green\"}"), 1.0);
+    assert_eq!(value("bg_handshake_latency_seconds_bucket{service=\"web\",color=\"green\",le=\"1.073741824\"}"), 1.0);
+    assert_eq!(value("bg_slo_breach{service=\"web\",color=\"green\"}"), 0.0);
     assert!(value("bg_forwarding_total{outcome=\"flow_entries_created\"}") >= 1.0);
 }
 
@@ -524,7 +529,7 @@ fn a_reboot_comes_back_on_the_persisted_color_and_a_foreign_layout_is_refused() 
     let mut agent = t.start_agent().unwrap();
     t.wait_healthy().unwrap();
     t.bgctl(&["flip", "green"]).unwrap();
-    let generation = status(&t)["generation"].as_u64().unwrap();
+    let generation = t.status()["generation"].as_u64().unwrap();
 
     // A pinned state this config does not fit is refused, and the running data plane stays.
     assert!(agent.stop(Duration::from_secs(5)));
@@ -548,7 +553,7 @@ fn a_reboot_comes_back_on_the_persisted_color_and_a_foreign_layout_is_refused() 
     t.cleanup().unwrap();
     assert!(!t.pin_dir().exists());
     let _agent = t.start_agent().unwrap();
-    let s = status(&t);
+    let s = t.status();
     assert_eq!((s["active"].as_str(), s["adopted"].as_bool()), (Some("green"), Some(false)), "back on green after the reboot");
     assert_eq!((s["canary"]["color"].as_str(), s["canary"]["percent"].as_f64()), (Some("blue"), Some(30.0)), "the canary resumed: {s}");
     assert!(s["generation"].as_u64().unwrap() > generation);
@@ -658,7 +663,7 @@ fn all_backends_of_the_active_color_down_is_reported_and_flows_still_go_there() 
     let err = t.get_vip().expect_err("blue's servers are gone");
     assert!(format!("{err:#}").contains("refused") || format!("{err:#}").contains("Couldn't connect"), "the backend refuses: {err:#}");
     assert!(blue_new(&stats(&t)) > before, "the new flow still went to blue");
-    assert_eq!(status(&t)["active"], "blue", "nothing flips by itself outside a watch window");
+    assert_eq!(t.status()["active"], "blue", "nothing flips by itself outside a watch window");
 }
 
 #[test]
@@ -681,7 +686,7 @@ fn a_native_attach_failure_falls_back_to_generic_with_a_warning() {
     let _backends = t.start_backends().unwrap();
     let _agent = t.start_agent_with(&[], Some(&log)).unwrap();
     t.wait_healthy().unwrap();
-    let modes: Vec<(String, String)> = status(&t)["interfaces"]
+    let modes: Vec<(String, String)> = t.status()["interfaces"]
         .as_array()
         .unwrap()
         .iter()
@@ -709,7 +714,7 @@ fn concurrent_flips_are_serialized_each_with_its_own_generation() {
             s.spawn(move || t.bgctl(&["flip", if i % 2 == 0 { "green" } else { "blue" }]).unwrap());
         }
     });
-    let gens: Vec<u64> = history(&t)
+    let gens: Vec<u64> = t.history()
         .iter()
         .filter(|e| e["event"] == "flip")
         .map(|e| e["generation"].as_u64().unwrap())
@@ -719,7 +724,7 @@ fn concurrent_flips_are_serialized_each_with_its_own_generation() {
     // nothing and take none).
     assert!(!gens.is_empty(), "some flips applied");
     assert_eq!(gens, (2..2 + gens.len() as u64).collect::<Vec<_>>(), "generations in audit order");
-    assert_eq!(status(&t)["generation"].as_u64().unwrap(), 1 + gens.len() as u64);
+    assert_eq!(t.status()["generation"].as_u64().unwrap(), 1 + gens.len() as u64);
 }
 
 #[test]
@@ -745,7 +750,7 @@ fn unhealthy_backends_of_the_active_color_get_no_new_flows() {
     let never = AtomicBool::new(false);
     let r = load(&t, vip(VIP_PORT), Duration::ZERO, 100, &never);
     assert!(r.answers.get("blue2").copied().unwrap_or(0) > 20, "both blue backends take flows: {r:?}");
-    assert_eq!(status(&t)["health"][0]["taking_flows"], 6, "every blue backend takes new flows");
+    assert_eq!(t.status()["health"][0]["taking_flows"], 6, "every blue backend takes new flows");
 
     second.stop(Duration::from_secs(3));
     wait_for(&t, "blue2 down", Duration::from_secs(5), |s| {
@@ -756,7 +761,7 @@ fn unhealthy_backends_of_the_active_color_get_no_new_flows() {
     let r = load(&t, vip(VIP_PORT), Duration::ZERO, 100, &never);
     assert_eq!(r.answers.get("blue"), Some(&100), "the down backend gets no new flows: {r:?}");
     assert!(r.failures.is_empty(), "{:?}", r.failures);
-    assert_eq!(status(&t)["active"], "blue", "one bad backend of two does not move the color");
+    assert_eq!(t.status()["active"], "blue", "one bad backend of two does not move the color");
 }
 
 #[test]
@@ -802,7 +807,7 @@ fn idle_metrics_connections_are_capped_and_flips_go_on() {
         let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(f["to"], color, "{f}");
     }
-    assert_eq!(status(&t)["generation"], 21, "every flip got its generation");
+    assert_eq!(t.status()["generation"], 21, "every flip got its generation");
     drop(held);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -837,14 +842,14 @@ fn a_start_killed_at_any_step_is_redone_by_the_next_one() {
         let log = t.run_dir.join(format!("restart-{step}.log"));
         let mut agent = t.start_agent_with(&[], Some(&log)).unwrap();
         t.wait_healthy().unwrap();
-        let s = status(&t);
+        let s = t.status();
         assert_eq!(s["adopted"], false, "{step}: the unfinished state was redone, not adopted");
         assert!(std::fs::read_to_string(&log).unwrap().contains("did not finish"), "{step}: the redo is logged");
         assert_eq!(t.get_vip().unwrap(), "blue", "{step}: the redone data plane forwards");
         assert!(agent.stop(Duration::from_secs(5)));
         // The finished start is adopted by the next agent.
         let _agent = t.start_agent().unwrap();
-        assert_eq!(status(&t)["adopted"], true, "{step}: a finished start is adopted");
+        assert_eq!(t.status()["adopted"], true, "{step}: a finished start is adopted");
         assert_eq!(t.get_vip().unwrap(), "blue");
         drop(_agent);
         assert!(t.cleanup().unwrap().status.success(), "{step}: cleanup");

@@ -29,7 +29,7 @@ fn summary(mut us: Vec<u64>) -> Value {
 
 fn flip(t: &Topology, color: &str) -> anyhow::Result<(u64, u64)> {
     let start = Instant::now();
-    let r = control::call(&t.socket(), &Request::Flip { color: color.into(), drain_secs: None, percent: None, force: false })?;
+    let r = control::call(&t.socket(), &Request::Flip { color: color.into(), drain_secs: None, percent: None, force: false, dry_run: false })?;
     let Response::Flipped(f) = r else { anyhow::bail!("flip to {color} failed: {r:?}") };
     Ok((start.elapsed().as_micros() as u64, f.total_ns / 1000))
 }

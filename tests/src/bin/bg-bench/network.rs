@@ -231,7 +231,7 @@ fn switch(s: &Switcher, api: &Api, via: Via, color: &str) -> anyhow::Result<()> 
             t.bgctl(&["flip", color])?;
         }
         (Switcher::Bg(t, _), Via::Api) => {
-            let req = control::Request::Flip { color: color.into(), drain_secs: None, percent: None, force: false };
+            let req = control::Request::Flip { color: color.into(), drain_secs: None, percent: None, force: false, dry_run: false };
             let r = control::call(&t.socket(), &req)?;
             anyhow::ensure!(matches!(r, control::Response::Flipped(_)), "flip failed: {r:?}");
         }
