@@ -326,11 +326,9 @@ pub const FLOW_PREVIEW: u8 = 8;
 /// `FlowEntry::flags` (unconfirmed TCP): the backend's SYN-ACK acknowledging the SYN was seen;
 /// `peer_isn` holds its ISN.
 pub const FLOW_ANSWERED: u8 = 16;
-/// `FlowEntry::flags`: the flow was counted as a failed handshake (`BackendSignals::refused` or
-/// `no_answer`): counted once, and a late answer does not count it as answered too.
+/// `FlowEntry::flags` (unconfirmed TCP): the backend refused the handshake (an RST to the SYN),
+/// counted in `BackendSignals::refused` once.
 pub const FLOW_FAILED: u8 = 32;
-/// `FlowEntry::flags`: a reset by the backend was counted for this flow (once per flow).
-pub const FLOW_RESET: u8 = 64;
 
 /// Value of the flow tables, keyed by the flow's client → VIP 5-tuple (`FlowKey`): the
 /// unconfirmed table (`EMBRYO`) until the backend answers, the established one (`FLOWS`) after.
@@ -358,8 +356,10 @@ pub struct FlowEntry {
     pub seq_next: u32,
     /// TCP, with `FLOW_CONTESTED`: the ISN of the SYN that contests this entry.
     pub contest_isn: u32,
-    /// TCP, with `FLOW_ANSWERED`: the backend's ISN (from its SYN-ACK, host order). The
-    /// client's ACK of it completes the handshake and confirms the flow.
+    /// TCP, unconfirmed with `FLOW_ANSWERED`: the backend's ISN (from its SYN-ACK, host
+    /// order); the client's ACK of it completes the handshake and confirms the flow.
+    /// Confirmed: 0, or `PEER_RESET` once the backend reset the flow (written by the reply
+    /// side only).
     pub peer_isn: u32,
     /// The next-hop cache of the client → backend direction (redirect forwarding): valid while
     /// `bpf_ktime_get_coarse_ns() >> NH_EPOCH_SHIFT` equals `nh_epoch` (about a second), for
@@ -378,6 +378,9 @@ pub struct FlowEntry {
     /// latency is measured from here to the backend's SYN-ACK.
     pub started: u32,
 }
+
+/// `FlowEntry::peer_isn` of a confirmed flow the backend reset (counted once).
+pub const PEER_RESET: u32 = 1;
 
 /// `FlowEntry::nh_epoch` is the coarse clock shifted by this (2^30 ns, about 1.07 s).
 pub const NH_EPOCH_SHIFT: u32 = 30;
@@ -490,16 +493,17 @@ pub struct ColorStats {
 pub struct BackendSignals {
     /// Flows started (a TCP SYN, a first UDP datagram).
     pub new_flows: u64,
-    /// Flows answered in time: TCP by the backend's SYN-ACK before the client retransmitted
-    /// its SYN, UDP by a first reply before `UDP_NO_REPLY_NS`.
+    /// Flows answered in time: TCP by the backend's SYN-ACK before the client sent its SYN
+    /// again `NO_ANSWER_NS` or more after the first; UDP by a first reply before the client
+    /// sent again `UDP_NO_REPLY_NS` or more after its first datagram.
     pub answered: u64,
     /// TCP handshakes refused: the backend answered the SYN with an RST.
     pub refused: u64,
-    /// Flows with no answer in time: a TCP SYN retransmitted before any SYN-ACK (the client's
-    /// retransmission timeout, 1 s on Linux, is the time), a UDP flow whose client sent again
-    /// `UDP_NO_REPLY_NS` after its first datagram with no reply yet.
+    /// Flows with no answer in time: the client sent its SYN again `NO_ANSWER_NS` or more
+    /// after the first with no SYN-ACK yet (its retransmission timeout, 1 s on Linux), a UDP
+    /// client sent again `UDP_NO_REPLY_NS` or more after its first datagram with no reply.
     pub no_answer: u64,
-    /// Established TCP flows reset by the backend (once per flow).
+    /// Confirmed TCP flows that were not closing reset by the backend (once per flow).
     pub resets: u64,
     /// Bytes (whole frames) client → backend and backend → client.
     pub bytes_to: u64,
@@ -509,6 +513,11 @@ pub struct BackendSignals {
 /// A UDP flow without a reply this long after its first datagram counts as unanswered (on
 /// the client's next datagram).
 pub const UDP_NO_REPLY_NS: u64 = 1_000_000_000;
+/// A TCP SYN sent again this long or more after the flow's first, with no SYN-ACK yet, counts
+/// the flow as unanswered: under the 1 s initial retransmission timeout of RFC 6298 (Linux,
+/// and most stacks), far over any healthy backend's answer; a duplicate sent at once counts
+/// nothing.
+pub const NO_ANSWER_NS: u64 = 800_000_000;
 
 /// `FlowEntry::started` and handshake latencies are in units of 2^10 ns (1.024 us).
 pub const LATENCY_SHIFT: u32 = 10;

@@ -23,7 +23,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use bg_common::{
     addr_filter_bit, hash::flow_hash, latency_bucket, ring_base, signal_index, BackendKey, BackendSet, BackendSignals, DpConfig,
     FlowEntry, FlowKey, Fwd, PreviewReply, Reason, ServiceInfo, VipAddr, VipKey, FAMILY_V4, FAMILY_V6, FLOW_ANSWERED, FLOW_CLOSING,
-    FLOW_CONTESTED, FLOW_FAILED, FLOW_LOST, FLOW_PREVIEW, FLOW_RESET, LAST_SEEN_GRANULARITY_NS, LATENCY_SHIFT, MAX_BACKENDS,
+    FLOW_CONTESTED, FLOW_FAILED, FLOW_LOST, FLOW_PREVIEW, PEER_RESET, LAST_SEEN_GRANULARITY_NS, LATENCY_SHIFT, MAX_BACKENDS, NO_ANSWER_NS,
     PROTO_TCP, PROTO_UDP, REPLY_HAS_PREVIEW, RING_SIZE, RST_WINDOW, SERVICE_HAS_PREVIEW, SERVICE_PREVIEW, UDP_NO_REPLY_NS,
 };
 
@@ -80,17 +80,29 @@ fn units(now_ns: u64) -> u32 {
 }
 
 /// Whether the flow is one whose handshake is judged: started by a SYN or a first datagram
-/// (a lost flow's entry was not), and not judged yet.
+/// (a lost flow's entry was not), and not answered or refused yet.
 #[inline(always)]
 fn undecided(e: &FlowEntry) -> bool {
     e.flags & (FLOW_ANSWERED | FLOW_FAILED | FLOW_LOST) == 0
 }
 
+/// Whether a client packet at `at_ns` came `NO_ANSWER_NS` (TCP) or `UDP_NO_REPLY_NS` (UDP) or
+/// more after the flow started: a client sending again that late without an answer was not
+/// answered in time. Judged on fields only the client's side writes (`last_seen_ns` of an
+/// unconfirmed entry, `started`): the reply side sets flags, and the two never write the same
+/// byte on different CPUs.
+#[inline(always)]
+fn late(at_ns: u64, e: &FlowEntry, tcp: bool) -> bool {
+    let after = if tcp { NO_ANSWER_NS } else { UDP_NO_REPLY_NS };
+    units(at_ns).wrapping_sub(e.started) >= (after >> LATENCY_SHIFT) as u32
+}
+
 /// The backend answered the flow (a SYN-ACK, a UDP flow's first reply): answered in time
-/// unless already counted as failed; TCP handshakes also enter their latency histogram.
+/// unless refused, or the client had already sent again late (counted as unanswered then);
+/// TCP handshakes also enter their latency histogram, late ones included.
 #[inline(always)]
 fn count_answer(e: &FlowEntry, tcp: bool) {
-    if e.flags & FLOW_FAILED == 0 {
+    if e.flags & FLOW_FAILED == 0 && !late(e.last_seen_ns, e, tcp) {
         if let Some(s) = signals(e.signal as u32) {
             s.answered += 1;
         }
@@ -196,16 +208,15 @@ fn forward(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Option<Verdict> {
                 }
                 return Some(v);
             }
-            if undecided(e) {
-                // Its SYN again (the client's retransmission) before any SYN-ACK, or a UDP
-                // client sending again long after its first datagram with no reply yet: the
-                // backend did not answer in time.
-                let late = if tcp { syn } else { units(now).wrapping_sub(e.started) >= (UDP_NO_REPLY_NS >> LATENCY_SHIFT) as u32 };
-                if late {
-                    e.flags |= FLOW_FAILED;
-                    if let Some(s) = signals(e.signal as u32) {
-                        s.no_answer += 1;
-                    }
+            // Its SYN again (the client's retransmission) `NO_ANSWER_NS` or more after the
+            // first, before any SYN-ACK; or a UDP client sending again long after its first
+            // datagram with no reply yet: the backend did not answer in time. Counted once: at
+            // the first such packet (the entry's last packet was not late yet). A duplicate
+            // SYN sent at once (or by a spoofer) counts nothing: by then a healthy backend has
+            // answered.
+            if undecided(e) && (syn || !tcp) && late(now, e, tcp) && !late(e.last_seen_ns, e, tcp) {
+                if let Some(s) = signals(e.signal as u32) {
+                    s.no_answer += 1;
                 }
             }
             track_seq(pkt, e);
@@ -293,6 +304,7 @@ fn established(pkt: &Packet, key: &FlowKey, e: &mut FlowEntry, now: u64, cfg: &D
                         // element to element (not through the small stack).
                         unsafe { core::ptr::copy_nonoverlapping(n as *const FlowEntry, e as *mut FlowEntry, 1) };
                         e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+                        e.peer_isn = 0;
                         track_seq(pkt, e);
                         if flows::remove(Unconfirmed, key) {
                             count_fwd(Fwd::FlowsRemoved, 1);
@@ -373,64 +385,54 @@ fn reply(pkt: &Packet, key: &FlowKey, cfg: &DpConfig) -> Verdict {
         } else if lost_flows_waiting() {
             confirm(&fkey, key, cfg, false, |e| e.flags & FLOW_LOST != 0);
         }
-    } else if let Some(e) = flows::get(Established, &fkey) {
-        // A confirmed UDP flow: its replies keep it alive too (a server that pushes to a quiet
-        // client must not see its flow expire and move).
-        let e = unsafe { &mut *e };
-        if from_its_backend(e, key) {
-            let now = now_ns();
-            if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-                e.last_seen_ns = now;
-            }
-        }
     } else {
-        confirm(&fkey, key, cfg, true, |_| true);
+        // UDP. A confirmed flow: its replies keep it alive too (a server that pushes to a
+        // quiet client must not see its flow expire and move). An expired one is over: the
+        // reply is the answer to a new flow on the same 5-tuple, if there is one.
+        let now = now_ns();
+        let live = match flows::get(Established, &fkey) {
+            Some(e) => {
+                let e = unsafe { &mut *e };
+                let live = !e.expired(PROTO_UDP, true, now, cfg);
+                if live && from_its_backend(e, key) && now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                    e.last_seen_ns = now;
+                }
+                live
+            }
+            None => false,
+        };
+        if !live {
+            confirm(&fkey, key, cfg, true, |_| true);
+        }
     }
     rewrite(pkt, End::Src, &vip, vip_port);
     Verdict::rewritten(Reason::FromBackend, color, r.signal)
 }
 
-/// An RST from a backend: counted against it once per flow, as a refused handshake (an
-/// unanswered flow's SYN answered by an RST that acknowledges its ISN) or as a reset (a flow
-/// the backend had answered). An RST that matches no flow of that backend counts nothing.
+/// An RST from a backend: a refused handshake when it answers an unanswered flow's SYN
+/// (it acknowledges the ISN; counted once: the flow is marked), a reset when it ends a flow
+/// the client confirmed that is not closing (counted once per flow, marked in `peer_isn`,
+/// which only this side writes on a confirmed entry: the client's side writes its flags).
+/// Anything else (an RST to a half-open flow, to no flow of that backend) counts nothing.
 #[inline(always)]
 fn backend_reset(pkt: &Packet, fkey: &FlowKey, reply: &FlowKey) {
-    let e = match flows::get(Unconfirmed, fkey) {
-        Some(e) => unsafe { &mut *e },
-        None => match flows::get(Established, fkey) {
-            // Confirmed: answered (its flags no longer say so).
-            Some(e) => {
-                let e = unsafe { &mut *e };
-                if from_its_backend(e, reply) {
-                    count_reset(e);
-                }
-                return;
+    if let Some(e) = flows::get(Unconfirmed, fkey) {
+        let e = unsafe { &mut *e };
+        if from_its_backend(e, reply) && undecided(e) && pkt.has(TCP_ACK) && pkt.ack == e.isn.wrapping_add(1) {
+            e.flags |= FLOW_FAILED;
+            if let Some(s) = signals(e.signal as u32) {
+                s.refused += 1;
             }
-            None => return,
-        },
-    };
-    if !from_its_backend(e, reply) {
+        }
         return;
     }
-    if !undecided(e) {
-        if e.flags & FLOW_ANSWERED != 0 {
-            count_reset(e);
-        }
-    } else if pkt.has(TCP_ACK) && pkt.ack == e.isn.wrapping_add(1) {
-        e.flags |= FLOW_FAILED;
-        if let Some(s) = signals(e.signal as u32) {
-            s.refused += 1;
-        }
-    }
-}
-
-/// A reset of an answered flow by its backend, once per flow.
-#[inline(always)]
-fn count_reset(e: &mut FlowEntry) {
-    if e.flags & FLOW_RESET == 0 {
-        e.flags |= FLOW_RESET;
-        if let Some(s) = signals(e.signal as u32) {
-            s.resets += 1;
+    if let Some(e) = flows::get(Established, fkey) {
+        let e = unsafe { &mut *e };
+        if from_its_backend(e, reply) && e.flags & FLOW_CLOSING == 0 && e.peer_isn != PEER_RESET {
+            e.peer_isn = PEER_RESET;
+            if let Some(s) = signals(e.signal as u32) {
+                s.resets += 1;
+            }
         }
     }
 }
@@ -488,6 +490,7 @@ fn acks_peer(ack: u32, peer_isn: u32) -> bool {
 /// it is, with no copy on the program's small stack.
 fn promote(fkey: &FlowKey, e: &mut FlowEntry) {
     e.flags &= !(FLOW_LOST | FLOW_ANSWERED);
+    e.peer_isn = 0;
     // One insert (an LRU map takes a slot before it checks the flags): over a closing or
     // expired entry of a previous connection on this 4-tuple, or under a new key.
     let stored = if flows::get(Established, fkey).is_some() {

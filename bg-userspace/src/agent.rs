@@ -707,7 +707,10 @@ impl State {
             pin_dir: self.config.pin_dir.display().to_string(),
             drain: self.dec.drain.map(|w| DrainStatus { color: w.color.name().into(), remaining_secs: Decisions::remaining_secs(&w, now).unwrap_or(0) }),
             last_drain_removed: self.last_drain_removed,
-            watch: self.dec.watch.map(|w| WatchStatus { color: w.color.name().into(), remaining_secs: Decisions::remaining_secs(&w, now) }),
+            watch: self.dec.watch.map(|w| {
+                let left = Decisions::remaining_secs(&w, now);
+                WatchStatus { color: w.color.name().into(), remaining_secs: left.unwrap_or(0), canary: left.is_none() }
+            }),
             flips_total: self.dec.flips_total,
             rollbacks_total: self.dec.rollbacks_total,
             auto_rollbacks_total: self.dec.auto_rollbacks_total,

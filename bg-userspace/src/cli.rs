@@ -374,9 +374,10 @@ fn print_status(s: &Status) {
         println!("canary: {:.1}% of new flows go to {}", c.percent, c.color);
     }
     if let Some(w) = &s.watch {
-        match w.remaining_secs {
-            Some(r) => println!("watching {}: automatic rollback if it turns unhealthy (backends or SLO) in the next {r} s", w.color),
-            None => println!("watching {}: the canary ends if it turns unhealthy (backends or SLO)", w.color),
+        if w.canary {
+            println!("watching {}: the canary ends if it turns unhealthy (backends or SLO)", w.color);
+        } else {
+            println!("watching {}: automatic rollback if it turns unhealthy (backends or SLO) in the next {} s", w.color, w.remaining_secs);
         }
     }
     println!(
@@ -459,9 +460,10 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
             screen += &format!("  canary {:.1}% -> {}", cn.percent, cn.color);
         }
         if let Some(w) = &s.watch {
-            match w.remaining_secs {
-                Some(r) => screen += &format!("  watching {} ({r} s left)", w.color),
-                None => screen += &format!("  watching {} (while the canary runs)", w.color),
+            if w.canary {
+                screen += &format!("  watching {} (while the canary runs)", w.color);
+            } else {
+                screen += &format!("  watching {} ({} s left)", w.color, w.remaining_secs);
             }
         }
         screen += "\n\n";

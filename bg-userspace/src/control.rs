@@ -40,8 +40,9 @@ pub enum Request {
         /// off for this switch.
         #[serde(default)]
         force: bool,
-        /// Run the gate and say what would happen; change nothing.
-        #[serde(default)]
+        /// Run the gate and say what would happen; change nothing. (Sent only when set, so a
+        /// newer bgctl still flips through an older agent.)
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         dry_run: bool,
     },
     Rollback {
@@ -149,8 +150,10 @@ pub struct WatchStatus {
     /// The color the last switch went to; if it turns unhealthy now (a backend confirmed down,
     /// an SLO breach), the agent rolls back (a canary: ends it).
     pub color: String,
-    /// None: a canary's watch, which lasts until the next switch.
-    pub remaining_secs: Option<u64>,
+    /// Seconds left (0 for a canary's watch, which lasts until the next switch: `canary`).
+    pub remaining_secs: u64,
+    #[serde(default)]
+    pub canary: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -855,6 +855,7 @@ impl Dataplane {
             signals: dup_map(self.map(MAP_SIGNALS)?)?,
             latency: dup_map(self.map(MAP_LATENCY)?)?,
             counts: self.services.iter().flat_map(|s| Color::ALL.map(|c| s.backends(c).len())).collect(),
+            batch: self.batch_writes,
         })
     }
 
@@ -1282,6 +1283,73 @@ fn update_u32s(map: &mut aya::maps::Map, keys: &[u32], values: &[u32], batch: bo
         }
     }
     Ok(())
+}
+
+const BPF_MAP_LOOKUP_BATCH: nix::libc::c_long = 24;
+
+/// The most bytes of values one `percpu_batch` syscall copies (a bound at any CPU count).
+const LOOKUP_BATCH_BYTES: usize = 8 << 20;
+
+/// Reads entries `0..n` of a per-CPU array of `V` with `BPF_MAP_LOOKUP_BATCH` (a few syscalls
+/// for the whole map instead of one per entry), calling `each(index, cpu_value)` for every
+/// CPU's copy. Ok(false), with nothing read, on a kernel without batch lookups for arrays.
+pub fn percpu_batch<V: bytemuck::Pod>(map: &aya::maps::Map, n: u32, mut each: impl FnMut(u32, &V)) -> anyhow::Result<bool> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let aya::maps::Map::PerCpuArray(data) = map else { bail!("not a per-CPU array map") };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+    // The kernel lays each key's values out CPU after CPU, each rounded up to 8 bytes.
+    let size = std::mem::size_of::<V>().div_ceil(8) * 8;
+    let chunk = (LOOKUP_BATCH_BYTES / (size * cpus)).clamp(1, n.max(1) as usize);
+    let mut keys = vec![0u32; chunk];
+    let mut values = vec![0u64; chunk * size * cpus / 8];
+    let (mut read, mut prev, mut out, mut retries) = (0u32, None::<u32>, 0u32, 0);
+    while read < n {
+        let want = chunk.min((n - read) as usize);
+        let mut attr = BatchAttr {
+            in_batch: prev.as_ref().map_or(0, |p| p as *const u32 as u64),
+            out_batch: &mut out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: want as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the buffers hold `want` keys and `want * cpus` values of `size` bytes, and
+        // outlive the call; the kernel writes at most that much, and `count` and `out` back.
+        let r = unsafe {
+            nix::libc::syscall(nix::libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+        };
+        let end = if r == 0 {
+            false
+        } else {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The end of the map: `count` says how many were filled.
+                Some(nix::libc::ENOENT) => true,
+                Some(nix::libc::EINTR | nix::libc::EAGAIN) if retries < 100 => {
+                    retries += 1;
+                    continue;
+                }
+                Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP | 524) if read == 0 => return Ok(false),
+                _ => return Err(anyhow!(e).context(format!("BPF_MAP_LOOKUP_BATCH of {want} entries"))),
+            }
+        };
+        let filled = (attr.count as usize).min(want);
+        let bytes: &[u8] = bytemuck::cast_slice(&values);
+        for (i, key) in keys[..filled].iter().enumerate() {
+            for cpu in 0..cpus {
+                let at = (i * cpus + cpu) * size;
+                each(*key, &bytemuck::pod_read_unaligned(&bytes[at..at + std::mem::size_of::<V>()]));
+            }
+        }
+        read += filled as u32;
+        prev = Some(out);
+        if end || filled == 0 {
+            break;
+        }
+    }
+    Ok(true)
 }
 
 /// The counter maps on handles of their own (`Dataplane::counter_maps`).

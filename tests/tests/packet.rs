@@ -1184,14 +1184,18 @@ fn connection_signals_count_answers_refusals_silences_resets_bytes_and_latency()
             to += frame.len() as u64;
         }
     };
-    // 1: a handshake answered 60 ms after its SYN, then reset by the backend (twice).
+    // 1: a handshake answered 60 ms after its SYN, confirmed, then reset by the backend
+    // (twice: counted once).
     send(Pkt::tcp(client(41001), vip, TCP_SYN).seq(1000).build(), false);
     std::thread::sleep(Duration::from_millis(60));
     send(Pkt::tcp(blue, client(41001), TCP_SYN | TCP_ACK).seq(5000).ack(1001).build(), true);
     send(Pkt::tcp(client(41001), vip, TCP_ACK).seq(1001).ack(5001).build(), false);
     send(Pkt::tcp(blue, client(41001), TCP_RST | TCP_ACK).seq(5001).ack(1001).build(), true);
     send(Pkt::tcp(blue, client(41001), TCP_RST).seq(5001).build(), true);
-    // 2: the SYN retransmitted before any answer (no answer in time), then answered late.
+    // 2: the SYN sent again 850 ms later with no answer yet (unanswered in time), again
+    // (counted once), then answered late (timed, not counted as answered).
+    send(Pkt::tcp(client(41002), vip, TCP_SYN).seq(2000).build(), false);
+    std::thread::sleep(Duration::from_millis(850));
     send(Pkt::tcp(client(41002), vip, TCP_SYN).seq(2000).build(), false);
     send(Pkt::tcp(client(41002), vip, TCP_SYN).seq(2000).build(), false);
     send(Pkt::tcp(blue, client(41002), TCP_SYN | TCP_ACK).seq(6000).ack(2001).build(), true);
@@ -1203,31 +1207,52 @@ fn connection_signals_count_answers_refusals_silences_resets_bytes_and_latency()
     send(Pkt::tcp(client(41004), vip, TCP_SYN).seq(4000).build(), false);
     send(Pkt::tcp(blue, client(41004), TCP_RST | TCP_ACK).ack(777).build(), true);
     send(Pkt::tcp(blue, client(49999), TCP_RST | TCP_ACK).ack(1).build(), true);
-    // 5: UDP: one flow answered, one whose client sent again more than a second later.
+    // 6: a duplicate SYN sent at once (as a spoofer would) is no failure; the answer counts.
+    send(Pkt::tcp(client(41006), vip, TCP_SYN).seq(6000).build(), false);
+    send(Pkt::tcp(client(41006), vip, TCP_SYN).seq(6000).build(), false);
+    send(Pkt::tcp(blue, client(41006), TCP_SYN | TCP_ACK).seq(9000).ack(6001).build(), true);
+    // 7: answered, never confirmed by the client (half-open), then an RST from the backend
+    // (what a spoofed wrong ACK draws): no reset of a confirmed flow.
+    send(Pkt::tcp(client(41007), vip, TCP_SYN).seq(7000).build(), false);
+    send(Pkt::tcp(blue, client(41007), TCP_SYN | TCP_ACK).seq(9500).ack(7001).build(), true);
+    send(Pkt::tcp(blue, client(41007), TCP_RST).seq(9501).build(), true);
+    // 8: confirmed, closed by the client (FIN), then reset by the backend: not counted.
+    send(Pkt::tcp(client(41008), vip, TCP_SYN).seq(8000).build(), false);
+    send(Pkt::tcp(blue, client(41008), TCP_SYN | TCP_ACK).seq(9700).ack(8001).build(), true);
+    send(Pkt::tcp(client(41008), vip, TCP_ACK).seq(8001).ack(9701).build(), false);
+    send(Pkt::tcp(client(41008), vip, TCP_FIN | TCP_ACK).seq(8001).ack(9701).build(), false);
+    send(Pkt::tcp(blue, client(41008), TCP_RST).seq(9701).build(), true);
+    // 5: UDP: one flow answered; one whose client sent again at once (no failure) and more
+    // than a second later (unanswered in time).
     send(Pkt::udp(client(42001), dns).payload(b"q").build(), false);
     send(Pkt::udp(blue_dns, client(42001)).payload(b"a").build(), true);
+    send(Pkt::udp(client(42002), dns).payload(b"q").build(), false);
     send(Pkt::udp(client(42002), dns).payload(b"q").build(), false);
     std::thread::sleep(Duration::from_millis(1100));
     send(Pkt::udp(client(42002), dns).payload(b"q").build(), false);
 
     let r = maps.read().unwrap();
+    // Read by batch lookups and entry by entry alike.
+    let each = bg_userspace::signals::Maps { batch: false, ..dp.signal_maps().unwrap() };
+    assert_eq!(each.read().unwrap(), r, "batched and per-entry readings differ");
     // Blocks: web blue, web green, dns blue, dns green; one backend each.
     let web = r.blocks[0][0];
     assert_eq!(
         (web.new_flows, web.answered, web.refused, web.no_answer, web.resets),
-        (4, 1, 1, 1, 1),
-        "web blue: 4 SYNs; flow 1 answered in time and reset; flow 2 unanswered in time; flow 3 refused: {web:?}"
+        (7, 4, 1, 1, 1),
+        "web blue: 7 SYN-started flows; 1, 6, 7, 8 answered in time; 3 refused; 2 unanswered in time; 1 reset: {web:?}"
     );
     let udp = r.blocks[2][0];
     assert_eq!((udp.new_flows, udp.answered, udp.no_answer, udp.refused, udp.resets), (2, 1, 1, 0, 0), "dns blue: {udp:?}");
     assert_eq!(web.bytes_to + udp.bytes_to, to, "bytes client -> backend, every frame counted whole");
     assert_eq!(web.bytes_from + udp.bytes_from, from, "bytes backend -> client");
     assert!(r.blocks[1][0] == Default::default() && r.blocks[3][0] == Default::default(), "green saw nothing: {r:?}");
-    // Two SYN-ACKs timed: flow 1's after 60 ms (bucket [33.5, 67.1) ms, or the next on a slow
-    // machine), flow 2's at once.
+    // Five SYN-ACKs timed: flow 1's after 60 ms (bucket [33.5, 67.1) ms, or the next on a
+    // slow machine), flow 2's after 850 ms (bucket [537, 1074) ms), flows 6, 7 and 8 at once.
     let h = r.latency[0];
-    assert_eq!(h.iter().sum::<u64>(), 2, "web blue handshakes timed: {h:?}");
+    assert_eq!(h.iter().sum::<u64>(), 5, "web blue handshakes timed: {h:?}");
     assert_eq!(h[16] + h[17] + h[18], 1, "flow 1's 60 ms handshake: {h:?}");
-    assert_eq!(h[..14].iter().sum::<u64>(), 1, "flow 2's handshake, answered within 8 ms of its retransmission: {h:?}");
+    assert_eq!(h[20], 1, "flow 2's late handshake, 850 ms: {h:?}");
+    assert_eq!(h[..14].iter().sum::<u64>(), 3, "flows 6, 7 and 8, answered within 8 ms: {h:?}");
     assert!(r.latency[1..].iter().all(|h| h.iter().sum::<u64>() == 0), "no other histogram moved");
 }

@@ -89,7 +89,7 @@ fn hammer(t: &Topology, addr: SocketAddr, threads: usize, gap: Duration, stop: &
 /// checks pass. A flip to it under load is rolled back once, on the signals, within the SLO
 /// window + 1 s of its first failed handshake; new connections are back on blue; the audit
 /// line carries the figures.
-fn bad_green_is_rolled_back(verdict: &str, outcome: &str) {
+fn bad_green_is_rolled_back(verdict: &str, failed_as: &str) {
     let t = Topology::create(&tag()).unwrap();
     let _backends = t.start_backends().unwrap();
     let _agent = t.start_agent().unwrap();
@@ -135,11 +135,14 @@ fn bad_green_is_rolled_back(verdict: &str, outcome: &str) {
     assert_eq!(autos.len(), 1, "exactly one automatic rollback: {autos:?}");
     let reason = autos[0]["reason"].as_str().unwrap();
     assert!(reason.contains("SLO breach: service web on green") && reason.contains("handshakes failed"), "{reason}");
-    assert!(reason.contains(&format!("{outcome})")) || reason.contains(outcome), "the reason names how they failed ({outcome}): {reason}");
     let green = autos[0]["signals"].as_array().unwrap().iter().find(|f| f["service"] == "web" && f["color"] == "green").cloned();
     let green = green.unwrap_or_else(|| panic!("the audit line carries green's figures: {}", autos[0]));
-    let failed = green["refused"].as_u64().unwrap() + green["no_answer"].as_u64().unwrap();
-    assert!(failed >= 20 && green["breach"].is_string(), "figures that tripped it: {green}");
+    // Counted as what they were: refused (an RST to the SYN) or unanswered (no SYN-ACK), not
+    // the other.
+    let other = if failed_as == "refused" { "no_answer" } else { "refused" };
+    assert!(green[failed_as].as_u64().unwrap() >= 20 && green[other] == 0 && green["breach"].is_string(), "figures that tripped it: {green}");
+    let words = if failed_as == "refused" { "0 unanswered" } else { "(0 refused" };
+    assert!(reason.contains(words), "the reason says how they failed: {reason}");
     heal(&t.green);
 }
 
@@ -150,7 +153,7 @@ fn a_green_that_resets_real_connections_is_rolled_back_on_the_signals() {
 
 #[test]
 fn a_green_that_drops_real_connections_is_rolled_back_on_the_signals() {
-    bad_green_is_rolled_back("drop", "unanswered");
+    bad_green_is_rolled_back("drop", "no_answer");
 }
 
 /// One connection in five refused (20%, under the default 50%) trips nothing over two windows;
@@ -262,11 +265,13 @@ fn a_dry_run_changes_nothing_and_judges_preview_traffic() {
         let held = s.spawn(|| bg_tests::live::hold(&t, "blue", 1, 1, tx, &stop));
         rx.recv_timeout(Duration::from_secs(10)).expect("the held connections opened");
         let before = t.status();
+        let audited = t.history().len();
         let same = |what: &str| {
             let now = t.status();
-            for k in ["active", "generation", "canary"] {
+            for k in ["active", "generation", "canary", "watch", "drain", "flips_total"] {
                 assert_eq!(now[k], before[k], "{what}: {k} changed");
             }
+            assert_eq!(t.history().len(), audited, "{what}: an audit line was written");
             // Blue's live flows are the held connections (green's are preview flows ending).
             assert_eq!(now["flows"]["flows"][0], before["flows"]["flows"][0], "{what}: blue's live flows changed");
         };
@@ -303,7 +308,9 @@ fn a_dry_run_changes_nothing_and_judges_preview_traffic() {
         let out = Command::new(paths::bgctl()).arg("--socket").arg(t.socket()).args(["flip", "green"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("SLO breach"), "{err}");
-        same("a refused flip");
+        let now = t.status();
+        assert_eq!((&now["active"], &now["generation"]), (&before["active"], &before["generation"]), "a refused flip changes nothing");
+        assert_eq!(t.history().last().unwrap()["event"], "refused", "a refused flip is audited (a dry run is not)");
         let out = t.bgctl(&["flip", "green", "--force"]).unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("automatic rollback: off for this switch (--force)"), "{text}");
