@@ -45,6 +45,8 @@ use crate::{
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The most (service, color) figures an audit event carries.
 const AUDIT_SIGNALS: usize = 16;
+/// The most (service, color) figures a status or dry-run answer lists.
+const STATUS_SIGNALS: usize = 32;
 /// The most audit events one `history` request returns (each answer must fit `MAX_LINE`).
 pub const MAX_HISTORY: usize = 1_000;
 /// Control connections served at once; more are answered with an error and closed.
@@ -302,9 +304,21 @@ impl State {
         gate_verdict(&self.config.services, &self.health, &self.signals, color)
     }
 
-    /// The last window's figures of `color` (or both), per service.
-    fn figures(&self, color: Option<Color>) -> Vec<crate::signals::Figures> {
-        crate::lock(&self.signals).figures.iter().filter(|f| color.is_none_or(|c| f.color == c.name())).cloned().collect()
+    /// The last window's figures of `color` (or both) where there was traffic or a breach, at
+    /// most `limit` (an answer or an audit line stays small at any number of services), and
+    /// how many more there were.
+    fn figures(&self, color: Option<Color>, limit: usize) -> (Vec<crate::signals::Figures>, usize) {
+        let v = crate::lock(&self.signals);
+        let busy = v.figures.iter().filter(|f| color.is_none_or(|c| f.color == c.name())).filter(|f| f.busy());
+        let (mut listed, mut more) = (Vec::new(), 0);
+        for f in busy {
+            if listed.len() < limit {
+                listed.push(f.clone());
+            } else {
+                more += 1;
+            }
+        }
+        (listed, more)
     }
 
     /// Per color: counts per state and the backends not up (at most `STATUS_BACKENDS`), for
@@ -384,8 +398,11 @@ impl State {
             o.insert("health".into(), self.health_snapshot());
             // The figures of the last window where there was traffic (at most
             // `AUDIT_SIGNALS`: an audit line stays small at any number of services).
-            let figures: Vec<_> = self.figures(None).into_iter().filter(|f| f.new_flows > 0 || f.decided() > 0).take(AUDIT_SIGNALS).collect();
+            let (figures, more) = self.figures(None, AUDIT_SIGNALS);
             o.insert("signals".into(), json!(figures));
+            if more > 0 {
+                o.insert("signals_not_listed".into(), json!(more));
+            }
         }
         if let Err(e) = self.store.audit(event) {
             error!(error = %e, "could not write the audit log");
@@ -502,7 +519,7 @@ impl State {
             live_flows: sample.map(|(c, _)| c.flows).unwrap_or_default(),
             live_flows_age_ms: sample.map(|(_, at)| at.elapsed().as_millis() as u64),
             auto_rollback,
-            signals: self.figures(Some(req.to)),
+            signals: self.figures(Some(req.to), STATUS_SIGNALS).0,
         })
     }
 
@@ -673,6 +690,7 @@ impl State {
 
     pub fn status(&self) -> anyhow::Result<Status> {
         let active = self.dp.active()?;
+        let (signals, signals_not_listed) = self.figures(None, STATUS_SIGNALS);
         let sample = crate::lock(&self.flow_sample).clone();
         let now = self.now_ms();
         Ok(Status {
@@ -717,7 +735,8 @@ impl State {
             last_flip_ns: self.last_flip_ns,
             adopted: self.dp.adopted,
             last_republish: self.last_republish.clone(),
-            signals: self.figures(None),
+            signals,
+            signals_not_listed,
         })
     }
 }

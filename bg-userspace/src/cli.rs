@@ -412,9 +412,12 @@ fn print_status(s: &Status) {
         }
     }
     if !s.signals.is_empty() {
-        println!("connection signals (last SLO window):");
+        println!("connection signals (last SLO window, services with traffic):");
         for f in &s.signals {
             println!("  {}", signal_line(f));
+        }
+        if s.signals_not_listed > 0 {
+            println!("  ... and {} more with traffic (`/metrics` has every one: bg_slo_*)", s.signals_not_listed);
         }
     }
     for svc in &s.services {
@@ -481,7 +484,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
             );
         }
         // The connection signals of the last SLO window, for the services with traffic.
-        let busy: Vec<_> = s.signals.iter().filter(|f| f.new_flows > 0 || f.decided() > 0 || f.breach.is_some()).collect();
+        let busy: Vec<_> = s.signals.iter().filter(|f| f.busy()).collect();
         if !busy.is_empty() {
             screen += "\nconnection signals (last SLO window):\n";
             for f in busy {

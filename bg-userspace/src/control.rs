@@ -197,10 +197,13 @@ pub struct Status {
     /// The last republish of a color's backend tables after a health change.
     #[serde(default)]
     pub last_republish: Option<RepublishStatus>,
-    /// Connection signals of the last SLO window per service and color (service-major, blue
-    /// then green), judged by each service's SLO.
+    /// Connection signals of the last SLO window per service and color where there was
+    /// traffic or a breach (service-major, blue then green; at most 32), judged by each
+    /// service's SLO; `signals_not_listed` more had traffic (`/metrics` has them all).
     #[serde(default)]
     pub signals: Vec<crate::signals::Figures>,
+    #[serde(default)]
+    pub signals_not_listed: usize,
 }
 
 /// The selector as words and as the value in the map.

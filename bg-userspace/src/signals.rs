@@ -166,6 +166,11 @@ impl Figures {
     pub fn decided(&self) -> u64 {
         self.answered + self.refused + self.no_answer
     }
+
+    /// Whether the window saw traffic (or a breach): what status and audit lines list.
+    pub fn busy(&self) -> bool {
+        self.new_flows > 0 || self.decided() > 0 || self.handshakes > 0 || self.resets > 0 || self.breach.is_some()
+    }
 }
 
 fn pct(x: f64) -> String {

@@ -1256,3 +1256,37 @@ fn connection_signals_count_answers_refusals_silences_resets_bytes_and_latency()
     assert_eq!(h[..14].iter().sum::<u64>(), 3, "flows 6, 7 and 8, answered within 8 ms: {h:?}");
     assert!(r.latency[1..].iter().all(|h| h.iter().sum::<u64>() == 0), "no other histogram moved");
 }
+
+/// Two gateways given the same config (a fleet behind ECMP) compute identical Maglev tables:
+/// a flow that ECMP moves from one to the other mid-connection lands on the same backend, and
+/// a reply that returns through the other gateway is rewritten back to the VIP without that
+/// flow's state there.
+#[test]
+fn two_gateways_from_one_config_keep_a_moved_flow_on_its_backend() {
+    let mut cfg = String::from("interfaces = [\"unused0\"]\nforwarding = \"kernel\"\nmax_new_flows_per_sec = 0\n[[service]]\nname = \"web\"\nvip = \"10.100.0.1:80\"\n");
+    let list = |net: u8| (2..10).map(|h| format!("\"10.{net}.0.{h}:8080\"")).collect::<Vec<_>>().join(", ");
+    cfg += &format!("blue = [{}]\ngreen = [{}]\n", list(1), list(2));
+    let (a, b) = (dataplane(&cfg), dataplane(&cfg));
+    for color in Color::ALL {
+        let (ra, rb) = (a.ring(color, 0).unwrap(), b.ring(color, 0).unwrap());
+        assert_eq!(ra.len(), 16_381);
+        assert!(ra == rb, "{} Maglev tables differ between the two gateways", color.name());
+    }
+    let vip = sa(VIP);
+    let mut backends = std::collections::BTreeSet::new();
+    for port in 30_000..30_200u16 {
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);
+        // The SYN through gateway A picks the backend.
+        let (_, out) = run(&a, &Pkt::tcp(client, vip, TCP_SYN).seq(100).build());
+        let backend = packet::parse_v4(&out).dst;
+        assert_eq!(backend.port(), 8080, "SYN rewritten to a blue backend: {backend}");
+        backends.insert(*backend.ip());
+        // Its SYN-ACK returns through gateway B, which never saw the flow: rewritten to the VIP.
+        let (_, out) = run(&b, &Pkt::tcp(backend, client, TCP_SYN | TCP_ACK).seq(900).ack(101).build());
+        assert_rewritten(&out, vip, client, b"", "a SYN-ACK through the other gateway");
+        // ECMP moves the flow to gateway B: its ACK and data reach the same backend.
+        let (_, out) = run(&b, &Pkt::tcp(client, vip, TCP_ACK).seq(101).ack(901).payload(b"GET /").build());
+        assert_rewritten(&out, client, backend, b"GET /", "the moved flow's next packet");
+    }
+    assert!(backends.len() >= 6, "the flows spread over the backends: {backends:?}");
+}
