@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::{
     config::Config,
@@ -110,6 +110,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `bgctl completions bash >
+    /// /usr/share/bash-completion/completions/bgctl`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print bgctl's man page, roff (e.g. `bgctl man > /usr/share/man/man8/bgctl.8`).
+    Man,
     /// A live view during a cutover: new flows/s and live flows per color, health, generation,
     /// and the connection signals (handshakes failed, resets, handshake p50/p95) per service.
     Watch {
@@ -123,6 +132,53 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Appends a line to a command's human output (`output` prints it, painted).
+macro_rules! w {
+    ($o:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
+/// Whether human output shows colors: stdout is a terminal and `NO_COLOR` is not set
+/// (no-color.org).
+fn colors_on() -> bool {
+    use std::io::IsTerminal;
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+}
+
+/// `text` with the words blue and green in their colors when `colors_on`, else as it is.
+pub fn paint(text: &str) -> String {
+    if colors_on() { paint_words(text) } else { text.to_owned() }
+}
+
+/// The words `blue` and `green` (whole words only) wrapped in ANSI bold blue and green.
+pub fn paint_words(text: &str) -> String {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut rest = text;
+    let mut prev: Option<char> = None;
+    while !rest.is_empty() {
+        let hit = [("blue", "\x1b[1;34m"), ("green", "\x1b[1;32m")].into_iter().find(|(w, _)| {
+            rest.starts_with(w) && !prev.is_some_and(word) && !rest[w.len()..].chars().next().is_some_and(word)
+        });
+        if let Some((w, code)) = hit {
+            out.push_str(code);
+            out.push_str(w);
+            out.push_str("\x1b[0m");
+            rest = &rest[w.len()..];
+            prev = w.chars().last();
+            continue;
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        prev = Some(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 fn socket_or_default(cli: &Option<PathBuf>) -> PathBuf {
@@ -191,6 +247,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
         Command::Backends { color, state, json } => backends(&socket, color, state, json),
         Command::History { limit, json } => output(call(&socket, &Request::History { limit: Some(limit) })?, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "bgctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()).context("writing the man page"),
         Command::Watch { interval_ms, count, json } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count, json),
     }
 }
@@ -208,7 +269,9 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        print_response(r);
+        let mut text = String::new();
+        print_response(&mut text, r);
+        print!("{}", paint(&text));
     }
     if refused {
         bail!("dry run: the flip would be refused (nothing was changed)");
@@ -216,38 +279,38 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_response(r: Response) {
+fn print_response(o: &mut String, r: Response) {
     match r {
-        Response::DryRun(d) => print_dry_run(&d),
-        Response::Status(s) => print_status(&s),
-        Response::Flipped(f) => print_flip(&f),
-        Response::Stats(c) => print_stats(&c),
-        Response::History { events } => print_history(&events),
-        Response::Backends { backends, .. } => print_backends(&backends),
+        Response::DryRun(d) => print_dry_run(o, &d),
+        Response::Status(s) => print_status(o, &s),
+        Response::Flipped(f) => print_flip(o, &f),
+        Response::Stats(c) => print_stats(o, &c),
+        Response::History { events } => print_history(o, &events),
+        Response::Backends { backends, .. } => print_backends(o, &backends),
         Response::Error { .. } => unreachable!(),
     }
 }
 
-fn print_dry_run(d: &crate::control::DryRun) {
+fn print_dry_run(o: &mut String, d: &crate::control::DryRun) {
     let what = match d.percent {
         Some(p) => format!("a canary of {p}% to {}", d.to),
         None => format!("a flip {} -> {}", d.from, d.to),
     };
     let sel = |s: &crate::control::SelectorView| format!("active {}, canary {:.1}% (value {:#x})", s.active, s.canary_percent, s.value);
     match d.outcome.as_str() {
-        "switch" => println!("dry run: {what} would pass the gate (generation {})", d.generation),
-        "refused" => println!("dry run: {what} would be REFUSED: {}", d.failing.join("; ")),
-        _ => println!("dry run: {what} would change nothing ({} is already so)", d.to),
+        "switch" => w!(o, "dry run: {what} would pass the gate (generation {})", d.generation),
+        "refused" => w!(o, "dry run: {what} would be REFUSED: {}", d.failing.join("; ")),
+        _ => w!(o, "dry run: {what} would change nothing ({} is already so)", d.to),
     }
-    println!("  selector now:   {}", sel(&d.selector_now));
-    println!("  selector after: {}", sel(&d.selector_after));
+    w!(o, "  selector now:   {}", sel(&d.selector_now));
+    w!(o, "  selector after: {}", sel(&d.selector_after));
     let age = d.live_flows_age_ms.map(|a| format!(" (counted {a} ms ago)")).unwrap_or_default();
-    println!("  live flows stay where they are: blue {}, green {}{age}", d.live_flows[0], d.live_flows[1]);
-    println!("  automatic rollback: {}", d.auto_rollback);
+    w!(o, "  live flows stay where they are: blue {}, green {}{age}", d.live_flows[0], d.live_flows[1]);
+    w!(o, "  automatic rollback: {}", d.auto_rollback);
     for f in &d.signals {
-        println!("  {}", signal_line(f));
+        w!(o, "  {}", signal_line(f));
     }
-    println!("  nothing was changed");
+    w!(o, "  nothing was changed");
 }
 
 /// One (service, color)'s figures of the last window, in a line.
@@ -297,32 +360,34 @@ fn backends(socket: &std::path::Path, color: Option<String>, state: Option<Strin
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        print_backends(&all);
+        let mut text = String::new();
+        print_backends(&mut text, &all);
+        print!("{}", paint(&text));
     }
     Ok(())
 }
 
-fn print_backends(list: &[crate::control::BackendStatus]) {
+fn print_backends(o: &mut String, list: &[crate::control::BackendStatus]) {
     for b in list {
-        println!("{:<10} {:<28} weight {:<4} {:<8} {}", b.service, b.backend, b.weight, format!("{:?}", b.state).to_lowercase(), b.last);
+        w!(o, "{:<10} {:<28} weight {:<4} {:<8} {}", b.service, b.backend, b.weight, format!("{:?}", b.state).to_lowercase(), b.last);
     }
 }
 
-fn print_stats(c: &Counters) {
-    println!("{:<24} {:>14} {:>16} {:>10}", "color", "packets", "bytes", "new flows");
+fn print_stats(o: &mut String, c: &Counters) {
+    w!(o, "{:<24} {:>14} {:>16} {:>10}", "color", "packets", "bytes", "new flows");
     for (name, s) in ["blue", "green"].iter().zip(c.colors) {
-        println!("{name:<24} {:>14} {:>16} {:>10}", s.packets, s.bytes, s.new_flows);
+        w!(o, "{name:<24} {:>14} {:>16} {:>10}", s.packets, s.bytes, s.new_flows);
     }
-    println!();
+    w!(o, "");
     for (name, n) in c.reasons.iter().chain(&c.forwarding) {
-        println!("{name:<24} {n:>14}");
+        w!(o, "{name:<24} {n:>14}");
     }
 }
 
-fn print_history(events: &[serde_json::Value]) {
+fn print_history(o: &mut String, events: &[serde_json::Value]) {
     for e in events {
         let s = |k: &str| e[k].as_str().map(str::to_owned).unwrap_or_else(|| if e[k].is_null() { "-".into() } else { e[k].to_string() });
-        println!(
+        w!(o, 
             "{}  {:<22} {:>5} -> {:<5} gen {:<4} by {:<6} {}",
             s("time"),
             s("event"),
@@ -335,9 +400,9 @@ fn print_history(events: &[serde_json::Value]) {
     }
 }
 
-fn print_flip(f: &FlipResult) {
+fn print_flip(o: &mut String, f: &FlipResult) {
     if !f.changed {
-        println!("{} is already active (generation {}); nothing changed", f.to, f.generation);
+        w!(o, "{} is already active (generation {}); nothing changed", f.to, f.generation);
         return;
     }
     let took = format!(
@@ -347,23 +412,23 @@ fn print_flip(f: &FlipResult) {
         f.total_ns as f64 / 1e6
     );
     match f.percent {
-        Some(0) => println!("canary cancelled: all new flows go to {} ({took})", f.to),
-        Some(p) => println!("canary: {p}% of new flows go to {}, the rest stays on {} ({took})", f.to, f.from),
-        None => println!("flipped {} -> {}: new flows go to {} ({took})", f.from, f.to, f.to),
+        Some(0) => w!(o, "canary cancelled: all new flows go to {} ({took})", f.to),
+        Some(p) => w!(o, "canary: {p}% of new flows go to {}, the rest stays on {} ({took})", f.to, f.from),
+        None => w!(o, "flipped {} -> {}: new flows go to {} ({took})", f.from, f.to, f.to),
     }
     if f.forced {
-        println!("FORCED past a failing health gate (recorded in the audit log)");
+        w!(o, "FORCED past a failing health gate (recorded in the audit log)");
     }
     if !f.auto_rollback.is_empty() {
-        println!("automatic rollback: {}", f.auto_rollback);
+        w!(o, "automatic rollback: {}", f.auto_rollback);
     }
     if let Some(s) = f.drain_secs {
-        println!("{}'s remaining flows will be ended in {s} s", f.from);
+        w!(o, "{}'s remaining flows will be ended in {s} s", f.from);
     }
 }
 
-fn print_status(s: &Status) {
-    println!(
+fn print_status(o: &mut String, s: &Status) {
+    w!(o, 
         "active: {} (generation {}, for {}s){}",
         s.active,
         s.generation,
@@ -371,25 +436,25 @@ fn print_status(s: &Status) {
         s.previous.as_ref().map(|p| format!("; rollback goes to {p}")).unwrap_or_default()
     );
     if let Some(c) = &s.canary {
-        println!("canary: {:.1}% of new flows go to {}", c.percent, c.color);
+        w!(o, "canary: {:.1}% of new flows go to {}", c.percent, c.color);
     }
     if let Some(w) = &s.watch {
         if w.canary {
-            println!("watching {}: the canary ends if it turns unhealthy (backends or SLO)", w.color);
+            w!(o, "watching {}: the canary ends if it turns unhealthy (backends or SLO)", w.color);
         } else {
-            println!("watching {}: automatic rollback if it turns unhealthy (backends or SLO) in the next {} s", w.color, w.remaining_secs);
+            w!(o, "watching {}: automatic rollback if it turns unhealthy (backends or SLO) in the next {} s", w.color, w.remaining_secs);
         }
     }
-    println!(
+    w!(o, 
         "live flows: blue {}, green {} (established: {} of {} entries, {} evicted so far; unconfirmed: {} of {}; {} expired)",
         s.flows.flows[0], s.flows.flows[1], s.flows.entries, s.flow_table_size, s.flows.evicted, s.flows.unconfirmed_entries,
         s.unconfirmed_table_size, s.flows.expired
     );
     if let Some(d) = &s.drain {
-        println!("draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);
+        w!(o, "draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);
     }
     if let Some(n) = s.last_drain_removed {
-        println!("last drain removed {n} flow entries");
+        w!(o, "last drain removed {n} flow entries");
     }
     for h in &s.health {
         let mark = if h.color == s.active { "*" } else { " " };
@@ -400,37 +465,37 @@ fn print_status(s: &Status) {
         } else {
             "NOT healthy"
         };
-        println!("{mark} {} ({verdict}): {} up, {} down, {} unknown", h.color, h.up, h.down, h.unknown);
+        w!(o, "{mark} {} ({verdict}): {} up, {} down, {} unknown", h.color, h.up, h.down, h.unknown);
         for b in &h.slo_breaches {
-            println!("    SLO BREACH: {b}");
+            w!(o, "    SLO BREACH: {b}");
         }
         for b in &h.backends {
-            println!("    {:<10} {:<28} {:<8} {}", b.service, b.backend, format!("{:?}", b.state).to_lowercase(), b.last);
+            w!(o, "    {:<10} {:<28} {:<8} {}", b.service, b.backend, format!("{:?}", b.state).to_lowercase(), b.last);
         }
         if h.backends_not_listed > 0 {
-            println!("    ... and {} more not up (`bgctl backends --color {} --state down`)", h.backends_not_listed, h.color);
+            w!(o, "    ... and {} more not up (`bgctl backends --color {} --state down`)", h.backends_not_listed, h.color);
         }
     }
     if !s.signals.is_empty() {
-        println!("connection signals (last SLO window, services with traffic):");
+        w!(o, "connection signals (last SLO window, services with traffic):");
         for f in &s.signals {
-            println!("  {}", signal_line(f));
+            w!(o, "  {}", signal_line(f));
         }
         if s.signals_not_listed > 0 {
-            println!("  ... and {} more with traffic (`/metrics` has every one: bg_slo_*)", s.signals_not_listed);
+            w!(o, "  ... and {} more with traffic (`/metrics` has every one: bg_slo_*)", s.signals_not_listed);
         }
     }
     for svc in &s.services {
         let preview = svc.preview_vip.as_ref().map(|p| format!(" (preview {p} -> idle color)")).unwrap_or_default();
-        println!("service {} {}/{}{preview}: {} blue, {} green backends", svc.name, svc.vip, svc.protocol, svc.blue, svc.green);
+        w!(o, "service {} {}/{}{preview}: {} blue, {} green backends", svc.name, svc.vip, svc.protocol, svc.blue, svc.green);
     }
     let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
-    println!("interfaces: {}", ifs.join(", "));
+    w!(o, "interfaces: {}", ifs.join(", "));
     for e in &s.egress {
         let errors = if e.redirect_errors > 0 { format!(", {} failed redirects", e.redirect_errors) } else { String::new() };
-        println!("  out by {:<10} {:<8} {}{errors}", e.interface, e.path, e.why);
+        w!(o, "  out by {:<10} {:<8} {}{errors}", e.interface, e.path, e.why);
     }
-    println!("pinned: {}{}", s.pin_dir, if s.adopted { " (adopted from an earlier agent)" } else { "" });
+    w!(o, "pinned: {}{}", s.pin_dir, if s.adopted { " (adopted from an earlier agent)" } else { "" });
 }
 
 /// Redraws a small dashboard in place until Ctrl-C (or `count` refreshes).
@@ -496,7 +561,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
                 screen += &format!("SLO BREACH: {b}\n");
             }
         }
-        print!("{screen}");
+        print!("{}", paint(&screen));
         use std::io::Write;
         std::io::stdout().flush()?;
         last = Some((now, new));

@@ -676,6 +676,59 @@ fn the_sample_config_passes_check_config() {
     assert_eq!(v["services"][0]["name"], "web");
 }
 
+/// `bgctl completions SHELL` prints a completion script that knows the subcommands and their
+/// flags; an unknown shell is refused naming the ones there are; `bgctl man` prints a roff
+/// page with every subcommand.
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    let run = |args: &[&str]| Command::new(paths::bgctl()).args(args).output().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in ["flip", "rollback", "status", "dry-run", "percent", "history"] {
+            assert!(text.contains(word), "{shell} completions lack `{word}`");
+        }
+    }
+    assert!(String::from_utf8_lossy(&run(&["completions", "bash"]).stdout).contains("complete -F"), "a bash completion function");
+    let out = run(&["completions", "tcsh"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tcsh") && err.contains("bash") && err.contains("zsh"), "{err}");
+    let out = run(&["man"]);
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && man.contains(".TH bgctl 8"), "a roff page, section 8: {}", &man[..man.len().min(300)]);
+    for word in ["flip", "rollback", "check\\-config", "watch", "completions"] {
+        assert!(man.contains(word), "the man page lacks `{word}`");
+    }
+}
+
+/// On a terminal, blue and green are printed in their colors; through a pipe, or with
+/// NO_COLOR set, plain.
+#[test]
+fn colors_on_a_terminal_only() {
+    let t = Topology::create(&tag()).unwrap();
+    let _backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    let bgctl = format!("{} --socket {} status", paths::bgctl().display(), t.socket().display());
+    // `script` gives the command a terminal.
+    let on_tty = |env: &[(&str, &str)]| {
+        let mut c = Command::new("script");
+        c.args(["-qec", &bgctl, "/dev/null"]).env_remove("NO_COLOR");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tty = on_tty(&[]);
+    assert!(tty.contains("active: \x1b[1;34mblue\x1b[0m") && tty.contains("\x1b[1;32mgreen\x1b[0m"), "colored on a terminal: {tty:?}");
+    assert!(!on_tty(&[("NO_COLOR", "1")]).contains('\x1b'), "NO_COLOR turns colors off");
+    let piped = t.bgctl(&["status"]).unwrap();
+    let piped = String::from_utf8_lossy(&piped.stdout);
+    assert!(piped.contains("active: blue") && !piped.contains('\x1b'), "plain through a pipe: {piped:?}");
+}
+
 /// Loopback has no native XDP: `xdp_mode = "auto"` falls back to generic there, says so in
 /// the log, and status shows the mode per interface.
 #[test]
