@@ -723,7 +723,11 @@ impl State {
             flow_table_size: self.config.flow_table_size,
             unconfirmed_table_size: self.config.unconfirmed_table_size,
             pin_dir: self.config.pin_dir.display().to_string(),
-            drain: self.dec.drain.map(|w| DrainStatus { color: w.color.name().into(), remaining_secs: Decisions::remaining_secs(&w, now).unwrap_or(0) }),
+            drain: self.dec.drain.map(|w| DrainStatus {
+                color: w.color.name().into(),
+                remaining_secs: Decisions::remaining_secs(&w, now).unwrap_or(0),
+                total_secs: self.dec.drain_secs,
+            }),
             last_drain_removed: self.last_drain_removed,
             watch: self.dec.watch.map(|w| {
                 let left = Decisions::remaining_secs(&w, now);

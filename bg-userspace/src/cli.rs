@@ -313,6 +313,22 @@ fn print_dry_run(o: &mut String, d: &crate::control::DryRun) {
     w!(o, "  nothing was changed");
 }
 
+/// A pending drain as a progress line: `draining blue [########............] 18 s of 30 s
+/// left, 57 live flows`.
+pub fn drain_progress(d: &crate::control::DrainStatus, live: u64) -> String {
+    const WIDTH: u64 = 20;
+    let total = d.total_secs.max(d.remaining_secs).max(1);
+    let done = ((total - d.remaining_secs.min(total)) * WIDTH / total) as usize;
+    format!(
+        "draining {} [{}{}] {} s of {} s left, {live} live flows",
+        d.color,
+        "#".repeat(done),
+        ".".repeat(WIDTH as usize - done),
+        d.remaining_secs,
+        total
+    )
+}
+
 /// One (service, color)'s figures of the last window, in a line.
 pub fn signal_line(f: &crate::signals::Figures) -> String {
     let share = |x: Option<f64>| x.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_else(|| "-".into());
@@ -452,6 +468,7 @@ fn print_status(o: &mut String, s: &Status) {
     );
     if let Some(d) = &s.drain {
         w!(o, "draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);
+        w!(o, "  {}", drain_progress(d, s.flows.flows[crate::config::parse_color(&d.color).map_or(0, |c| c as usize)]));
     }
     if let Some(n) = s.last_drain_removed {
         w!(o, "last drain removed {n} flow entries");
@@ -534,7 +551,11 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
                 screen += &format!("  watching {} ({} s left)", w.color, w.remaining_secs);
             }
         }
-        screen += "\n\n";
+        screen += "\n";
+        if let Some(d) = &s.drain {
+            screen += &format!("{}\n", drain_progress(d, s.flows.flows[crate::config::parse_color(&d.color).map_or(0, |c| c as usize)]));
+        }
+        screen += "\n";
         screen += &format!("{:<7} {:>12} {:>12} {:>10}  health\n", "color", "new flows/s", "live flows", "packets");
         for (i, h) in s.health.iter().enumerate() {
             let up = h.up;
@@ -570,5 +591,27 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
             return Ok(());
         }
         std::thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_progress_line_fills_as_the_deadline_nears() {
+        let d = |left, total| crate::control::DrainStatus { color: "blue".into(), remaining_secs: left, total_secs: total };
+        assert_eq!(drain_progress(&d(30, 30), 57), "draining blue [....................] 30 s of 30 s left, 57 live flows");
+        assert_eq!(drain_progress(&d(15, 30), 3), "draining blue [##########..........] 15 s of 30 s left, 3 live flows");
+        assert_eq!(drain_progress(&d(0, 30), 0), "draining blue [####################] 0 s of 30 s left, 0 live flows");
+        // From an older agent (no total): as long as what is left.
+        assert_eq!(drain_progress(&d(5, 0), 1), "draining blue [....................] 5 s of 5 s left, 1 live flows");
+    }
+
+    #[test]
+    fn only_whole_words_are_painted() {
+        assert_eq!(paint_words("blue -> green"), "\x1b[1;34mblue\x1b[0m -> \x1b[1;32mgreen\x1b[0m");
+        assert_eq!(paint_words("bluegreen blue-1 greenish"), "bluegreen blue-1 greenish");
+        assert_eq!(paint_words("(green)"), "(\x1b[1;32mgreen\x1b[0m)");
     }
 }

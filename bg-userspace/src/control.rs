@@ -143,6 +143,9 @@ pub struct DrainStatus {
     pub color: String,
     /// Seconds until its remaining flows are ended.
     pub remaining_secs: u64,
+    /// The drain's whole length (`--drain`).
+    #[serde(default)]
+    pub total_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -224,6 +224,8 @@ pub struct Decisions {
     pub active_since_ms: u64,
     pub watch: Option<Window>,
     pub drain: Option<Window>,
+    /// The whole length of the pending drain (for a progress line).
+    pub drain_secs: u64,
     watch_window_ms: u64,
     pub flips_total: u64,
     pub rollbacks_total: u64,
@@ -241,6 +243,7 @@ impl Decisions {
             active_since_ms: now_ms,
             watch: None,
             drain: None,
+            drain_secs: 0,
             watch_window_ms: watch_window_secs.saturating_mul(1000),
             flips_total: 0,
             rollbacks_total: 0,
@@ -342,6 +345,7 @@ impl Decisions {
         self.generation = plan.generation;
         self.flips_total = self.flips_total.saturating_add(1);
         self.drain = plan.drain;
+        self.drain_secs = plan.drain_secs.unwrap_or(0);
         self.watch = plan.watch;
         if matches!(plan.kind, Kind::Rollback | Kind::CanaryCancelled) {
             self.rollbacks_total = self.rollbacks_total.saturating_add(1);

@@ -831,6 +831,14 @@ fn watch_draws_a_live_view() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"]["active"], "blue");
     assert!(v["stats"]["reasons"].is_array());
+    // A pending drain shows as a progress line, in watch and in status.
+    t.bgctl(&["flip", "green", "--drain", "30"]).unwrap();
+    let out = t.bgctl(&["watch", "--count", "1"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("draining blue [") && text.contains("s of 30 s left"), "{text}");
+    let out = t.bgctl(&["status"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("draining blue [") && text.contains("of 30 s left"), "{text}");
 }
 
 /// 2000 connections to the metrics endpoint that never send a request: the agent holds at
