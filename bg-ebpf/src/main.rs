@@ -62,7 +62,7 @@ fn run(ctx: &XdpContext) -> u64 {
     #[cfg(feature = "variant")]
     let _ = BG_CONFIG_V2.get(0);
     let (verdict, out) = match parse::parse(&ctx) {
-        Err(reason) => return finish(&ctx, reason),
+        Err(reason) => return finish(reason),
         Ok(Parsed::Flow(pkt)) => {
             let key = pkt.key();
             let verdict = decide::process(&pkt, &key);
@@ -84,7 +84,7 @@ fn run(ctx: &XdpContext) -> u64 {
         }
     };
     if verdict.color == decide::NO_COLOR {
-        return finish(&ctx, verdict.reason);
+        return finish(verdict.reason);
     }
     count(verdict.reason);
     let len = (ctx.data_end() - ctx.data()) as u64;
@@ -137,7 +137,7 @@ pub fn bg_redirect_err(ctx: TracePointContext) -> u32 {
 /// does): drop for the drop reasons (only ever for packets addressed to a VIP), pass untouched
 /// for the rest.
 #[inline(always)]
-fn finish(_ctx: &XdpContext, reason: Reason) -> u64 {
+fn finish(reason: Reason) -> u64 {
     count(reason);
     if reason.is_drop() {
         let log = (reason == Reason::DropStray || reason == Reason::DropFlowTableFull) && log_allowed(reason);

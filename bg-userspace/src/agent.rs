@@ -309,16 +309,9 @@ impl State {
     /// how many more there were.
     fn figures(&self, color: Option<Color>, limit: usize) -> (Vec<crate::signals::Figures>, usize) {
         let v = crate::lock(&self.signals);
-        let busy = v.figures.iter().filter(|f| color.is_none_or(|c| f.color == c.name())).filter(|f| f.busy());
-        let (mut listed, mut more) = (Vec::new(), 0);
-        for f in busy {
-            if listed.len() < limit {
-                listed.push(f.clone());
-            } else {
-                more += 1;
-            }
-        }
-        (listed, more)
+        let mut busy = v.figures.iter().filter(|f| color.is_none_or(|c| f.color == c.name()) && f.busy());
+        let listed: Vec<_> = busy.by_ref().take(limit).cloned().collect();
+        (listed, busy.count())
     }
 
     /// Per color: counts per state and the backends not up (at most `STATUS_BACKENDS`), for
@@ -490,7 +483,8 @@ impl State {
         self.carry_out(decision, who, "requested", started)
     }
 
-    /// What a flip would do, touching nothing (no republish, no selector write, no audit).
+    /// What a flip would do, touching nothing (no republish, no selector write, no audit);
+    /// the live flows are left for the caller to count outside the lock.
     fn dry_run(&self, req: FlipRequest) -> anyhow::Result<DryRun> {
         let verdict = self.verdict(req.to);
         let decision = self.dec.decide_flip(&req, &verdict, self.now_ms()).map_err(|e| anyhow!(e))?;
@@ -505,7 +499,6 @@ impl State {
             Decision::Refused { .. } => ("refused", now, "refused: nothing to guard".to_owned(), self.dec.generation),
             Decision::Switch(p) => ("switch", self.dp.selector_for(p.active(), p.canary_permille()), p.auto_rollback(), p.generation),
         };
-        let sample = *crate::lock(&self.flow_sample);
         Ok(DryRun {
             outcome: outcome.into(),
             from: self.active().name().into(),
@@ -516,8 +509,9 @@ impl State {
             failing: verdict.failing,
             selector_now: view(now),
             selector_after: view(after),
-            live_flows: sample.map(|(c, _)| c.flows).unwrap_or_default(),
-            live_flows_age_ms: sample.map(|(_, at)| at.elapsed().as_millis() as u64),
+            // Counted by `handle` once the lock is let go.
+            live_flows: [0; 2],
+            live_flows_age_ms: None,
             auto_rollback,
             signals: self.figures(Some(req.to), STATUS_SIGNALS).0,
         })

@@ -315,8 +315,9 @@ fn print_dry_run(o: &mut String, d: &crate::control::DryRun) {
 
 /// A pending drain as a progress line: `draining blue [########............] 18 s of 30 s
 /// left, 57 live flows`.
-pub fn drain_progress(d: &crate::control::DrainStatus, live: u64) -> String {
+pub fn drain_progress(d: &crate::control::DrainStatus, flows: &[u64; 2]) -> String {
     const WIDTH: u64 = 20;
+    let live = flows[crate::config::parse_color(&d.color).map_or(0, |c| c as usize)];
     let total = d.total_secs.max(d.remaining_secs).max(1);
     let done = ((total - d.remaining_secs.min(total)) * WIDTH / total) as usize;
     format!(
@@ -468,7 +469,7 @@ fn print_status(o: &mut String, s: &Status) {
     );
     if let Some(d) = &s.drain {
         w!(o, "draining: {}'s remaining flows end in {} s", d.color, d.remaining_secs);
-        w!(o, "  {}", drain_progress(d, s.flows.flows[crate::config::parse_color(&d.color).map_or(0, |c| c as usize)]));
+        w!(o, "  {}", drain_progress(d, &s.flows.flows));
     }
     if let Some(n) = s.last_drain_removed {
         w!(o, "last drain removed {n} flow entries");
@@ -553,7 +554,7 @@ fn watch(socket: &std::path::Path, every: Duration, count: Option<u64>, json: bo
         }
         screen += "\n";
         if let Some(d) = &s.drain {
-            screen += &format!("{}\n", drain_progress(d, s.flows.flows[crate::config::parse_color(&d.color).map_or(0, |c| c as usize)]));
+            screen += &format!("{}\n", drain_progress(d, &s.flows.flows));
         }
         screen += "\n";
         screen += &format!("{:<7} {:>12} {:>12} {:>10}  health\n", "color", "new flows/s", "live flows", "packets");
@@ -601,11 +602,11 @@ mod tests {
     #[test]
     fn a_drain_progress_line_fills_as_the_deadline_nears() {
         let d = |left, total| crate::control::DrainStatus { color: "blue".into(), remaining_secs: left, total_secs: total };
-        assert_eq!(drain_progress(&d(30, 30), 57), "draining blue [....................] 30 s of 30 s left, 57 live flows");
-        assert_eq!(drain_progress(&d(15, 30), 3), "draining blue [##########..........] 15 s of 30 s left, 3 live flows");
-        assert_eq!(drain_progress(&d(0, 30), 0), "draining blue [####################] 0 s of 30 s left, 0 live flows");
+        assert_eq!(drain_progress(&d(30, 30), &[57, 9]), "draining blue [....................] 30 s of 30 s left, 57 live flows");
+        assert_eq!(drain_progress(&d(15, 30), &[3, 9]), "draining blue [##########..........] 15 s of 30 s left, 3 live flows");
+        assert_eq!(drain_progress(&d(0, 30), &[0, 9]), "draining blue [####################] 0 s of 30 s left, 0 live flows");
         // From an older agent (no total): as long as what is left.
-        assert_eq!(drain_progress(&d(5, 0), 1), "draining blue [....................] 5 s of 5 s left, 1 live flows");
+        assert_eq!(drain_progress(&d(5, 0), &[1, 9]), "draining blue [....................] 5 s of 5 s left, 1 live flows");
     }
 
     #[test]

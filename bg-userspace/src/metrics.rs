@@ -181,11 +181,7 @@ fn render_signals(out: &mut String, r: &crate::signals::Reading, figures: &[crat
     let mut colors = [BackendSignals::default(); 2];
     for (block, b) in r.blocks.iter().enumerate() {
         for x in b {
-            let t = &mut colors[block % 2];
-            t.answered += x.answered;
-            t.refused += x.refused;
-            t.no_answer += x.no_answer;
-            t.resets += x.resets;
+            crate::signals::add(&mut colors[block % 2], x);
         }
     }
     let mut ch: Samples = Vec::new();

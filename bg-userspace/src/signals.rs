@@ -54,26 +54,24 @@ pub struct Sums {
     pub latency: Vec<[u64; LATENCY_BUCKETS]>,
 }
 
-fn add(t: &mut BackendSignals, b: &BackendSignals) {
-    t.new_flows += b.new_flows;
-    t.answered += b.answered;
-    t.refused += b.refused;
-    t.no_answer += b.no_answer;
-    t.resets += b.resets;
-    t.bytes_to += b.bytes_to;
-    t.bytes_from += b.bytes_from;
+/// The `u64` counters a counter struct is made of (`BackendSignals`, `LatencyHist`, a
+/// histogram's buckets): all of them, so a field added later is summed too.
+fn counters<T: bytemuck::Pod>(t: &T) -> &[u64] {
+    bytemuck::cast_slice(std::slice::from_ref(t))
 }
 
-fn delta(new: &BackendSignals, old: &BackendSignals) -> BackendSignals {
-    BackendSignals {
-        new_flows: new.new_flows.saturating_sub(old.new_flows),
-        answered: new.answered.saturating_sub(old.answered),
-        refused: new.refused.saturating_sub(old.refused),
-        no_answer: new.no_answer.saturating_sub(old.no_answer),
-        resets: new.resets.saturating_sub(old.resets),
-        bytes_to: new.bytes_to.saturating_sub(old.bytes_to),
-        bytes_from: new.bytes_from.saturating_sub(old.bytes_from),
-    }
+/// `t += b`, counter by counter.
+pub fn add<T: bytemuck::Pod>(t: &mut T, b: &T) {
+    let t: &mut [u64] = bytemuck::cast_slice_mut(std::slice::from_mut(t));
+    t.iter_mut().zip(counters(b)).for_each(|(x, y)| *x += y);
+}
+
+/// `new - old`, counter by counter (0 where a counter went back).
+fn delta<T: bytemuck::Pod>(new: &T, old: &T) -> T {
+    let mut d = *new;
+    let out: &mut [u64] = bytemuck::cast_slice_mut(std::slice::from_mut(&mut d));
+    out.iter_mut().zip(counters(old)).for_each(|(x, y)| *x = x.saturating_sub(*y));
+    d
 }
 
 /// A latency in histogram units, in milliseconds.
@@ -91,28 +89,9 @@ pub fn bucket_bounds(k: usize) -> (f64, f64) {
     }
 }
 
-/// Where the `q` quantile's bucket starts, in milliseconds: a bound the quantile is surely
-/// at or above (the latency SLO is judged on it, so log2 buckets cannot make a healthy
-/// color look up to twice as slow as it is). None when the histogram is empty.
-pub fn quantile_floor_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
-    let total: u64 = hist.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let mut below = 0u64;
-    for (k, &n) in hist.iter().enumerate() {
-        below += n;
-        if n > 0 && below as f64 >= rank {
-            return Some(units_ms(bucket_bounds(k).0));
-        }
-    }
-    Some(units_ms(bucket_bounds(LATENCY_BUCKETS - 1).0))
-}
-
-/// The `q` quantile (0..1) of a histogram in milliseconds, interpolated linearly inside its
-/// bucket (as Prometheus' `histogram_quantile` does); None when it is empty.
-pub fn quantile_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+/// The bucket holding the `q` quantile (0..1) of a histogram, and where inside it the
+/// quantile's rank falls (0..1); None when the histogram is empty.
+fn quantile_bucket(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<(usize, f64)> {
     let total: u64 = hist.iter().sum();
     if total == 0 {
         return None;
@@ -121,13 +100,27 @@ pub fn quantile_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
     let mut below = 0u64;
     for (k, &n) in hist.iter().enumerate() {
         if n > 0 && (below + n) as f64 >= rank {
-            let (lo, hi) = bucket_bounds(k);
-            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
-            return Some(units_ms(lo + (hi - lo) * within));
+            return Some((k, ((rank - below as f64) / n as f64).clamp(0.0, 1.0)));
         }
         below += n;
     }
-    Some(units_ms(bucket_bounds(LATENCY_BUCKETS - 1).1))
+    Some((LATENCY_BUCKETS - 1, 1.0))
+}
+
+/// Where the `q` quantile's bucket starts, in milliseconds: a bound the quantile is surely
+/// at or above (the latency SLO is judged on it, so log2 buckets cannot make a healthy
+/// color look up to twice as slow as it is). None when the histogram is empty.
+pub fn quantile_floor_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    quantile_bucket(hist, q).map(|(k, _)| units_ms(bucket_bounds(k).0))
+}
+
+/// The `q` quantile (0..1) of a histogram in milliseconds, interpolated linearly inside its
+/// bucket (as Prometheus' `histogram_quantile` does); None when it is empty.
+pub fn quantile_ms(hist: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    quantile_bucket(hist, q).map(|(k, within)| {
+        let (lo, hi) = bucket_bounds(k);
+        units_ms(lo + (hi - lo) * within)
+    })
 }
 
 /// One (service, color)'s figures over a window.
@@ -181,13 +174,8 @@ fn pct(x: f64) -> String {
 pub fn figures(service: &str, color: Color, block: usize, old: &Sums, new: &Sums, secs: f64, slo: &Slo) -> Figures {
     let zero = BackendSignals::default();
     let d = delta(new.blocks.get(block).unwrap_or(&zero), old.blocks.get(block).unwrap_or(&zero));
-    let mut hist = [0u64; LATENCY_BUCKETS];
-    if let Some(n) = new.latency.get(block) {
-        let o = old.latency.get(block).copied().unwrap_or([0; LATENCY_BUCKETS]);
-        for k in 0..LATENCY_BUCKETS {
-            hist[k] = n[k].saturating_sub(o[k]);
-        }
-    }
+    let none = [0u64; LATENCY_BUCKETS];
+    let hist = delta(new.latency.get(block).unwrap_or(&none), old.latency.get(block).unwrap_or(&none));
     let decided = d.answered + d.refused + d.no_answer;
     let mut f = Figures {
         service: service.to_owned(),
@@ -317,9 +305,7 @@ impl Maps {
         let latency = &mut r.latency;
         crate::dataplane::percpu_batch::<LatencyHist>(&self.latency, counts.len() as u32, |i, v| {
             if let Some(h) = latency.get_mut(i as usize) {
-                for k in 0..LATENCY_BUCKETS {
-                    h[k] += v.buckets[k];
-                }
+                add(h, &v.buckets);
             }
         })?;
         Ok(Some(r))
@@ -343,9 +329,7 @@ impl Maps {
             r.blocks.push(v);
             let mut h = [0u64; LATENCY_BUCKETS];
             for c in latency.get(&(block as u32), 0).context("reading a latency histogram")?.iter() {
-                for k in 0..LATENCY_BUCKETS {
-                    h[k] += c.buckets[k];
-                }
+                add(&mut h, &c.buckets);
             }
             r.latency.push(h);
         }
