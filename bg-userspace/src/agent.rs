@@ -65,6 +65,8 @@ pub enum Actor {
     Uid(u32),
     /// The agent itself (automatic rollback, drain).
     Agent,
+    /// The fleet's desired state in etcd (a switch decided on any gateway, or a CLI host).
+    Fleet,
 }
 
 impl Actor {
@@ -72,6 +74,7 @@ impl Actor {
         match self {
             Actor::Uid(u) => json!(u),
             Actor::Agent => json!("agent"),
+            Actor::Fleet => json!("fleet"),
         }
     }
 }
@@ -109,6 +112,11 @@ pub struct State {
     all_down_reported: [bool; 2],
     /// The state changed since it was last handed to the state file's writer.
     persist_due: bool,
+    /// Fleet mode: the fleet's settings and this agent's link to etcd.
+    pub fleet: Option<(crate::config::Fleet, crate::fleet::SharedLink)>,
+    /// Automatic rollbacks decided in fleet mode (why, and the desired revision they undo):
+    /// proposed to the fleet by the main loop, not carried out here.
+    fleet_proposals: Vec<(String, i64)>,
 }
 
 pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
@@ -542,6 +550,7 @@ impl State {
                     percent: None,
                     forced: false,
                     auto_rollback: "unchanged: nothing to guard".into(),
+                    fleet: None,
                 });
             }
             Decision::Refused { to, failing } => {
@@ -574,6 +583,7 @@ impl State {
             percent: plan.percent,
             forced: plan.forced,
             auto_rollback: plan.auto_rollback(),
+            fleet: None,
         })
     }
 
@@ -598,6 +608,12 @@ impl State {
         let mut drain = None;
         for action in actions {
             match action {
+                Action::AutoRollback { plan: _, why } if self.fleet.is_some() => {
+                    // The fleet rolls back as one: proposed to etcd by the main loop.
+                    warn!("{why}; proposing it to the fleet");
+                    let revision = self.fleet.as_ref().map_or(0, |(_, l)| crate::lock(l).applied_revision);
+                    self.fleet_proposals.push((why, revision));
+                }
                 Action::AutoRollback { plan, why } => {
                     warn!("{why}");
                     let to = plan.to;
@@ -679,6 +695,7 @@ impl State {
             backends,
             signals,
             figures,
+            fleet: self.fleet_status(),
         })
     }
 
@@ -735,7 +752,256 @@ impl State {
             last_republish: self.last_republish.clone(),
             signals,
             signals_not_listed,
+            fleet: self.fleet_status(),
         })
+    }
+}
+
+impl State {
+    /// This gateway's state as its fleet key carries it.
+    pub fn gateway_state(&self) -> crate::fleet::GatewayState {
+        let (id, revision) = match &self.fleet {
+            Some((f, l)) => (f.gateway.clone().unwrap_or_default(), crate::lock(l).applied_revision),
+            None => (String::new(), 0),
+        };
+        crate::fleet::GatewayState {
+            gateway: id,
+            revision,
+            generation: self.dec.generation,
+            active: self.active().name().into(),
+            canary_permille: self.canary_permille(),
+            selector: self.dp.current().0,
+            health: crate::fleet::color_views(&|c| self.verdict(c)),
+            at_unix_ms: 0,
+        }
+    }
+
+    /// This gateway's state as the fleet's first desired state.
+    fn initial_desired(&self) -> crate::fleet::Desired {
+        let id = self.fleet.as_ref().and_then(|(f, _)| f.gateway.clone()).unwrap_or_default();
+        crate::fleet::Desired {
+            generation: self.dec.generation,
+            active: self.active().name().into(),
+            canary_permille: self.canary_permille(),
+            previous: self.dec.previous.map(|c| c.name().into()),
+            event: "joined".into(),
+            force: false,
+            forced: false,
+            drain_secs: None,
+            who: format!("gateway {id}"),
+            reason: "the fleet had no desired state: the first gateway to join wrote its own".into(),
+            at_unix_ms: crate::fleet::unix_ms(),
+        }
+    }
+
+    /// Applies the fleet's desired state `d` (mod revision `revision`) to this gateway: the
+    /// same selector write, commit, state file and audit line as a local switch. A revision
+    /// already applied is a no-op.
+    fn adopt(&mut self, d: &crate::fleet::Desired, revision: i64) -> anyhow::Result<()> {
+        let Some((_, link)) = &self.fleet else { bail!("not in fleet mode") };
+        let link = link.clone();
+        if revision <= crate::lock(&link).applied_revision {
+            return Ok(());
+        }
+        let active = d.active_color()?;
+        if d.canary_permille > 990 || !d.canary_permille.is_multiple_of(10) {
+            bail!("the fleet's desired state has canary_permille {}; bg writes whole percents 10 to 990", d.canary_permille);
+        }
+        let plan = self.dec.adopt(active, d.canary_permille, d.kind(), d.force, d.forced, d.drain_secs, d.generation, self.now_ms());
+        match plan {
+            Some(plan) => {
+                let reason = format!("fleet revision {revision}: {} by {}: {}", d.event, d.who, d.reason);
+                self.carry_out(Decision::Switch(plan), Actor::Fleet, &reason, Instant::now())?;
+            }
+            None => {
+                // Already in place (a restart, or this gateway's own first state).
+                if self.dec.generation != d.generation {
+                    self.dec.generation = d.generation;
+                    self.persist();
+                }
+            }
+        }
+        self.dec.previous = d.previous.as_deref().and_then(parse_color).or(self.dec.previous);
+        crate::lock(&link).applied_revision = revision;
+        Ok(())
+    }
+
+    /// Fence or unfence when the link to etcd says so (the hook runs off the lock).
+    fn fence_due(&mut self) -> Option<(String, &'static str)> {
+        let (f, link) = self.fleet.as_ref()?;
+        let mut l = crate::lock(link);
+        if !l.connected && !l.fenced && l.since.elapsed() >= Duration::from_secs(f.fence_after_secs) {
+            l.fenced = true;
+            l.fences_total += 1;
+            let why = format!("cut off from etcd for {} s (fence_after_secs = {})", l.since.elapsed().as_secs(), f.fence_after_secs);
+            drop(l);
+            error!("{why}: fencing this gateway");
+            self.audit(json!({"event": "fence", "to": self.active().name(), "generation": self.dec.generation, "uid": "agent", "reason": why}));
+            return f.fence_command.clone().map(|c| (c, "fence"));
+        }
+        if l.connected && l.fenced {
+            l.fenced = false;
+            drop(l);
+            info!("in touch with etcd again: unfencing this gateway");
+            self.audit(json!({"event": "unfence", "to": self.active().name(), "generation": self.dec.generation, "uid": "agent",
+                "reason": "in touch with etcd again"}));
+            return f.unfence_command.clone().map(|c| (c, "unfence"));
+        }
+        None
+    }
+
+    fn fleet_status(&self) -> Option<crate::control::FleetStatus> {
+        let (f, link) = self.fleet.as_ref()?;
+        let l = crate::lock(link);
+        Some(crate::control::FleetStatus {
+            name: f.name.clone(),
+            gateway: f.gateway.clone().unwrap_or_default(),
+            etcd: if l.connected { "up" } else { "down" }.into(),
+            etcd_for_secs: l.since.elapsed().as_secs(),
+            applied_revision: l.applied_revision,
+            fenced: l.fenced,
+            fence_after_secs: f.fence_after_secs,
+            last_error: l.last_error.clone(),
+        })
+    }
+}
+
+/// The agent as its fleet session sees it.
+struct AgentGateway(Arc<Mutex<State>>);
+
+impl crate::fleet::Gateway for AgentGateway {
+    fn apply(&self, desired: &crate::fleet::Desired, revision: i64) -> anyhow::Result<()> {
+        crate::lock(&self.0).adopt(desired, revision)
+    }
+    fn state(&self) -> crate::fleet::GatewayState {
+        crate::lock(&self.0).gateway_state()
+    }
+    fn initial(&self) -> crate::fleet::Desired {
+        crate::lock(&self.0).initial_desired()
+    }
+}
+
+/// Runs a fence or unfence hook (`sh -c`), with the fleet and gateway in its environment.
+fn run_hook(command: String, event: &'static str, fleet: String, gateway: String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .env("BG_FLEET", &fleet)
+            .env("BG_GATEWAY", &gateway)
+            .env("BG_EVENT", event)
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => info!(event, command = %command, "hook ran"),
+            Ok(o) => error!(event, command = %command, status = %o.status, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "hook failed"),
+            Err(e) => error!(event, command = %command, error = %e, "hook could not be started"),
+        }
+    });
+}
+
+/// Proposes an automatic rollback to the fleet: written only if the desired state is still
+/// the one this gateway applied (another gateway may have rolled back first).
+fn propose_rollback(state: Arc<Mutex<State>>, why: String, revision: i64) {
+    let (fleet, local) = {
+        let st = crate::lock(&state);
+        let Some((f, _)) = &st.fleet else { return };
+        (f.clone(), st.gateway_state())
+    };
+    tokio::spawn(async move {
+        let who = format!("agent of gateway {}", local.gateway);
+        match crate::fleet::switch(&fleet, crate::fleet::Op::Rollback { force: false }, &who, &why, Some(local), Some(revision)).await {
+            Ok(o) if o.plan.is_some() => {
+                info!(generation = o.generation, "the fleet rolled back on this gateway's proposal");
+                crate::lock(&state).dec.commit_auto_rollback();
+            }
+            Ok(_) => info!("automatic rollback: the fleet's state already matched"),
+            Err(e) => {
+                let e = format!("{e:#}");
+                warn!(error = %e, "automatic rollback not written to the fleet");
+                let st = crate::lock(&state);
+                st.audit(json!({"event": "auto_rollback_skipped", "from": st.active().name(), "to": st.active().other().name(),
+                    "generation": st.dec.generation, "uid": "agent", "reason": format!("{why}; not written to the fleet: {e}")}));
+            }
+        }
+    });
+}
+
+/// A flip or rollback in fleet mode: decided on the fleet's desired state with the fleet-wide
+/// gate, written to etcd, and answered once every live gateway applied it (this one included:
+/// it applies through its own watch, like the others).
+async fn fleet_request(state: &Arc<Mutex<State>>, req: Request, uid: u32) -> Response {
+    let started = Instant::now();
+    let (fleet, local, window) = {
+        let mut st = crate::lock(state);
+        st.apply_health();
+        let Some((f, _)) = &st.fleet else { return Response::Error { message: "not in fleet mode".into() } };
+        (f.clone(), st.gateway_state(), st.config.watch_window_secs)
+    };
+    let op = match req {
+        Request::Flip { color, drain_secs, percent, force, .. } => match parse_color(&color) {
+            None => return Response::Error { message: format!("unknown color `{color}`; use `blue` or `green`") },
+            Some(to) => crate::fleet::Op::Flip(FlipRequest { to, percent, drain_secs, force }),
+        },
+        Request::Rollback { force } => crate::fleet::Op::Rollback { force },
+        _ => return Response::Error { message: "not a switch".into() },
+    };
+    let who = format!("uid {uid} on gateway {}", local.gateway);
+    match crate::fleet::switch(&fleet, op, &who, "requested", Some(local), None).await {
+        Ok(o) => Response::Flipped(fleet_flip_result(o, Some(window), started)),
+        Err(e) => {
+            let message = format!("{e:#}");
+            if message.starts_with("refused") {
+                let st = crate::lock(state);
+                st.audit(json!({"event": "refused", "from": st.active().name(), "generation": st.dec.generation, "uid": uid, "reason": message}));
+            }
+            Response::Error { message }
+        }
+    }
+}
+
+/// A fleet switch's outcome as a flip's answer. `window`: this gateway's watch window (None:
+/// asked from a host without an agent).
+pub fn fleet_flip_result(o: crate::fleet::Outcome, window: Option<u64>, started: Instant) -> FlipResult {
+    let total_ns = started.elapsed().as_nanos() as u64;
+    let Some(p) = o.plan else {
+        return FlipResult {
+            from: o.from.name().into(),
+            to: o.from.name().into(),
+            generation: o.generation,
+            changed: false,
+            switch_ns: 0,
+            total_ns,
+            drain_secs: None,
+            percent: None,
+            forced: false,
+            auto_rollback: "unchanged: nothing to guard".into(),
+            fleet: None,
+        };
+    };
+    let to = p.to.name();
+    let auto_rollback = match p.kind {
+        _ if p.force => "off for this switch (--force)".to_owned(),
+        Kind::Rollback => "off (a rollback opens no watch window)".into(),
+        Kind::CanaryCancelled => "off (the canary ended)".into(),
+        _ if window == Some(0) => "off on this gateway (watch_window_secs = 0)".into(),
+        Kind::Canary => format!("on while the canary runs: {to} turning unhealthy as seen from any gateway ends it fleet-wide"),
+        Kind::Flip => format!(
+            "on for each gateway's watch window{}: {to} turning unhealthy as seen from any gateway rolls the fleet back once",
+            window.map(|w| format!(" (this one's: {w} s)")).unwrap_or_default()
+        ),
+    };
+    FlipResult {
+        from: p.from.name().into(),
+        to: to.into(),
+        generation: p.generation,
+        changed: true,
+        switch_ns: 0,
+        total_ns,
+        drain_secs: p.drain_secs,
+        percent: p.percent,
+        forced: p.forced,
+        auto_rollback,
+        fleet: o.fleet,
     }
 }
 
@@ -891,10 +1157,6 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     // The last step of a start: from here on a restart adopts this state instead of redoing it.
     dp.mark_ready()?;
 
-    let listener = UnixListener::bind(&config.socket)
-        .with_context(|| format!("binding control socket {}", config.socket.display()))?;
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
-
     let health_table: health::Table = Arc::new(Mutex::new(health::Backends::new()));
     let health_changes = Arc::new(AtomicU64::new(0));
     let published = [Color::Blue, Color::Green].map(|c| {
@@ -925,6 +1187,8 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         applied_changes: 0,
         all_down_reported: [false; 2],
         persist_due: false,
+        fleet: config.fleet.clone().map(|f| (f, crate::fleet::new_link())),
+        fleet_proposals: Vec::new(),
         config,
     };
     state.persist_now();
@@ -933,6 +1197,37 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     info!(socket = %state.config.socket.display(), active = active.name(), generation, adopted = state.dp.adopted,
         services = state.config.services.len(), "bg agent ready");
     let state = Arc::new(Mutex::new(state));
+
+    // Fleet mode: the fleet's desired state is read and applied before anything is answered;
+    // with etcd out of reach, the last applied state (pinned, and in the state file) serves.
+    let fleet = crate::lock(&state).config.fleet.clone();
+    if let Some(f) = fleet {
+        let gw: Arc<dyn crate::fleet::Gateway> = Arc::new(AgentGateway(state.clone()));
+        let link = crate::lock(&state).fleet.as_ref().map(|(_, l)| l.clone()).expect("fleet link");
+        let failed = match tokio::time::timeout(FLEET_START_SYNC, crate::fleet::sync_once(&f, gw.as_ref())).await {
+            Ok(Ok(_)) => {
+                info!(fleet = %f.name, "applied the fleet's desired state");
+                None
+            }
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some(format!("etcd did not answer within {FLEET_START_SYNC:?}")),
+        };
+        let mut l = crate::lock(&link);
+        l.connected = failed.is_none();
+        if let Some(e) = failed {
+            warn!(error = %e, "could not read the fleet's desired state at start; serving the last applied state until etcd answers");
+            l.last_error = Some(e);
+        }
+        drop(l);
+        tokio::spawn(crate::fleet::keep_member(f, gw, link));
+    }
+    let listener = {
+        let st = crate::lock(&state);
+        let listener = UnixListener::bind(&st.config.socket)
+            .with_context(|| format!("binding control socket {}", st.config.socket.display()))?;
+        std::fs::set_permissions(&st.config.socket, std::fs::Permissions::from_mode(0o600))?;
+        listener
+    };
 
     let (checkers, stop_checks_deadline) = {
         let _on = background.enter();
@@ -998,6 +1293,13 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
                         crate::lock(&state).finish_drain(color, result);
                     });
                 }
+                for (why, revision) in std::mem::take(&mut st.fleet_proposals) {
+                    propose_rollback(state.clone(), why, revision);
+                }
+                if let Some((command, event)) = st.fence_due() {
+                    let (f, _) = st.fleet.as_ref().expect("fleet mode");
+                    run_hook(command, event, f.name.clone(), f.gateway.clone().unwrap_or_default());
+                }
                 if st.persist_due {
                     st.persist_now();
                 }
@@ -1051,6 +1353,9 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     Ok(())
 }
 
+/// The longest a fleet agent's start waits for etcd before it serves its last applied state.
+const FLEET_START_SYNC: Duration = Duration::from_secs(5);
+
 /// The longest a stopping agent waits for its health checks in flight (their longest timeout
 /// plus `health::LATE_ANSWER_GRACE`, but no more than this).
 const MAX_STOP_CHECKS: Duration = Duration::from_secs(15);
@@ -1068,7 +1373,9 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
         return Ok(());
     }
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
+        let fleet = crate::lock(&state).fleet.is_some();
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req @ (Request::Flip { dry_run: false, .. } | Request::Rollback { .. })) if fleet => fleet_request(&state, req, uid).await,
             // Flips, rollbacks, status and stats take microseconds under the lock (no table
             // walk, no file read): answered here, without a hop to another thread. Reading
             // the audit log and walking the flow tables go to the blocking pool.

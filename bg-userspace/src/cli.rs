@@ -119,6 +119,21 @@ pub enum Command {
     },
     /// Print bgctl's man page, roff (e.g. `bgctl man > /usr/share/man/man8/bgctl.8`).
     Man,
+    /// A fleet of gateways through etcd, from any host that reaches it (no agent needed here):
+    /// the fleet's state, and switches of the whole fleet.
+    Fleet {
+        /// A config file with a [fleet] section (an agent's, or one with only [fleet]).
+        #[arg(long, short, conflicts_with_all = ["etcd", "name"])]
+        config: Option<PathBuf>,
+        /// etcd endpoints, comma-separated (instead of --config), e.g. http://10.0.0.5:2379.
+        #[arg(long, env = "BG_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// The fleet's name (with --etcd).
+        #[arg(long = "fleet", env = "BG_FLEET", value_name = "NAME")]
+        name: Option<String>,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// A live view during a cutover: new flows/s and live flows per color, health, generation,
     /// and the connection signals (handshakes failed, resets, handshake p50/p95) per service.
     Watch {
@@ -129,6 +144,41 @@ pub enum Command {
         #[arg(long)]
         count: Option<u64>,
         /// One JSON object per refresh (status and counters) instead of the screen.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// The fleet's desired state, each live gateway's applied revision and health view, and
+    /// the members without a live agent.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flip (or canary) the whole fleet; returns once every live gateway applied it.
+    Flip {
+        /// `blue` or `green`.
+        color: String,
+        #[arg(long, value_name = "PERCENT")]
+        percent: Option<u32>,
+        #[arg(long, value_name = "SECS")]
+        drain: Option<u64>,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo the fleet's last switch.
+    Rollback {
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fleet's last switches, as kept in etcd.
+    History {
         #[arg(long)]
         json: bool,
     },
@@ -252,7 +302,87 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man => clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()).context("writing the man page"),
+        Command::Fleet { config, etcd, name, command } => fleet(config, etcd, name, command),
         Command::Watch { interval_ms, count, json } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count, json),
+    }
+}
+
+fn fleet(config: Option<PathBuf>, etcd: Vec<String>, name: Option<String>, command: FleetCommand) -> anyhow::Result<()> {
+    let fleet = match (config, name) {
+        (Some(c), _) => crate::config::parse_fleet_only(&c)?,
+        (None, Some(n)) => crate::config::Fleet::from_endpoints(&n, etcd)?,
+        (None, None) => bail!("say which fleet: --config FILE (with a [fleet] section), or --etcd URL --fleet NAME"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        match command {
+            FleetCommand::Status { json } => {
+                let s = crate::fleet::status(&fleet).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                } else {
+                    let mut o = String::new();
+                    print_fleet_status(&mut o, &s);
+                    print!("{}", paint(&o));
+                }
+                Ok(())
+            }
+            FleetCommand::History { json } => {
+                let h = crate::fleet::history(&fleet).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"events": h}))?);
+                } else {
+                    let mut o = String::new();
+                    for d in &h {
+                        w!(o, "generation {:>4}  {:<16} active {:<5} canary {:>3}%  by {}: {}", d.generation, d.event, d.active, d.canary_permille / 10, d.who, d.reason);
+                    }
+                    print!("{}", paint(&o));
+                }
+                Ok(())
+            }
+            FleetCommand::Flip { color, percent, drain, force, json } => {
+                let to = crate::config::parse_color(&color).with_context(|| format!("unknown color `{color}`; use `blue` or `green`"))?;
+                let op = crate::fleet::Op::Flip(crate::decisions::FlipRequest { to, percent, drain_secs: drain, force });
+                fleet_switch(&fleet, op, json).await
+            }
+            FleetCommand::Rollback { force, json } => fleet_switch(&fleet, crate::fleet::Op::Rollback { force }, json).await,
+        }
+    })
+}
+
+async fn fleet_switch(fleet: &crate::config::Fleet, op: crate::fleet::Op, json: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let who = format!("bgctl (uid {}) on host {host}", nix::unistd::getuid());
+    let outcome = crate::fleet::switch(fleet, op, &who, "requested", None, None).await;
+    let r = match outcome {
+        Ok(o) => Response::Flipped(crate::agent::fleet_flip_result(o, None, started)),
+        Err(e) => Response::Error { message: format!("{e:#}") },
+    };
+    output(r, json)
+}
+
+fn print_fleet_status(o: &mut String, s: &crate::fleet::FleetView) {
+    match &s.desired {
+        None => w!(o, "fleet {}: no desired state yet (no agent has joined)", s.fleet),
+        Some(d) => {
+            w!(o, "fleet {}: active {} (generation {}, revision {}){}", s.fleet, d.active, d.generation, s.revision,
+                d.previous.as_ref().map(|p| format!("; rollback goes to {p}")).unwrap_or_default());
+            if d.canary_permille != 0 {
+                let other = if d.active == "blue" { "green" } else { "blue" };
+                w!(o, "canary: {}% of new flows go to {other}", d.canary_permille / 10);
+            }
+            w!(o, "last switch: {} by {}: {}", d.event, d.who, d.reason);
+        }
+    }
+    w!(o, "live gateways: {}", s.gateways.len());
+    for g in &s.gateways {
+        let health: Vec<String> = g.health.iter().map(|v| format!("{} {}", v.color, if v.healthy { "healthy" } else { "UNHEALTHY" })).collect();
+        let lag = if g.revision < s.revision { format!(" LAGGING (applied revision {})", g.revision) } else { String::new() };
+        w!(o, "  {:<16} generation {:>4}, active {}, canary {}%, selector {:#x}; {}{lag}", g.gateway, g.generation, g.active, g.canary_permille / 10, g.selector, health.join(", "));
+    }
+    if !s.down.is_empty() {
+        w!(o, "members without a live agent: {}", s.down.join(", "));
     }
 }
 
@@ -266,6 +396,10 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     }
     // A dry run that would be refused exits 1, after saying so.
     let refused = matches!(&r, Response::DryRun(d) if d.outcome == "refused");
+    let incomplete = match &r {
+        Response::Flipped(FlipResult { fleet: Some(f), .. }) if !f.complete => Some(f.clone()),
+        _ => None,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -275,6 +409,16 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
     }
     if refused {
         bail!("dry run: the flip would be refused (nothing was changed)");
+    }
+    if let Some(f) = incomplete {
+        let mut not: Vec<String> = f.lagging.iter().map(|l| l.gateway.clone()).collect();
+        not.extend(f.lost.iter().cloned());
+        bail!(
+            "the switch was written to the fleet (revision {}) but not applied by every live gateway in time: {}{}",
+            f.revision,
+            not.join(", "),
+            f.rolled_back.map(|r| format!("; {r}")).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -422,12 +566,15 @@ fn print_flip(o: &mut String, f: &FlipResult) {
         w!(o, "{} is already active (generation {}); nothing changed", f.to, f.generation);
         return;
     }
-    let took = format!(
-        "generation {}, switched in {:.1} us, {:.2} ms from request incl. health gate",
-        f.generation,
-        f.switch_ns as f64 / 1000.0,
-        f.total_ns as f64 / 1e6
-    );
+    let took = match &f.fleet {
+        Some(fl) => format!("generation {}, fleet {}: {:.1} ms from request to every live gateway's ack", f.generation, fl.fleet, f.total_ns as f64 / 1e6),
+        None => format!(
+            "generation {}, switched in {:.1} us, {:.2} ms from request incl. health gate",
+            f.generation,
+            f.switch_ns as f64 / 1000.0,
+            f.total_ns as f64 / 1e6
+        ),
+    };
     match f.percent {
         Some(0) => w!(o, "canary cancelled: all new flows go to {} ({took})", f.to),
         Some(p) => w!(o, "canary: {p}% of new flows go to {}, the rest stays on {} ({took})", f.to, f.from),
@@ -442,6 +589,22 @@ fn print_flip(o: &mut String, f: &FlipResult) {
     if let Some(s) = f.drain_secs {
         w!(o, "{}'s remaining flows will be ended in {s} s", f.from);
     }
+    if let Some(fl) = &f.fleet {
+        let acks: Vec<String> = fl.acks.iter().map(|a| format!("{} {:.1} ms", a.gateway, a.apply_ms)).collect();
+        w!(o, "applied by {} gateway(s) (revision {}): {}", fl.acks.len(), fl.revision, acks.join(", "));
+        for l in &fl.lagging {
+            w!(o, "NOT applied in time by {} (still at revision {})", l.gateway, l.applied_revision);
+        }
+        if !fl.lost.is_empty() {
+            w!(o, "lost during the switch (lease expired before acking): {}", fl.lost.join(", "));
+        }
+        if !fl.down.is_empty() {
+            w!(o, "members without a live agent (not waited for): {}", fl.down.join(", "));
+        }
+        if let Some(r) = &fl.rolled_back {
+            w!(o, "rollback_on_timeout: {r}");
+        }
+    }
 }
 
 fn print_status(o: &mut String, s: &Status) {
@@ -454,6 +617,14 @@ fn print_status(o: &mut String, s: &Status) {
     );
     if let Some(c) = &s.canary {
         w!(o, "canary: {:.1}% of new flows go to {}", c.percent, c.color);
+    }
+    if let Some(f) = &s.fleet {
+        let etcd = if f.etcd == "up" { format!("etcd up for {} s", f.etcd_for_secs) } else { format!("etcd DOWN for {} s", f.etcd_for_secs) };
+        w!(o, "fleet {}: gateway {}, {etcd}, applied revision {}{}", f.name, f.gateway, f.applied_revision,
+            if f.fenced { format!("; FENCED (cut off longer than fence_after_secs = {})", f.fence_after_secs) } else { String::new() });
+        if let Some(e) = f.last_error.as_ref().filter(|_| f.etcd != "up") {
+            w!(o, "  last etcd error: {e}");
+        }
     }
     if let Some(w) = &s.watch {
         if w.canary {

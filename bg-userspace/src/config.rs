@@ -179,6 +179,34 @@ struct RawConfig {
     slo: RawSlo,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    /// Fleet mode: several gateways switch as one through etcd (`crate::fleet`).
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    name: String,
+    gateway: Option<String>,
+    etcd: Vec<String>,
+    ack_timeout_secs: Option<u64>,
+    lease_ttl_secs: Option<u64>,
+    fence_after_secs: Option<u64>,
+    fence_command: Option<String>,
+    unfence_command: Option<String>,
+    #[serde(default)]
+    rollback_on_timeout: bool,
+    history: Option<u32>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    domain: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -254,6 +282,158 @@ pub struct Config {
     pub watch_window_secs: u64,
     pub health: Health,
     pub services: Vec<Service>,
+    /// Fleet mode (None: this gateway switches on its own).
+    pub fleet: Option<Fleet>,
+}
+
+/// TLS to etcd: the CA that signs its certificates, and a client certificate for mTLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the server's certificate must carry (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+/// A fleet of gateways that switch as one, through etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fleet {
+    /// Names the fleet's keys in etcd (`/bg/fleet/NAME/`).
+    pub name: String,
+    /// This gateway's id in the fleet (an agent needs one; a CLI-only host does not).
+    pub gateway: Option<String>,
+    pub endpoints: Vec<String>,
+    pub tls: Option<Tls>,
+    /// How long a flip waits for every live gateway to apply it.
+    pub ack_timeout_secs: u64,
+    /// A gateway whose agent has not renewed its lease this long is not live.
+    pub lease_ttl_secs: u64,
+    /// Cut off from etcd this long, the agent runs `fence_command` (once per cut).
+    pub fence_after_secs: u64,
+    pub fence_command: Option<String>,
+    /// Run when etcd is reachable again after a fence.
+    pub unfence_command: Option<String>,
+    /// A flip some live gateway did not apply in time is rolled back fleet-wide.
+    pub rollback_on_timeout: bool,
+    /// Flips kept in the fleet's history in etcd.
+    pub history: u32,
+}
+
+pub const DEFAULT_ACK_TIMEOUT_SECS: u64 = 5;
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 3;
+pub const DEFAULT_FENCE_AFTER_SECS: u64 = 10;
+pub const DEFAULT_FLEET_HISTORY: u32 = 100;
+
+/// Letters, digits, '-' and '_', 1 to 63 of them: what goes into an etcd key of bg's.
+fn is_key_word(s: &str) -> bool {
+    (1..=63).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl RawFleet {
+    pub(crate) fn validate(self) -> Result<Fleet, ConfigError> {
+        if !is_key_word(&self.name) {
+            return Err(field_err("fleet.name", format!("`{}` must be 1 to 63 letters, digits, '-' or '_'", self.name)));
+        }
+        if let Some(g) = self.gateway.as_deref().filter(|g| !is_key_word(g)) {
+            return Err(field_err("fleet.gateway", format!("`{g}` must be 1 to 63 letters, digits, '-' or '_' (this gateway's id, unique in the fleet)")));
+        }
+        if self.etcd.is_empty() {
+            return Err(field_err("fleet.etcd", "is empty; list the etcd endpoints, e.g. [\"http://10.0.0.5:2379\"]"));
+        }
+        for (i, e) in self.etcd.iter().enumerate() {
+            let Some(rest) = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")) else {
+                return Err(field_err(format!("fleet.etcd[{i}]"), format!("`{e}` must start with http:// or https://, e.g. \"http://10.0.0.5:2379\"")));
+            };
+            if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+                return Err(field_err(format!("fleet.etcd[{i}]"), format!("`{e}` must be scheme://host:port, e.g. \"http://10.0.0.5:2379\"")));
+            }
+            if e.starts_with("https://") && self.tls.is_none() {
+                return Err(field_err(format!("fleet.etcd[{i}]"), format!("`{e}` is https but [fleet.tls] is not set; give its `ca` (and `cert`, `key` for mTLS)")));
+            }
+        }
+        let range = |field: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| -> Result<u64, ConfigError> {
+            let v = v.unwrap_or(default);
+            if !(lo..=hi).contains(&v) {
+                return Err(field_err(format!("fleet.{field}"), format!("use {lo} to {hi} seconds")));
+            }
+            Ok(v)
+        };
+        let ack_timeout_secs = range("ack_timeout_secs", self.ack_timeout_secs, DEFAULT_ACK_TIMEOUT_SECS, 1, 600)?;
+        let lease_ttl_secs = range("lease_ttl_secs", self.lease_ttl_secs, DEFAULT_LEASE_TTL_SECS, 2, 600)?;
+        let fence_after_secs = range("fence_after_secs", self.fence_after_secs, DEFAULT_FENCE_AFTER_SECS, 1, 86_400)?;
+        let history = self.history.unwrap_or(DEFAULT_FLEET_HISTORY);
+        if !(1..=10_000).contains(&history) {
+            return Err(field_err("fleet.history", "use 1 to 10000 flips"));
+        }
+        for (field, c) in [("fence_command", &self.fence_command), ("unfence_command", &self.unfence_command)] {
+            if c.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(field_err(format!("fleet.{field}"), "is empty; give a command (run with sh -c) or leave it out"));
+            }
+        }
+        let tls = match self.tls {
+            None => None,
+            Some(t) => {
+                let identity = match (t.cert, t.key) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    _ => return Err(field_err("fleet.tls", "give both `cert` and `key` (mTLS), or neither")),
+                };
+                Some(Tls { ca: t.ca, identity, domain: t.domain })
+            }
+        };
+        Ok(Fleet {
+            name: self.name,
+            gateway: self.gateway,
+            endpoints: self.etcd,
+            tls,
+            ack_timeout_secs,
+            lease_ttl_secs,
+            fence_after_secs,
+            fence_command: self.fence_command,
+            unfence_command: self.unfence_command,
+            rollback_on_timeout: self.rollback_on_timeout,
+            history,
+        })
+    }
+}
+
+impl Fleet {
+    /// A fleet named on the command line (`bgctl fleet --etcd URL --fleet NAME`), with the
+    /// defaults of a `[fleet]` section.
+    pub fn from_endpoints(name: &str, etcd: Vec<String>) -> Result<Fleet, ConfigError> {
+        RawFleet {
+            name: name.to_owned(),
+            gateway: None,
+            etcd,
+            ack_timeout_secs: None,
+            lease_ttl_secs: None,
+            fence_after_secs: None,
+            fence_command: None,
+            unfence_command: None,
+            rollback_on_timeout: false,
+            history: None,
+            tls: None,
+        }
+        .validate()
+        .map_err(|e| match e {
+            ConfigError::Field { field, message } if field == "fleet.etcd" || field.starts_with("fleet.etcd[") => {
+                field_err("--etcd", message)
+            }
+            ConfigError::Field { field, message } if field == "fleet.name" => field_err("--fleet", message),
+            other => other,
+        })
+    }
+}
+
+/// A `[fleet]` section on its own (a CLI-only host's file needs nothing else).
+pub fn parse_fleet_only(path: &Path) -> Result<Fleet, ConfigError> {
+    #[derive(Deserialize)]
+    struct OnlyFleet {
+        fleet: Option<RawFleet>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let raw: OnlyFleet = toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
+    raw.fleet.ok_or_else(|| field_err("fleet", format!("{} has no [fleet] section; add one with name and etcd", path.display())))?.validate()
 }
 
 /// A backend with its Maglev weight.
@@ -675,7 +855,18 @@ impl RawConfig {
                 ));
             }
         }
+        let fleet = match self.fleet {
+            None => None,
+            Some(f) => {
+                let f = f.validate()?;
+                if f.gateway.is_none() {
+                    return Err(field_err("fleet.gateway", "is missing; an agent in a fleet needs this gateway's id, unique in the fleet (e.g. \"gw-1\")"));
+                }
+                Some(f)
+            }
+        };
         Ok(Config {
+            fleet,
             state_dir,
             metrics_listen,
             watch_window_secs,
@@ -992,6 +1183,38 @@ green = ["10.2.0.2:8080"]
         assert!(e.contains("flow_table_size"), "{e}");
         let e = err_of(&format!("initial_color = \"red\"\n{GOOD}"));
         assert!(e.contains("initial_color") && e.contains("\"blue\""), "{e}");
+    }
+
+    #[test]
+    fn fleet_defaults_and_bad_values_name_their_field() {
+        assert!(Config::parse(GOOD).unwrap().fleet.is_none(), "no [fleet]: a gateway on its own");
+        let f = Config::parse(&format!("{GOOD}[fleet]\nname = \"edge\"\ngateway = \"gw-1\"\netcd = [\"http://10.0.0.5:2379\"]\n"))
+            .unwrap()
+            .fleet
+            .unwrap();
+        assert_eq!(
+            (f.name.as_str(), f.gateway.as_deref(), f.ack_timeout_secs, f.lease_ttl_secs, f.fence_after_secs, f.history, f.rollback_on_timeout),
+            ("edge", Some("gw-1"), 5, 3, 10, 100, false)
+        );
+        for (fleet, field) in [
+            ("name = \"edge\"\netcd = [\"http://10.0.0.5:2379\"]", "fleet.gateway"),
+            ("name = \"ed/ge\"\ngateway = \"g\"\netcd = [\"http://10.0.0.5:2379\"]", "fleet.name"),
+            ("name = \"edge\"\ngateway = \"g 1\"\netcd = [\"http://10.0.0.5:2379\"]", "fleet.gateway"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = []", "fleet.etcd"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"10.0.0.5:2379\"]", "fleet.etcd[0]"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"https://10.0.0.5:2379\"]", "fleet.etcd[0]"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"http://e:2379\"]\nlease_ttl_secs = 1", "fleet.lease_ttl_secs"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"http://e:2379\"]\nack_timeout_secs = 0", "fleet.ack_timeout_secs"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"http://e:2379\"]\nfence_command = \" \"", "fleet.fence_command"),
+            ("name = \"edge\"\ngateway = \"g\"\netcd = [\"http://e:2379\"]\n[fleet.tls]\nca = \"/ca\"\ncert = \"/c\"", "fleet.tls"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}[fleet]\n{fleet}\n")).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{fleet:?}: {e}");
+        }
+        // From the command line: the flags are named.
+        let e = Fleet::from_endpoints("edge", vec!["10.0.0.5:2379".into()]).unwrap_err().to_string();
+        assert!(e.contains("`--etcd`"), "{e}");
+        assert!(Fleet::from_endpoints("edge", vec!["http://10.0.0.5:2379".into()]).unwrap().gateway.is_none());
     }
 
     #[test]

@@ -207,6 +207,9 @@ pub struct Status {
     pub signals: Vec<crate::signals::Figures>,
     #[serde(default)]
     pub signals_not_listed: usize,
+    /// Fleet mode: the link to etcd and the revision applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
 }
 
 /// The selector as words and as the value in the map.
@@ -275,6 +278,26 @@ pub struct FlipResult {
     /// Whether automatic rollback guards this switch, in words.
     #[serde(default)]
     pub auto_rollback: String,
+    /// Fleet mode: every gateway's acknowledgement (or not) of the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetSwitch>,
+}
+
+/// Fleet mode, as status shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub name: String,
+    pub gateway: String,
+    /// "up" (in touch, its lease renewed) or "down".
+    pub etcd: String,
+    /// Seconds since `etcd` last changed.
+    pub etcd_for_secs: u64,
+    /// The mod revision of the fleet's desired state this gateway applied last.
+    pub applied_revision: i64,
+    /// The fence hook ran for the current cut from etcd.
+    pub fenced: bool,
+    pub fence_after_secs: u64,
+    pub last_error: Option<String>,
 }
 
 /// Sends one request to the agent and waits for its answer.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod decisions;
 pub mod dataplane;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
 pub mod signals;

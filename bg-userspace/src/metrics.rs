@@ -58,6 +58,8 @@ pub struct Snapshot {
     /// `Labels::backends`; None before the first) and the last window's figures.
     pub signals: Option<crate::signals::Reading>,
     pub figures: Vec<crate::signals::Figures>,
+    /// Fleet mode: the link to etcd.
+    pub fleet: Option<crate::control::FleetStatus>,
 }
 
 /// The backends' labels, fixed for the agent's life (the config does not change under it).
@@ -139,6 +141,13 @@ pub fn render(st: &Snapshot, labels: &Labels) -> String {
     family(&mut out, "bg_backend_up", "gauge", "Backend health: 1 up, 0 down, -1 not yet known.", &up);
     if let Some(r) = &st.signals {
         render_signals(&mut out, r, &st.figures, labels);
+    }
+    if let Some(f) = &st.fleet {
+        let l = || vec![("fleet", f.name.clone()), ("gateway", f.gateway.clone())];
+        family(&mut out, "bg_fleet_etcd_up", "gauge", "1 while this gateway is in touch with its fleet's etcd (lease renewed).", &[(l(), (f.etcd == "up") as u8 as f64)]);
+        family(&mut out, "bg_fleet_etcd_state_seconds", "gauge", "Seconds since bg_fleet_etcd_up last changed.", &[(l(), f.etcd_for_secs as f64)]);
+        family(&mut out, "bg_fleet_applied_revision", "gauge", "Mod revision of the fleet's desired state this gateway applied last.", &[(l(), f.applied_revision as f64)]);
+        family(&mut out, "bg_fleet_fenced", "gauge", "1 while this gateway is fenced (cut off from etcd longer than fence_after_secs).", &[(l(), f.fenced as u8 as f64)]);
     }
     out
 }

@@ -3,6 +3,7 @@
 //! `cargo xtask demo` run on.
 
 pub mod bpf;
+pub mod fleet;
 pub mod live;
 pub mod netns;
 pub mod packet;

@@ -52,7 +52,12 @@ pub struct Seen {
 /// exchanges on every connection in rounds (10 ms apart) until `stop`, the first error or
 /// `LOAD_LIMIT`.
 pub fn hold(t: &Topology, color: &str, streams: usize, http: usize, opened: std::sync::mpsc::Sender<()>, stop: &AtomicBool) -> Seen {
-    let _inside = InNetns::enter(&t.client).expect("enter the client namespace");
+    hold_from(&t.client, color, streams, http, opened, stop)
+}
+
+/// `hold` from the namespace `client` (any topology with the VIP's echo and web services).
+pub fn hold_from(client: &crate::netns::Netns, color: &str, streams: usize, http: usize, opened: std::sync::mpsc::Sender<()>, stop: &AtomicBool) -> Seen {
+    let _inside = InNetns::enter(client).expect("enter the client namespace");
     let connect = |port: u16| {
         let addr = SocketAddr::new(VIP.parse().unwrap(), port);
         let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the VIP");

@@ -1,7 +1,6 @@
 //! `cargo xtask`: build, test and demo bg. Every command installs what it needs first
 //! (idempotently, saying what it installs), so a fresh machine needs nothing but this repo.
 
-mod demo;
 mod prereq;
 
 use std::{
@@ -33,7 +32,12 @@ enum Cmd {
     Test,
     /// A self-contained demo in network namespaces: blue answers, flip, green answers, rollback.
     /// Needs root.
-    Demo,
+    Demo {
+        /// The fleet demo instead: three gateways behind an ECMP router, switched as one
+        /// through etcd.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Benchmarks: packet cost (test_run), cutover, and requests/s against direct routing,
     /// nftables DNAT and HAProxy; writes BENCHMARKS.md and its charts. Needs root.
     Bench {
@@ -119,7 +123,16 @@ fn on_interrupt() {
 /// Removes every namespace, pin and process this xtask run's prefix names. Returns what was
 /// left (nothing, when every guard did its job).
 fn sweep() -> Vec<String> {
-    bg_tests::run::sweep(&bg_tests::run::prefix())
+    // bg-demo holds the sweep (bg-tests' `run::sweep`); not built yet, nothing was created.
+    let bin = target_dir().join("release/bg-demo");
+    let prefix = std::env::var("BG_TEST_RUN").unwrap_or_default();
+    if !bin.exists() || prefix.is_empty() {
+        return Vec::new();
+    }
+    match Command::new(bin).args(["sweep", &prefix]).stderr(Stdio::inherit()).output() {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect(),
+        Err(e) => vec![format!("(the sweep could not run: {e})")],
+    }
 }
 
 fn build_ebpf() -> anyhow::Result<()> {
@@ -157,6 +170,7 @@ fn build_ebpf_variant() -> anyhow::Result<()> {
 
 fn build() -> anyhow::Result<()> {
     build_ebpf()?;
+    prereq::build_packages()?;
     eprintln!("xtask: building bgctl and the test helpers (release)");
     // The object's path is given explicitly: bgctl's build script refuses to build without it.
     run(Command::new("cargo")
@@ -338,11 +352,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("benchmarks: {}", verdict?);
             Ok(())
         }
-        Cmd::Demo => {
+        Cmd::Demo { fleet } => {
             require_root("demo")?;
             prereq::system_packages()?;
             build()?;
-            let r = demo::run();
+            let r = run(Command::new(target_dir().join("release/bg-demo")).arg(if fleet { "fleet" } else { "demo" }));
             sweep();
             r
         }

@@ -50,7 +50,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // Fleet mode's tests and demo start their own etcd.
+    ("etcd", "etcd-server"),
 ];
+
+/// What building bgctl needs: the etcd client compiles its protobufs with `protoc`.
+const BUILD_PACKAGES: &[(&str, &str)] = &[("protoc", "protobuf-compiler")];
+
+pub fn build_packages() -> anyhow::Result<()> {
+    install_missing(BUILD_PACKAGES)
+}
 
 /// What the benchmarks drive and compare against: (command, package).
 const BENCH_PACKAGES: &[(&str, &str)] = &[

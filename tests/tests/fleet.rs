@@ -1,0 +1,336 @@
+//! Fleet mode: three gateways behind an ECMP router switch as one through a real etcd
+//! (Debian's etcd-server), with the backends' return path through one gateway only.
+//! Topology: `bg_tests::fleet`.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use bg_tests::{
+    fleet::{FleetTopology, GATEWAYS},
+    live::{hold_from, StopOnDrop},
+    netns::{InNetns, Proc},
+    run::tag,
+    topology::{http_get, vip, VIP_PORT},
+};
+use serde_json::Value;
+
+/// A fleet with etcd, backends and every agent up, both colors healthy on every gateway and
+/// every gateway live in etcd.
+fn fleet_up(kind: &str) -> (FleetTopology, Vec<Proc>, Vec<Proc>) {
+    let mut t = FleetTopology::create(&tag(kind)).expect("topology");
+    t.start_etcd().expect("etcd");
+    let backends = t.start_backends().expect("backends");
+    let agents: Vec<Proc> = (0..GATEWAYS).map(|i| t.start_agent(i).expect("agent")).collect();
+    t.wait_healthy().expect("healthy");
+    t.wait_for("every gateway live in etcd, seeing both colors healthy", Duration::from_secs(10), || {
+        let s = t.fleet_status();
+        let g = s["gateways"].as_array().cloned().unwrap_or_default();
+        (g.len() == GATEWAYS && g.iter().all(|g| g["health"].as_array().unwrap().iter().all(|v| v["healthy"] == true))).then_some(s)
+    });
+    (t, backends, agents)
+}
+
+/// New-connection GETs from the client to the VIP (ECMP spreads them over the gateways),
+/// back to back until `stop` (or 60 s): the answers per body, and the failures.
+fn load(t: &FleetTopology, stop: &AtomicBool) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+    let _inside = InNetns::enter(&t.client).expect("enter the client namespace");
+    let (mut answers, mut failures) = (std::collections::BTreeMap::new(), Vec::new());
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        match http_get(vip(VIP_PORT)) {
+            Ok(body) => *answers.entry(body).or_insert(0u64) += 1,
+            Err(e) => failures.push(format!("request {i}: {e:#}")),
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (answers, failures)
+}
+
+/// `count` new connections from the client; the bodies.
+fn bodies(t: &FleetTopology, count: usize) -> Vec<String> {
+    let _inside = InNetns::enter(&t.client).expect("enter the client namespace");
+    (0..count).map(|_| http_get(vip(VIP_PORT)).unwrap_or_else(|e| format!("error: {e:#}"))).collect()
+}
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn twenty_fleet_flips_under_load_through_ecmp_are_acked_by_all_three_and_move_no_connection() {
+    let (t, _backends, _agents) = fleet_up("fl");
+    let stop = AtomicBool::new(false);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (mut flip_ms, mut apply_ms) = (Vec::new(), Vec::new());
+    let (seen, (answers, failures)) = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        // Long-lived connections opened on blue, exchanged on every 10 ms: each must stay on
+        // blue, through whichever gateway ECMP hashed it to, across all 20 flips.
+        let held = s.spawn(|| hold_from(&t.client, "blue", 6, 3, opened_tx, &stop));
+        opened_rx.recv_timeout(Duration::from_secs(10)).expect("the long-lived connections opened");
+        let load = s.spawn(|| load(&t, &stop));
+        for n in 0..20 {
+            let to = if n % 2 == 0 { "green" } else { "blue" };
+            // From each gateway in turn, and from a host with only the CLI (the switch's).
+            let out = match n % 4 {
+                3 => t.fleet_cli(&t.sw, &["flip", to, "--json"]),
+                i => t.bgctl(i, &["flip", to, "--json"]),
+            }
+            .unwrap_or_else(|e| panic!("flip {n} to {to}: {e:#}"));
+            let r = json(&out);
+            let f = &r;
+            assert_eq!((f["result"].as_str(), f["to"].as_str()), (Some("flipped"), Some(to)), "flip {n}: {r}");
+            let fleet = &f["fleet"];
+            assert_eq!(fleet["complete"], true, "flip {n}: {r}");
+            let acked: Vec<&str> = fleet["acks"].as_array().unwrap().iter().map(|a| a["gateway"].as_str().unwrap()).collect();
+            assert_eq!(acked, ["gw0", "gw1", "gw2"], "flip {n}: every gateway acknowledges: {r}");
+            let revision = fleet["revision"].as_i64().unwrap();
+            assert!(fleet["acks"].as_array().unwrap().iter().all(|a| a["revision"].as_i64().unwrap() >= revision), "flip {n}: acked at its revision: {r}");
+            // Returned once applied: every gateway's kernel selector already says so.
+            for i in 0..GATEWAYS {
+                let st = t.status(i);
+                assert_eq!(st["active"], to, "flip {n}: gw{i}'s kernel selector as the flip returned: {st}");
+            }
+            flip_ms.push(f["total_ns"].as_f64().unwrap() / 1e6);
+            apply_ms.extend(fleet["acks"].as_array().unwrap().iter().map(|a| a["apply_ms"].as_f64().unwrap()));
+            // New connections follow the flip, whichever gateway they hash to.
+            let b = bodies(&t, 6);
+            assert!(b.iter().all(|x| x == to), "flip {n}: new connections after the flip to {to}: {b:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (held.join().unwrap(), load.join().unwrap())
+    });
+    flip_ms.sort_by(f64::total_cmp);
+    apply_ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "fleet of 3, 20 flips under load: flip (request to every ack) p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         per-gateway apply p50 {:.1} ms, p99 {:.1} ms; {} requests {answers:?}; long-lived: {} exchanges in {} rounds",
+        percentile(&flip_ms, 0.5),
+        percentile(&flip_ms, 0.99),
+        flip_ms[flip_ms.len() - 1],
+        percentile(&apply_ms, 0.5),
+        percentile(&apply_ms, 0.99),
+        answers.values().sum::<u64>(),
+        seen.exchanges,
+        seen.rounds
+    );
+    assert!(failures.is_empty(), "new connections failed: {failures:?}");
+    assert!(seen.errors.is_empty(), "long-lived connections broke: {:?}", seen.errors);
+    assert!(seen.moved.is_empty(), "long-lived connections moved: {:?}", seen.moved);
+    assert!(seen.rounds >= 20, "the long-lived connections were exchanged on throughout: {} rounds", seen.rounds);
+    assert!(answers.get("blue").is_some_and(|n| *n > 0) && answers.get("green").is_some_and(|n| *n > 0), "{answers:?}");
+    // The fleet's history in etcd has every flip, newest last.
+    let h = json(&t.fleet_cli(&t.sw, &["history", "--json"]).unwrap());
+    let events = h["events"].as_array().unwrap();
+    assert_eq!(events.last().unwrap()["active"], "blue");
+    assert_eq!(events.iter().filter(|e| e["event"] == "flip").count(), 20, "{h}");
+}
+
+/// Runs `cmd`, which is expected to fail; its stdout (JSON) and stderr.
+fn failing(cmd: &mut std::process::Command) -> (Value, String) {
+    let out = cmd.output().expect("run");
+    assert!(!out.status.success(), "{cmd:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    let stdout = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn gateways(v: &Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().map(|g| g["gateway"].as_str().or(g.as_str()).unwrap_or_default().to_owned()).collect()).unwrap_or_default()
+}
+
+#[test]
+fn every_gateway_has_the_same_tables_and_a_flow_moved_between_gateways_keeps_its_backend() {
+    let (t, _backends, _agents) = fleet_up("ft");
+    // The same config gives the same Maglev tables and backend sets on every gateway.
+    let first = t.tables(0).expect("gw0's tables");
+    assert!(first.0.iter().any(|x| *x != first.0[0]), "a table over two backends names both");
+    for i in 1..GATEWAYS {
+        assert!(t.tables(i).expect("tables") == first, "gw{i}'s Maglev tables or backend sets differ from gw0's");
+    }
+    // Long-lived connections while the router moves every flow from gateway to gateway (no
+    // flip): each lands on its backend again on the next gateway (two backends per color: a
+    // wrong one would reset it), and its replies return through gw0 throughout.
+    let stop = AtomicBool::new(false);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let seen = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let held = s.spawn(|| hold_from(&t.client, "blue", 8, 4, opened_tx, &stop));
+        opened_rx.recv_timeout(Duration::from_secs(10)).expect("the long-lived connections opened");
+        for only in [Some(1), Some(2), Some(0), Some(2), None] {
+            t.route_via(only).expect("route");
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        stop.store(true, Ordering::Relaxed);
+        held.join().unwrap()
+    });
+    eprintln!("moved between gateways: {} exchanges in {} rounds", seen.exchanges, seen.rounds);
+    assert!(seen.errors.is_empty(), "connections broke when moved between gateways: {:?}", seen.errors);
+    assert!(seen.moved.is_empty(), "connections changed color: {:?}", seen.moved);
+    assert!(seen.rounds >= 10, "exchanged on throughout: {} rounds", seen.rounds);
+}
+
+#[test]
+fn a_dead_agent_is_reported_the_others_flip_and_its_gateway_keeps_serving_its_last_state() {
+    let (t, _backends, mut agents) = fleet_up("fd");
+    let child = agents[2].child.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its lease (2 s) runs out: it is no longer live, and is listed as down.
+    t.wait_for("gw2 listed as down", Duration::from_secs(10), || {
+        let s = t.fleet_status();
+        (gateways(&s["gateways"]) == ["gw0", "gw1"] && s["down"] == serde_json::json!(["gw2"])).then_some(s)
+    });
+    let r = json(&t.bgctl(0, &["flip", "green", "--json"]).expect("a flip with one agent dead"));
+    assert_eq!(r["fleet"]["complete"], true, "{r}");
+    assert_eq!(gateways(&r["fleet"]["acks"]), ["gw0", "gw1"], "{r}");
+    assert_eq!(r["fleet"]["down"], serde_json::json!(["gw2"]), "the dead one is reported: {r}");
+    let human = String::from_utf8(t.bgctl(1, &["flip", "blue"]).unwrap().stdout).unwrap();
+    assert!(human.contains("members without a live agent (not waited for): gw2"), "{human}");
+    t.bgctl(1, &["flip", "green"]).unwrap();
+    // Its data plane keeps serving the state it had (blue); the others serve green.
+    for (only, color) in [(2, "blue"), (0, "green"), (1, "green")] {
+        t.route_via(Some(only)).unwrap();
+        let b = bodies(&t, 4);
+        assert!(b.iter().all(|x| x == color), "through gw{only} only: {b:?}");
+    }
+    // Restarted, it reads the fleet's state before it answers anything: its very first status
+    // says green, at the fleet's revision.
+    let revision = t.fleet_status()["revision"].as_i64().unwrap();
+    let (agent, first) = t.start_agent_first_status(2).expect("restart gw2's agent");
+    agents[2] = agent;
+    assert_eq!(first["active"], "green", "gw2's first answer after its restart: {first}");
+    assert_eq!(first["fleet"]["applied_revision"], revision, "{first}");
+    let b = bodies(&t, 4);
+    assert!(b.iter().all(|x| x == "green"), "through gw2 after its restart: {b:?}");
+    t.route_via(None).unwrap();
+}
+
+#[test]
+fn a_gateway_cut_off_from_etcd_is_reported_fenced_and_converges_when_the_cut_heals() {
+    let (t, _backends, _agents) = fleet_up("fp");
+    t.cut(2).unwrap();
+    let started = Instant::now();
+    let mut flip = std::process::Command::new(bg_tests::paths::bgctl());
+    flip.arg("--socket").arg(t.socket(0)).args(["flip", "green", "--json"]);
+    let (r, err) = failing(&mut flip);
+    let not_applied: Vec<String> = gateways(&r["fleet"]["lagging"]).into_iter().chain(gateways(&r["fleet"]["lost"])).collect();
+    assert_eq!(not_applied, ["gw2"], "the flip reports the cut gateway: {r}");
+    assert_eq!(gateways(&r["fleet"]["acks"]), ["gw0", "gw1"], "{r}");
+    assert!(err.contains("not applied by every live gateway in time: gw2"), "{err}");
+    // It says so, and is fenced once cut off for fence_after_secs (3 s): its hook ran.
+    t.wait_for("gw2 fenced", Duration::from_secs(15), || {
+        let s = t.status(2);
+        (s["fleet"]["etcd"] == "down" && s["fleet"]["fenced"] == true).then_some(s)
+    });
+    assert!(t.fence_mark(2).exists(), "the fence hook ran");
+    eprintln!("partition: gw2 fenced {:?} after the cut", started.elapsed());
+    // Meanwhile it forwards with the last state it applied.
+    t.route_via(Some(2)).unwrap();
+    assert!(bodies(&t, 3).iter().all(|x| x == "blue"), "gw2 keeps blue while cut off");
+    t.route_via(None).unwrap();
+    // The fleet moves on without it (no longer live), and etcd compacts its history.
+    for to in ["blue", "green"] {
+        let r = json(&t.bgctl(1, &["flip", to, "--json"]).expect("flip without gw2"));
+        assert_eq!(r["fleet"]["down"], serde_json::json!(["gw2"]), "{r}");
+    }
+    t.compact_etcd().expect("compact etcd");
+    let revision = t.fleet_status()["revision"].as_i64().unwrap();
+    t.heal(2).unwrap();
+    let healed = Instant::now();
+    t.wait_for("gw2 converged", Duration::from_secs(15), || {
+        let s = t.status(2);
+        (s["fleet"]["etcd"] == "up" && s["fleet"]["fenced"] == false && s["active"] == "green" && s["fleet"]["applied_revision"] == revision)
+            .then_some(s)
+    });
+    eprintln!("partition healed: gw2 converged in {:?}", healed.elapsed());
+    assert!(!t.fence_mark(2).exists(), "the unfence hook ran");
+    t.route_via(Some(2)).unwrap();
+    assert!(bodies(&t, 3).iter().all(|x| x == "green"), "gw2 serves the fleet's state again");
+    t.route_via(None).unwrap();
+    let events: Vec<String> = serde_json::from_slice::<Value>(&t.bgctl(2, &["history", "--json"]).unwrap().stdout).unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    let at = |e: &str| events.iter().position(|x| x == e).unwrap_or_else(|| panic!("no {e} in gw2's audit log: {events:?}"));
+    assert!(at("fence") < at("unfence"), "{events:?}");
+}
+
+#[test]
+fn two_flips_started_at_once_from_two_hosts_exactly_one_wins() {
+    let (t, _backends, _agents) = fleet_up("fc");
+    let before = t.fleet_status();
+    let generation = before["desired"]["generation"].as_u64().unwrap();
+    // Both decide on the same revision (a pause between their read and their write), one
+    // from the switch's host, one from a gateway's host: a flip and a canary.
+    let spawn = |ns: &bg_tests::netns::Netns, args: &[&str]| {
+        let mut c = t.fleet_command(ns, args);
+        c.env("BG_FLEET_PAUSE_BEFORE_WRITE_MS", "1000");
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn")
+    };
+    let a = spawn(&t.sw, &["flip", "green", "--json"]);
+    let b = spawn(&t.gws[1], &["flip", "green", "--percent", "10", "--json"]);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let won: Vec<bool> = [&a, &b].iter().map(|o| o.status.success()).collect();
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "exactly one wins: {a:?} {b:?}");
+    let loser = if won[0] { &b } else { &a };
+    let why = String::from_utf8_lossy(&loser.stderr);
+    assert!(why.contains("another switch won the race"), "the loser is told: {why}");
+    let after = t.fleet_status();
+    assert_eq!(after["desired"]["generation"].as_u64().unwrap(), generation + 1, "one switch written: {after}");
+    let (active, canary) = if won[0] { ("green", 0) } else { ("blue", 100) };
+    assert_eq!((after["desired"]["active"].as_str().unwrap(), after["desired"]["canary_permille"].as_u64().unwrap()), (active, canary));
+    let h = json(&t.fleet_cli(&t.sw, &["history", "--json"]).unwrap());
+    let newer = h["events"].as_array().unwrap().iter().filter(|e| e["generation"].as_u64().unwrap() > generation).count();
+    assert_eq!(newer, 1, "one history entry: {h}");
+    for i in 0..GATEWAYS {
+        let s = t.status(i);
+        assert_eq!(s["active"], active, "gw{i}: {s}");
+        assert_eq!(s["canary"].is_null(), canary == 0, "gw{i}: {s}");
+    }
+}
+
+#[test]
+fn with_etcd_down_every_gateway_keeps_forwarding_and_says_so() {
+    let (mut t, _backends, _agents) = fleet_up("fe");
+    t.bgctl(0, &["flip", "green"]).expect("flip");
+    t.kill_etcd();
+    for i in 0..GATEWAYS {
+        t.wait_for(&format!("gw{i} says etcd is down"), Duration::from_secs(15), || {
+            let s = t.status(i);
+            (s["fleet"]["etcd"] == "down").then_some(s)
+        });
+        let m = t.gws[i].exec(&["curl", "-sS", "http://127.0.0.1:9477/metrics"]).unwrap();
+        let m = String::from_utf8_lossy(&m.stdout);
+        assert!(m.lines().any(|l| l.starts_with("bg_fleet_etcd_up{") && l.ends_with(" 0")), "gw{i}'s metrics: bg_fleet_etcd_up 0");
+    }
+    // Every gateway keeps forwarding with the state it applied.
+    for only in 0..GATEWAYS {
+        t.route_via(Some(only)).unwrap();
+        let b = bodies(&t, 3);
+        assert!(b.iter().all(|x| x == "green"), "through gw{only} with etcd down: {b:?}");
+    }
+    t.route_via(None).unwrap();
+    // A switch needs etcd: refused with the reason, nothing changed.
+    let (_, err) = failing(std::process::Command::new(bg_tests::paths::bgctl()).arg("--socket").arg(t.socket(0)).args(["flip", "blue"]));
+    assert!(err.contains("etcd"), "{err}");
+    assert_eq!(t.status(0)["active"], "green");
+    // etcd back (same data): every gateway is in touch again, at the same state.
+    t.start_etcd().expect("etcd again");
+    for i in 0..GATEWAYS {
+        t.wait_for(&format!("gw{i} back in touch"), Duration::from_secs(15), || {
+            let s = t.status(i);
+            (s["fleet"]["etcd"] == "up" && s["active"] == "green").then_some(s)
+        });
+    }
+}
