@@ -807,7 +807,13 @@ impl State {
         if d.canary_permille > 990 || !d.canary_permille.is_multiple_of(10) {
             bail!("the fleet's desired state has canary_permille {}; bg writes whole percents 10 to 990", d.canary_permille);
         }
-        let plan = self.dec.adopt(active, d.canary_permille, d.kind(), d.force, d.forced, d.drain_secs, d.generation, self.now_ms());
+        if let Some(s) = d.drain_secs.filter(|s| *s > decisions::MAX_DRAIN_SECS) {
+            bail!("the fleet's desired state has drain_secs {s}; bg writes 0 to {}", decisions::MAX_DRAIN_SECS);
+        }
+        // Windows run from the switch's time, not from when this gateway caught up with it: a
+        // gateway back from a partition does not open a fresh watch window on an old flip.
+        let age_ms = crate::fleet::unix_ms().saturating_sub(d.at_unix_ms);
+        let plan = self.dec.adopt(active, d.canary_permille, d.kind(), d.force, d.forced, d.drain_secs, d.generation, self.now_ms(), age_ms);
         match plan {
             Some(plan) => {
                 let reason = format!("fleet revision {revision}: {} by {}: {}", d.event, d.who, d.reason);
@@ -879,48 +885,97 @@ impl crate::fleet::Gateway for AgentGateway {
     fn initial(&self) -> crate::fleet::Desired {
         crate::lock(&self.0).initial_desired()
     }
+    fn store_went_back(&self, _revision: i64) {
+        if let Some((_, l)) = &crate::lock(&self.0).fleet {
+            crate::lock(l).applied_revision = 0;
+        }
+    }
+    fn applied_revision(&self) -> i64 {
+        crate::lock(&self.0).fleet.as_ref().map_or(0, |(_, l)| crate::lock(l).applied_revision)
+    }
 }
 
-/// Runs a fence or unfence hook (`sh -c`), with the fleet and gateway in its environment.
-fn run_hook(command: String, event: &'static str, fleet: String, gateway: String) {
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("sh")
-            .args(["-c", &command])
-            .env("BG_FLEET", &fleet)
-            .env("BG_GATEWAY", &gateway)
-            .env("BG_EVENT", event)
-            .stdin(std::process::Stdio::null())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => info!(event, command = %command, "hook ran"),
-            Ok(o) => error!(event, command = %command, status = %o.status, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "hook failed"),
-            Err(e) => error!(event, command = %command, error = %e, "hook could not be started"),
+/// The longest a fence or unfence hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs fence and unfence hooks one at a time, in the order they were due (an unfence never
+/// overtakes the fence before it), each `sh -c` with the fleet, gateway and event in its
+/// environment (`BG_HOOK_FLEET`, `BG_HOOK_GATEWAY`, `BG_HOOK_EVENT`) and killed after
+/// `HOOK_TIMEOUT`.
+fn spawn_hook_runner() -> std::sync::mpsc::Sender<(String, &'static str, String, String)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(String, &'static str, String, String)>();
+    let _ = std::thread::Builder::new().name("bg-hooks".into()).spawn(move || {
+        for (command, event, fleet, gateway) in rx {
+            let child = std::process::Command::new("sh")
+                .args(["-c", &command])
+                .env("BG_HOOK_FLEET", &fleet)
+                .env("BG_HOOK_GATEWAY", &gateway)
+                .env("BG_HOOK_EVENT", event)
+                .stdin(std::process::Stdio::null())
+                .spawn();
+            let mut child = match child {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(event, command = %command, error = %e, "hook could not be started");
+                    continue;
+                }
+            };
+            let deadline = Instant::now() + HOOK_TIMEOUT;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => break Some(s),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            match status {
+                Some(s) if s.success() => info!(event, command = %command, "hook ran"),
+                Some(s) => error!(event, command = %command, status = %s, "hook failed"),
+                None => error!(event, command = %command, timeout_secs = HOOK_TIMEOUT.as_secs(), "hook killed: it ran too long"),
+            }
         }
     });
+    tx
 }
 
+/// How long an automatic rollback keeps being proposed to a fleet that refuses it (etcd out
+/// of reach, the gate not yet passing everywhere), while the fleet's state is still the one it
+/// would undo.
+const PROPOSE_FOR: Duration = Duration::from_secs(60);
+
 /// Proposes an automatic rollback to the fleet: written only if the desired state is still
-/// the one this gateway applied (another gateway may have rolled back first).
-fn propose_rollback(state: Arc<Mutex<State>>, why: String, revision: i64) {
-    let (fleet, local) = {
-        let st = crate::lock(&state);
-        let Some((f, _)) = &st.fleet else { return };
-        (f.clone(), st.gateway_state())
-    };
+/// the one this gateway applied (another gateway may have rolled back first). Retried every
+/// second for `PROPOSE_FOR` while that holds. `fleet`, `local`: read by the caller, which holds
+/// the agent's lock (taken again here only from the task, once it is let go).
+fn propose_rollback(state: Arc<Mutex<State>>, fleet: crate::config::Fleet, local: crate::fleet::GatewayState, why: String, revision: i64) {
     tokio::spawn(async move {
         let who = format!("agent of gateway {}", local.gateway);
-        match crate::fleet::switch(&fleet, crate::fleet::Op::Rollback { force: false }, &who, &why, Some(local), Some(revision)).await {
-            Ok(o) if o.plan.is_some() => {
-                info!(generation = o.generation, "the fleet rolled back on this gateway's proposal");
-                crate::lock(&state).dec.commit_auto_rollback();
-            }
-            Ok(_) => info!("automatic rollback: the fleet's state already matched"),
-            Err(e) => {
-                let e = format!("{e:#}");
-                warn!(error = %e, "automatic rollback not written to the fleet");
-                let st = crate::lock(&state);
-                st.audit(json!({"event": "auto_rollback_skipped", "from": st.active().name(), "to": st.active().other().name(),
-                    "generation": st.dec.generation, "uid": "agent", "reason": format!("{why}; not written to the fleet: {e}")}));
+        let started = Instant::now();
+        loop {
+            match crate::fleet::switch(&fleet, crate::fleet::Op::Rollback { force: false }, &who, &why, Some(local.clone()), Some(revision)).await {
+                Ok(o) if o.plan.is_some() => {
+                    info!(generation = o.generation, "the fleet rolled back on this gateway's proposal");
+                    crate::lock(&state).dec.commit_auto_rollback();
+                    return;
+                }
+                Ok(_) => return info!("automatic rollback: the fleet's state already matched"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    let moved_on = e.contains("moved on");
+                    if moved_on || started.elapsed() >= PROPOSE_FOR {
+                        warn!(error = %e, "automatic rollback not written to the fleet");
+                        let st = crate::lock(&state);
+                        st.audit(json!({"event": "auto_rollback_skipped", "from": st.active().name(), "to": st.active().other().name(),
+                            "generation": st.dec.generation, "uid": "agent", "reason": format!("{why}; not written to the fleet: {e}")}));
+                        return;
+                    }
+                    warn!(error = %e, "automatic rollback not written to the fleet yet; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     });
@@ -1264,6 +1319,7 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         background.spawn(metrics::serve(addr, labels, snapshot)).await.map_err(|e| anyhow!("the metrics task failed: {e}"))??;
     }
 
+    let hooks = spawn_hook_runner();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
@@ -1294,11 +1350,13 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
                     });
                 }
                 for (why, revision) in std::mem::take(&mut st.fleet_proposals) {
-                    propose_rollback(state.clone(), why, revision);
+                    if let Some((f, _)) = &st.fleet {
+                        propose_rollback(state.clone(), f.clone(), st.gateway_state(), why, revision);
+                    }
                 }
                 if let Some((command, event)) = st.fence_due() {
                     let (f, _) = st.fleet.as_ref().expect("fleet mode");
-                    run_hook(command, event, f.name.clone(), f.gateway.clone().unwrap_or_default());
+                    let _ = hooks.send((command, event, f.name.clone(), f.gateway.clone().unwrap_or_default()));
                 }
                 if st.persist_due {
                     st.persist_now();
@@ -1338,6 +1396,10 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     // Checks in flight end first: cut by the exit, each would leave a reset on its backend.
     if !checkers.stop(stop_checks_deadline).await {
         warn!(deadline_ms = stop_checks_deadline.as_millis() as u64, "health checks still in flight at exit were cut");
+    }
+    let fleet = crate::lock(&state).fleet.clone();
+    if let Some((f, link)) = fleet {
+        crate::fleet::leave(&f, &link).await;
     }
     let mut st = crate::lock(&state);
     if st.persist_due {

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::{
     config::Config,
@@ -56,27 +56,13 @@ pub enum Command {
     },
     /// Send new flows to COLOR (live flows stay where they are). Refused if COLOR is unhealthy.
     Flip {
-        /// `blue` or `green`.
-        color: String,
-        /// A canary: send only this share (1..99) of new flows to COLOR; `flip COLOR` without
-        /// it completes the move, `rollback` undoes it.
-        #[arg(long, value_name = "PERCENT")]
-        percent: Option<u32>,
-        /// End the previous color's remaining flows after SECS seconds: their entries are
-        /// removed, and their next packet is answered with a TCP RST by the active color.
-        #[arg(long, value_name = "SECS")]
-        drain: Option<u64>,
-        /// Flip even though COLOR fails its health checks or SLOs (recorded as forced); turns
-        /// automatic rollback off for this switch.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        flip: FlipArgs,
         /// Run the gate (health, and the SLOs on COLOR's recent preview or canary traffic) and
         /// say what would happen: the selector it would write, the live flows that stay where
         /// they are. Changes nothing; exits 1 when the flip would be refused.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Undo the last switch: cancel a canary, or flip back to the previous color.
     Rollback {
@@ -149,6 +135,38 @@ pub enum Command {
     },
 }
 
+/// What a flip asks, on one gateway or of a fleet.
+#[derive(Debug, Args)]
+pub struct FlipArgs {
+    /// `blue` or `green`.
+    pub color: String,
+    /// A canary: send only this share (1..99) of new flows to COLOR; `flip COLOR` without
+    /// it completes the move, `rollback` undoes it.
+    #[arg(long, value_name = "PERCENT")]
+    pub percent: Option<u32>,
+    /// End the previous color's remaining flows after SECS seconds: their entries are
+    /// removed, and their next packet is answered with a TCP RST by the active color.
+    #[arg(long, value_name = "SECS")]
+    pub drain: Option<u64>,
+    /// Flip even though COLOR fails its health checks or SLOs (recorded as forced); turns
+    /// automatic rollback off for this switch.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl FlipArgs {
+    /// The request, with its color and share checked.
+    fn request(&self) -> anyhow::Result<crate::decisions::FlipRequest> {
+        let to = crate::config::parse_color(&self.color).with_context(|| format!("unknown color `{}`; use `blue` or `green`", self.color))?;
+        if let Some(p) = self.percent.filter(|p| !(1..=99).contains(p)) {
+            bail!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)");
+        }
+        Ok(crate::decisions::FlipRequest { to, percent: self.percent, drain_secs: self.drain, force: self.force })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
     /// The fleet's desired state, each live gateway's applied revision and health view, and
@@ -159,16 +177,8 @@ pub enum FleetCommand {
     },
     /// Flip (or canary) the whole fleet; returns once every live gateway applied it.
     Flip {
-        /// `blue` or `green`.
-        color: String,
-        #[arg(long, value_name = "PERCENT")]
-        percent: Option<u32>,
-        #[arg(long, value_name = "SECS")]
-        drain: Option<u64>,
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        flip: FlipArgs,
     },
     /// Undo the fleet's last switch.
     Rollback {
@@ -282,16 +292,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json, count_flows } => output(call(&socket, &Request::Status { count_flows })?, json),
-        Command::Flip { color, percent, drain, force, dry_run, json } => {
-            if color != "blue" && color != "green" {
-                bail!("unknown color `{color}`; use `blue` or `green`");
-            }
-            if let Some(p) = percent {
-                if !(1..=99).contains(&p) {
-                    bail!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)");
-                }
-            }
-            output(call(&socket, &Request::Flip { color, drain_secs: drain, percent, force, dry_run })?, json)
+        Command::Flip { flip, dry_run } => {
+            let r = flip.request()?;
+            output(call(&socket, &Request::Flip { color: flip.color, drain_secs: r.drain_secs, percent: r.percent, force: r.force, dry_run })?, flip.json)
         }
         Command::Rollback { force, json } => output(call(&socket, &Request::Rollback { force })?, json),
         Command::Stats { json } => output(call(&socket, &Request::Stats)?, json),
@@ -334,17 +337,14 @@ fn fleet(config: Option<PathBuf>, etcd: Vec<String>, name: Option<String>, comma
                 } else {
                     let mut o = String::new();
                     for d in &h {
-                        w!(o, "generation {:>4}  {:<16} active {:<5} canary {:>3}%  by {}: {}", d.generation, d.event, d.active, d.canary_permille / 10, d.who, d.reason);
+                        w!(o, "generation {:>4}  {:<16} active {:<5} canary {:>3}%  by {}: {}", d.generation, plain(&d.event), plain(&d.active),
+                            d.canary_permille / 10, plain(&d.who), plain(&d.reason));
                     }
                     print!("{}", paint(&o));
                 }
                 Ok(())
             }
-            FleetCommand::Flip { color, percent, drain, force, json } => {
-                let to = crate::config::parse_color(&color).with_context(|| format!("unknown color `{color}`; use `blue` or `green`"))?;
-                let op = crate::fleet::Op::Flip(crate::decisions::FlipRequest { to, percent, drain_secs: drain, force });
-                fleet_switch(&fleet, op, json).await
-            }
+            FleetCommand::Flip { flip } => fleet_switch(&fleet, crate::fleet::Op::Flip(flip.request()?), flip.json).await,
             FleetCommand::Rollback { force, json } => fleet_switch(&fleet, crate::fleet::Op::Rollback { force }, json).await,
         }
     })
@@ -362,6 +362,12 @@ async fn fleet_switch(fleet: &crate::config::Fleet, op: crate::fleet::Op, json: 
     output(r, json)
 }
 
+/// Text from etcd (anyone with write access there wrote it) without control characters: no
+/// escape sequence reaches the terminal.
+fn plain(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
 fn print_fleet_status(o: &mut String, s: &crate::fleet::FleetView) {
     match &s.desired {
         None => w!(o, "fleet {}: no desired state yet (no agent has joined)", s.fleet),
@@ -372,7 +378,7 @@ fn print_fleet_status(o: &mut String, s: &crate::fleet::FleetView) {
                 let other = if d.active == "blue" { "green" } else { "blue" };
                 w!(o, "canary: {}% of new flows go to {other}", d.canary_permille / 10);
             }
-            w!(o, "last switch: {} by {}: {}", d.event, d.who, d.reason);
+            w!(o, "last switch: {} by {}: {}", plain(&d.event), plain(&d.who), plain(&d.reason));
         }
     }
     w!(o, "live gateways: {}", s.gateways.len());
@@ -411,6 +417,9 @@ fn output(r: Response, json: bool) -> anyhow::Result<()> {
         bail!("dry run: the flip would be refused (nothing was changed)");
     }
     if let Some(f) = incomplete {
+        if let Some(e) = f.error {
+            bail!("{e}");
+        }
         let mut not: Vec<String> = f.lagging.iter().map(|l| l.gateway.clone()).collect();
         not.extend(f.lost.iter().cloned());
         bail!(
@@ -603,6 +612,9 @@ fn print_flip(o: &mut String, f: &FlipResult) {
         }
         if let Some(r) = &fl.rolled_back {
             w!(o, "rollback_on_timeout: {r}");
+        }
+        if let Some(e) = &fl.error {
+            w!(o, "{e}");
         }
     }
 }

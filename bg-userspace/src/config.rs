@@ -358,9 +358,16 @@ impl RawFleet {
             }
             Ok(v)
         };
-        let ack_timeout_secs = range("ack_timeout_secs", self.ack_timeout_secs, DEFAULT_ACK_TIMEOUT_SECS, 1, 600)?;
+        // At most 20 s: a flip must answer within the control socket's client timeout (30 s).
+        let ack_timeout_secs = range("ack_timeout_secs", self.ack_timeout_secs, DEFAULT_ACK_TIMEOUT_SECS, 1, 20)?;
         let lease_ttl_secs = range("lease_ttl_secs", self.lease_ttl_secs, DEFAULT_LEASE_TTL_SECS, 2, 600)?;
         let fence_after_secs = range("fence_after_secs", self.fence_after_secs, DEFAULT_FENCE_AFTER_SECS, 1, 86_400)?;
+        if fence_after_secs < lease_ttl_secs {
+            return Err(field_err(
+                "fleet.fence_after_secs",
+                format!("{fence_after_secs} s is shorter than lease_ttl_secs ({lease_ttl_secs} s): a gateway would fence itself while still counted live; use at least {lease_ttl_secs}"),
+            ));
+        }
         let history = self.history.unwrap_or(DEFAULT_FLEET_HISTORY);
         if !(1..=10_000).contains(&history) {
             return Err(field_err("fleet.history", "use 1 to 10000 flips"));

@@ -357,7 +357,19 @@ impl Decisions {
     /// gateway opens its own watch window and drain for it, as for a switch of its own.
     /// None: already in place.
     #[allow(clippy::too_many_arguments)]
-    pub fn adopt(&self, active: Color, canary_permille: u32, kind: Option<Kind>, force: bool, forced: bool, drain_secs: Option<u64>, generation: u64, now_ms: u64) -> Option<Plan> {
+    /// `age_ms`: how long ago the switch was made; its watch window and drain run from then.
+    pub fn adopt(
+        &self,
+        active: Color,
+        canary_permille: u32,
+        kind: Option<Kind>,
+        force: bool,
+        forced: bool,
+        drain_secs: Option<u64>,
+        generation: u64,
+        now_ms: u64,
+        age_ms: u64,
+    ) -> Option<Plan> {
         if active == self.active && canary_permille == self.canary_permille {
             return None;
         }
@@ -370,10 +382,11 @@ impl Decisions {
         };
         let drain = drain_secs
             .filter(|_| kind == Kind::Flip && self.active != active)
-            .and_then(|s| deadline(now_ms, s.saturating_mul(1000), "a drain").ok())
+            .and_then(|s| deadline(now_ms, s.saturating_mul(1000).saturating_sub(age_ms), "a drain").ok())
             .map(|until_ms| Window { color: self.active, until_ms });
-        let watch = (matches!(kind, Kind::Flip | Kind::Canary) && !force && self.watch_window_ms > 0)
-            .then(|| if kind == Kind::Canary { Some(CANARY_WATCH) } else { deadline(now_ms, self.watch_window_ms, "a watch window").ok() })
+        let left_ms = self.watch_window_ms.saturating_sub(age_ms);
+        let watch = (matches!(kind, Kind::Flip | Kind::Canary) && !force && left_ms > 0)
+            .then(|| if kind == Kind::Canary { Some(CANARY_WATCH) } else { deadline(now_ms, left_ms, "a watch window").ok() })
             .flatten()
             .map(|until_ms| Window { color: to, until_ms });
         Some(Plan { kind, from, to, percent, drain_secs: drain.map(|_| drain_secs.unwrap_or(0)), forced, force, generation, drain, watch })
@@ -517,26 +530,30 @@ green = ["10.2.1.2:8080", { address = "10.2.1.3:8080", weight = 3 }]
     fn a_fleet_state_is_adopted_as_the_switch_that_makes_it_with_this_gateways_windows() {
         let d = fresh();
         // Already in place: nothing to write.
-        assert_eq!(d.adopt(Blue, 0, Some(Kind::Flip), false, false, None, 5, 1000), None);
+        assert_eq!(d.adopt(Blue, 0, Some(Kind::Flip), false, false, None, 5, 1000, 0), None);
         // A flip: this gateway's own 30 s watch window and the drain of what it had.
-        let p = d.adopt(Green, 0, Some(Kind::Flip), false, false, Some(20), 2, 1000).unwrap();
+        let p = d.adopt(Green, 0, Some(Kind::Flip), false, false, Some(20), 2, 1000, 0).unwrap();
         assert_eq!((p.kind, p.from, p.to, p.active(), p.generation), (Kind::Flip, Blue, Green, Green, 2));
         assert_eq!(p.watch, Some(Window { color: Green, until_ms: 31_000 }));
         assert_eq!((p.drain, p.drain_secs), (Some(Window { color: Blue, until_ms: 21_000 }), Some(20)));
         // Forced: no watch window. A rollback: none either.
-        assert_eq!(d.adopt(Green, 0, Some(Kind::Flip), true, true, None, 2, 0).unwrap().watch, None);
-        let r = d.adopt(Green, 0, Some(Kind::Rollback), false, false, None, 3, 0).unwrap();
+        assert_eq!(d.adopt(Green, 0, Some(Kind::Flip), true, true, None, 2, 0, 0).unwrap().watch, None);
+        let r = d.adopt(Green, 0, Some(Kind::Rollback), false, false, None, 3, 0, 0).unwrap();
         assert_eq!((r.kind, r.watch), (Kind::Rollback, None));
         // A canary keeps the active color and sends its share to the other, watched while it runs.
-        let c = d.adopt(Blue, 100, Some(Kind::Canary), false, false, None, 4, 0).unwrap();
+        let c = d.adopt(Blue, 100, Some(Kind::Canary), false, false, None, 4, 0, 0).unwrap();
         assert_eq!((c.kind, c.active(), c.to, c.canary_permille()), (Kind::Canary, Blue, Green, 100));
         assert_eq!(c.watch.map(|w| w.until_ms), Some(CANARY_WATCH));
+        // Caught up 20 s after the flip: 10 s of the 30 s window left; 40 s after: none.
+        let late = d.adopt(Green, 0, Some(Kind::Flip), false, false, Some(25), 2, 1000, 20_000).unwrap();
+        assert_eq!((late.watch.map(|w| w.until_ms), late.drain.map(|w| w.until_ms)), (Some(11_000), Some(6_000)));
+        assert_eq!(d.adopt(Green, 0, Some(Kind::Flip), false, false, None, 2, 1000, 40_000).unwrap().watch, None);
         // A gateway that missed the canary's start still lands on the fleet's state.
         let mut g = fresh();
         g.commit(&c, 0);
-        let end = g.adopt(Blue, 0, Some(Kind::CanaryCancelled), false, false, None, 5, 0).unwrap();
+        let end = g.adopt(Blue, 0, Some(Kind::CanaryCancelled), false, false, None, 5, 0, 0).unwrap();
         assert_eq!((end.kind, end.active(), end.canary_permille()), (Kind::CanaryCancelled, Blue, 0));
-        let moved_on = g.adopt(Green, 0, None, false, false, None, 6, 0).unwrap();
+        let moved_on = g.adopt(Green, 0, None, false, false, None, 6, 0, 0).unwrap();
         assert_eq!((moved_on.kind, moved_on.active(), moved_on.canary_permille()), (Kind::Flip, Green, 0));
     }
 

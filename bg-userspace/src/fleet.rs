@@ -208,10 +208,23 @@ pub fn fleet_verdict(gateways: &[GatewayState], color: Color) -> Verdict {
 /// Connects to the fleet's etcd (lazily: a cut-off etcd shows on the first request, after
 /// `REQUEST_TIMEOUT`).
 pub async fn connect(fleet: &Fleet) -> anyhow::Result<Client> {
+    connect_from(fleet, std::process::id() as usize).await.map(|(c, _)| c)
+}
+
+/// How long one endpoint may take to answer a connection's first request before the next is
+/// tried.
+const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `connect`, trying the endpoints from index `start` (mod their number) on; returns the
+/// client and the index of the endpoint that answered.
+async fn connect_from(fleet: &Fleet, start: usize) -> anyhow::Result<(Client, usize)> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+        // etcd answers pings more often than its --grpc-keepalive-min-time (5 s by default)
+        // with GOAWAY: 10 s. A dead etcd shows sooner anyway, at the lease renewals (every
+        // lease_ttl_secs / 3, each with a REQUEST_TIMEOUT).
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
     if let Some(t) = &fleet.tls {
         let ca = std::fs::read(&t.ca).with_context(|| format!("reading fleet.tls.ca {}", t.ca.display()))?;
@@ -226,15 +239,37 @@ pub async fn connect(fleet: &Fleet) -> anyhow::Result<Client> {
         }
         options = options.with_tls(tls);
     }
-    Client::connect(&fleet.endpoints, Some(options))
-        .await
-        .with_context(|| format!("connecting to etcd at {}", fleet.endpoints.join(", ")))
+    // One endpoint at a time, the first that answers (from a different one per process, so a
+    // fleet's agents spread over the cluster): a client balanced over all of them sends some
+    // requests to a member that is down and fails them, instead of using another.
+    let n = fleet.endpoints.len();
+    let mut failed = Vec::new();
+    for k in 0..n {
+        let at = (start + k) % n;
+        let endpoint = &fleet.endpoints[at];
+        let attempt = async {
+            let mut c = Client::connect([endpoint], Some(options.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(ENDPOINT_TIMEOUT, attempt).await {
+            Ok(Ok(c)) => return Ok((c, at)),
+            Ok(Err(e)) => failed.push(format!("{endpoint}: {e}")),
+            Err(_) => failed.push(format!("{endpoint}: no answer within {ENDPOINT_TIMEOUT:?}")),
+        }
+    }
+    bail!("no etcd endpoint answered ({}); is etcd up and reachable from here?", failed.join("; "))
 }
 
 fn etcd_err(what: &str, endpoints: &[String]) -> impl FnOnce(etcd_client::Error) -> anyhow::Error {
     let (what, at) = (what.to_owned(), endpoints.join(", "));
     move |e| anyhow!("{what} in etcd at {at} failed: {e}; is etcd up and reachable from here?")
 }
+
+/// A desired state in etcd that is not bg's JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadDesired(String);
 
 /// The desired state, its mod revision, and the store's revision when it was read.
 pub struct DesiredRead {
@@ -249,8 +284,14 @@ pub async fn read_desired(client: &mut Client, fleet: &Fleet) -> anyhow::Result<
     let desired = match r.kvs().first() {
         None => None,
         Some(kv) => {
-            let d: Desired = serde_json::from_slice(kv.value())
-                .with_context(|| format!("the fleet's desired state at {} is not bg's JSON", keys.desired()))?;
+            let d: Desired = serde_json::from_slice(kv.value()).map_err(|e| {
+                anyhow::Error::new(BadDesired(format!(
+                    "the fleet's desired state at {} is not bg's JSON ({e}); every gateway keeps what it applied last. \
+                     Fix it, or delete it (`etcdctl del {}`) and restart one agent, which writes its own state",
+                    keys.desired(),
+                    keys.desired()
+                )))
+            })?;
             Some((d, kv.mod_revision()))
         }
     };
@@ -321,6 +362,9 @@ pub struct FleetSwitch {
     /// The fleet was rolled back because the switch was not complete (`rollback_on_timeout`).
     #[serde(default)]
     pub rolled_back: Option<String>,
+    /// Written, but the wait for the acks failed (etcd lost meanwhile): nothing is known of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A fleet switch's outcome: the local result's fields and the fleet's part.
@@ -377,7 +421,21 @@ pub async fn switch(fleet: &Fleet, op: Op, who: &str, reason: &str, local: Optio
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let revision = write(&mut client, fleet, &next, mod_revision).await?;
-    let mut result = wait_acks(&mut client, fleet, revision).await?;
+    // Written: whatever fails from here on, the switch happened, and the answer says so.
+    let mut result = match wait_acks(&mut client, fleet, revision, &next).await {
+        Ok(r) => r,
+        Err(e) => FleetSwitch {
+            fleet: fleet.name.clone(),
+            revision,
+            acks: Vec::new(),
+            lagging: Vec::new(),
+            lost: Vec::new(),
+            down: Vec::new(),
+            complete: false,
+            rolled_back: None,
+            error: Some(format!("the switch was written, but waiting for the gateways' acks failed: {e:#}")),
+        },
+    };
     if !result.complete && fleet.rollback_on_timeout {
         let back = if desired.canary_permille != 0 || plan.kind == Kind::Canary { "the canary ended" } else { "rolled back" };
         let undo = Desired {
@@ -393,7 +451,14 @@ pub async fn switch(fleet: &Fleet, op: Op, who: &str, reason: &str, local: Optio
         };
         let undo = Desired { previous: desired.previous.clone(), ..undo };
         match write(&mut client, fleet, &undo, revision).await {
-            Ok(_) => result.rolled_back = Some(format!("{back}: back to generation {}'s state as generation {}", desired.generation, undo.generation)),
+            Ok(r) => {
+                let acked = match wait_acks(&mut client, fleet, r, &undo).await {
+                    Ok(a) if a.complete => "applied by every live gateway".to_owned(),
+                    Ok(a) => format!("NOT applied in time by {}", names(&a)),
+                    Err(e) => format!("its acks unknown: {e:#}"),
+                };
+                result.rolled_back = Some(format!("{back}: back to generation {}'s state as generation {}, {acked}", desired.generation, undo.generation))
+            }
             Err(e) => result.rolled_back = Some(format!("the rollback could not be written: {e:#}")),
         }
     }
@@ -454,7 +519,11 @@ async fn trim_history(client: &mut Client, keys: &Keys, keep: u32) {
 
 /// Waits until every live gateway reports `revision` (or a later one) applied, for at most
 /// `ack_timeout_secs`.
-async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64) -> anyhow::Result<FleetSwitch> {
+/// An ack counts only when the gateway reports this revision (or a later one) and the state
+/// `next` asked for: a gateway that kept a higher revision from a store since rebuilt is not
+/// taken for one that applied the switch.
+async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64, next: &Desired) -> anyhow::Result<FleetSwitch> {
+    let applied = |g: &GatewayState| g.revision >= revision && (g.revision > revision || (g.active == next.active && g.canary_permille == next.canary_permille));
     let started = Instant::now();
     let keys = Keys::new(&fleet.name);
     let mut watch = client
@@ -466,7 +535,7 @@ async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64) -> anyhow:
     let mut pending: BTreeMap<String, i64> = BTreeMap::new();
     let ms = |at: Instant| at.duration_since(started).as_secs_f64() * 1000.0;
     for g in &live {
-        if g.revision >= revision {
+        if applied(g) {
             acks.insert(g.gateway.clone(), (g.revision, ms(Instant::now())));
         } else {
             pending.insert(g.gateway.clone(), g.revision);
@@ -489,7 +558,9 @@ async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64) -> anyhow:
             let id = String::from_utf8_lossy(&kv.key()[keys.gateways().len()..]).into_owned();
             match ev.event_type() {
                 EventType::Put => match serde_json::from_slice::<GatewayState>(kv.value()) {
-                    Ok(g) if g.revision >= revision => {
+                    Ok(g) if applied(&g) => {
+                        // Back under a new lease (its agent reconnected) and applied: not lost.
+                        lost.retain(|l| *l != id);
                         pending.remove(&id);
                         acks.entry(id).or_insert_with(|| (g.revision, ms(Instant::now())));
                     }
@@ -520,6 +591,7 @@ async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64) -> anyhow:
         lost,
         down,
         rolled_back: None,
+        error: None,
     })
 }
 
@@ -536,12 +608,16 @@ pub struct Link {
     pub fenced: bool,
     /// Fence hooks run (and unfence hooks), since the start.
     pub fences_total: u64,
+    /// The lease of the current (or last) session: revoked by the next one, and at exit.
+    pub lease: Option<i64>,
+    /// The endpoint the current session uses (the next session starts after it when it fails).
+    pub endpoint: usize,
 }
 
 pub type SharedLink = Arc<Mutex<Link>>;
 
 pub fn new_link() -> SharedLink {
-    Arc::new(Mutex::new(Link { connected: false, since: Instant::now(), applied_revision: 0, last_error: None, fenced: false, fences_total: 0 }))
+    Arc::new(Mutex::new(Link { connected: false, since: Instant::now(), applied_revision: 0, last_error: None, fenced: false, fences_total: 0, lease: None, endpoint: std::process::id() as usize }))
 }
 
 /// What an agent's session with etcd needs from the agent.
@@ -553,6 +629,11 @@ pub trait Gateway: Send + Sync + 'static {
     fn state(&self) -> GatewayState;
     /// The state to write as the fleet's first desired state when it has none.
     fn initial(&self) -> Desired;
+    /// etcd's store is at `revision`, below the revision this gateway applied last: it was
+    /// restored or rebuilt. Forget the applied revision, so its states are applied again.
+    fn store_went_back(&self, revision: i64);
+    /// The desired revision applied last.
+    fn applied_revision(&self) -> i64;
 }
 
 /// Reads the fleet's desired state once and applies it (an agent's start: before it answers
@@ -562,19 +643,40 @@ pub async fn sync_once(fleet: &Fleet, gw: &dyn Gateway) -> anyhow::Result<i64> {
     sync(&mut client, fleet, gw).await
 }
 
-/// Reads and applies the desired state; returns the store's revision read at.
+/// Reads and applies the desired state; returns the store's revision read at. A desired state
+/// this gateway cannot apply (not bg's JSON, values out of range) is logged and left: the
+/// gateway keeps what it applied last, and stays in touch (its watch applies the next good one).
 async fn sync(client: &mut Client, fleet: &Fleet, gw: &dyn Gateway) -> anyhow::Result<i64> {
-    let mut read = read_desired(client, fleet).await?;
-    if read.desired.is_none() {
+    let mut read = match read_desired(client, fleet).await {
+        Err(e) if e.downcast_ref::<BadDesired>().is_some() => {
+            let r = client.get(Keys::new(&fleet.name).desired(), Some(GetOptions::new().with_keys_only())).await.map_err(etcd_err("reading the desired state", &fleet.endpoints))?;
+            warn!(error = %format!("{e:#}"), "keeping the last applied state");
+            return Ok(r.header().map_or(0, |h| h.revision()));
+        }
+        other => other?,
+    };
+    if read.revision < gw.applied_revision() {
+        warn!(store = read.revision, applied = gw.applied_revision(), "etcd's revision went back (restored or rebuilt?): applying its desired state afresh");
+        gw.store_went_back(read.revision);
+    }
+    // A fleet without a desired state gets this gateway's, but only from an agent that has
+    // applied none yet (a new fleet, or a restart after the key was deleted on purpose): a
+    // running gateway does not re-seed a deleted key with its own, possibly stale, state.
+    if read.desired.is_none() && gw.applied_revision() == 0 {
         let first = gw.initial();
         match write(client, fleet, &first, 0).await {
             Ok(_) => info!(fleet = %fleet.name, active = %first.active, "this gateway's state is the fleet's first desired state"),
-            Err(e) => info!(error = %format!("{e:#}"), "another gateway wrote the fleet's first desired state"),
+            Err(e) if e.to_string().contains("another switch") => info!("another gateway wrote the fleet's first desired state"),
+            Err(e) => return Err(e),
         }
         read = read_desired(client, fleet).await?;
+    } else if read.desired.is_none() {
+        warn!(key = %Keys::new(&fleet.name).desired(), "the fleet's desired state is missing from etcd; keeping the last applied state (restart one agent to write its own)");
     }
     if let Some((d, rev)) = &read.desired {
-        gw.apply(d, *rev)?;
+        if let Err(e) = gw.apply(d, *rev) {
+            warn!(error = %format!("{e:#}"), revision = rev, "could not apply the fleet's desired state; keeping the last applied one");
+        }
     }
     Ok(read.revision)
 }
@@ -586,7 +688,12 @@ async fn sync(client: &mut Client, fleet: &Fleet, gw: &dyn Gateway) -> anyhow::R
 pub async fn keep_member(fleet: Fleet, gw: Arc<dyn Gateway>, link: SharedLink) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        let started = Instant::now();
         let err = session(&fleet, gw.as_ref(), &link).await.err().unwrap_or_else(|| anyhow!("the session ended"));
+        // A session that ran for a while was a good one: retry the next failure quickly.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
         let msg = format!("{err:#}");
         {
             let mut l = crate::lock(&link);
@@ -599,17 +706,33 @@ pub async fn keep_member(fleet: Fleet, gw: Arc<dyn Gateway>, link: SharedLink) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
-        if crate::lock(&link).connected {
-            backoff = Duration::from_millis(200);
-        }
     }
+}
+
+/// How often a gateway's key is rewritten for a change in wording only (a failing list's
+/// figures move every SLO window): etcd keeps every revision until compacted.
+const STATE_REWRITE: Duration = Duration::from_secs(5);
+
+/// The part of a gateway's state a flip decides and waits on.
+fn material(g: &GatewayState) -> (i64, u64, &str, u32, u32, Vec<bool>) {
+    (g.revision, g.generation, &g.active, g.canary_permille, g.selector, g.health.iter().map(|v| v.healthy).collect())
 }
 
 async fn session(fleet: &Fleet, gw: &dyn Gateway, link: &SharedLink) -> anyhow::Result<()> {
     let id = fleet.gateway.clone().context("fleet.gateway is not set")?;
     let keys = Keys::new(&fleet.name);
-    let mut client = connect(fleet).await?;
+    // After a failed session, from the next endpoint on (the one it used may be the one down).
+    let from = crate::lock(link).endpoint + 1;
+    let (mut client, at) = connect_from(fleet, from).await?;
+    crate::lock(link).endpoint = at;
+    // The last session's lease (a blip shorter than its TTL leaves it alive): revoked, so its
+    // key goes now, not when it times out.
+    let previous = crate::lock(link).lease.take();
+    if let Some(old) = previous {
+        let _ = client.lease_revoke(old).await;
+    }
     let lease = client.lease_grant(fleet.lease_ttl_secs as i64, None).await.map_err(etcd_err("taking a lease", &fleet.endpoints))?.id();
+    crate::lock(link).lease = Some(lease);
     let (mut keeper, mut renewals) = client.lease_keep_alive(lease).await.map_err(etcd_err("renewing the lease", &fleet.endpoints))?;
     client
         .put(keys.member(&id), serde_json::to_vec(&serde_json::json!({"gateway": id, "joined_unix_ms": unix_ms()}))?, None)
@@ -629,8 +752,23 @@ async fn session(fleet: &Fleet, gw: &dyn Gateway, link: &SharedLink) -> anyhow::
             anyhow::Ok(())
         }
     };
+    // The gateway's key is this agent's alone: another live agent with the same id (a copied
+    // config) is refused, not merged with this one.
     let mut written = gw.state();
-    put_state(&mut client, &written).await?;
+    let first = serde_json::to_vec(&GatewayState { at_unix_ms: unix_ms(), ..written.clone() })?;
+    let claim = Txn::new()
+        .when([Compare::create_revision(keys.gateway(&id), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(keys.gateway(&id), first, Some(PutOptions::new().with_lease(lease)))])
+        .or_else([TxnOp::get(keys.gateway(&id), None)]);
+    let claimed = client.txn(claim).await.map_err(etcd_err("registering this gateway", &fleet.endpoints))?;
+    if !claimed.succeeded() {
+        bail!(
+            "gateway id `{id}` is live in fleet `{}` under another agent's lease: is `fleet.gateway` the same on two gateways? \
+             Each needs its own (if this gateway's previous agent was killed, its key expires within lease_ttl_secs = {})",
+            fleet.name,
+            fleet.lease_ttl_secs
+        );
+    }
     {
         let mut l = crate::lock(link);
         l.connected = true;
@@ -640,6 +778,7 @@ async fn session(fleet: &Fleet, gw: &dyn Gateway, link: &SharedLink) -> anyhow::
     info!(fleet = %fleet.name, gateway = %id, "in touch with etcd; following the fleet's desired state");
     let mut renew = tokio::time::interval(Duration::from_millis((fleet.lease_ttl_secs * 1000 / 3).max(300)));
     let mut look = tokio::time::interval(Duration::from_millis(500));
+    let mut last_write = Instant::now();
     loop {
         tokio::select! {
             msg = watch.message() => {
@@ -678,10 +817,13 @@ async fn session(fleet: &Fleet, gw: &dyn Gateway, link: &SharedLink) -> anyhow::
                 }
             }
             _ = look.tick() => {
+                // What a flip reads (revision, selector, healthy or not) is written at once;
+                // a change in the failing list's wording at most every STATE_REWRITE.
                 let now = gw.state();
-                if now != written {
+                if material(&now) != material(&written) || (now != written && last_write.elapsed() >= STATE_REWRITE) {
                     put_state(&mut client, &now).await?;
                     written = now;
+                    last_write = Instant::now();
                 }
             }
         }
@@ -718,4 +860,20 @@ pub async fn history(fleet: &Fleet) -> anyhow::Result<Vec<Desired>> {
     let keys = Keys::new(&fleet.name);
     let r = client.get(keys.history(), Some(GetOptions::new().with_prefix())).await.map_err(etcd_err("reading the history", &fleet.endpoints))?;
     Ok(r.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
+}
+
+/// Revokes this agent's lease at exit: its gateway key goes now, so flips right after do not
+/// wait for a stopped agent.
+pub async fn leave(fleet: &Fleet, link: &SharedLink) {
+    let Some(lease) = crate::lock(link).lease.take() else { return };
+    let revoke = async {
+        let mut client = connect(fleet).await?;
+        client.lease_revoke(lease).await.map_err(etcd_err("revoking the lease", &fleet.endpoints))?;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(1), revoke).await {
+        Ok(Ok(())) => info!("left the fleet: lease revoked"),
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "could not revoke the lease at exit; it expires within lease_ttl_secs"),
+        Err(_) => warn!("etcd did not answer the lease revocation at exit; it expires within lease_ttl_secs"),
+    }
 }

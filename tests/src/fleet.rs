@@ -47,8 +47,11 @@ pub fn lan(i: usize) -> String {
 }
 
 pub struct FleetTopology {
-    /// Stopped first (fields drop in order), before the namespaces go.
-    etcd: Option<Proc>,
+    /// Stopped first (fields drop in order), before the namespaces go: one etcd, or a
+    /// cluster's members.
+    etcd: Vec<Proc>,
+    /// The endpoints the agents and the CLI are given.
+    endpoints: Vec<String>,
     pub run_dir: PathBuf,
     pub tag: String,
     pub client: Netns,
@@ -82,7 +85,8 @@ impl FleetTopology {
         let run_dir = PathBuf::from(format!("{}/{tag}", crate::run::RUN_ROOT));
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let t = FleetTopology {
-            etcd: None,
+            etcd: Vec::new(),
+            endpoints: vec![etcd_url()],
             run_dir,
             client: Netns::new(&format!("{tag}-cl"))?,
             router: Netns::new(&format!("{tag}-rt"))?,
@@ -132,16 +136,34 @@ impl FleetTopology {
     /// Starts a one-node etcd in the switch namespace (data under the run directory: a restart
     /// keeps the fleet's keys) and waits until it answers.
     pub fn start_etcd(&mut self) -> anyhow::Result<()> {
-        let data = self.run_dir.join("etcd");
-        let url = etcd_url();
-        let mut cmd = self.sw.command("etcd");
-        cmd.args(["--name", "n1", "--data-dir", data.to_str().unwrap()])
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "n1=http://127.0.0.1:2380", "--log-level", "error"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(self.run_dir.join("etcd.log"))?);
-        self.etcd = Some(Proc::spawn("etcd", &mut cmd)?);
+        self.start_etcd_members(1)
+    }
+
+    /// A three-node etcd cluster in the switch namespace (members at 10.60.0.100, .101, .102);
+    /// the agents and the CLI are given all three endpoints.
+    pub fn start_etcd_cluster(&mut self) -> anyhow::Result<()> {
+        for n in 1..3 {
+            self.sw.exec(&["ip", "addr", "add", &format!("10.60.0.{}/24", 100 + n), "dev", "br0"])?;
+        }
+        self.endpoints = (0..3).map(|n| format!("http://10.60.0.{}:{ETCD_PORT}", 100 + n)).collect();
+        self.start_etcd_members(3)
+    }
+
+    fn start_etcd_members(&mut self, members: usize) -> anyhow::Result<()> {
+        let peer = |n: usize| if members == 1 { "http://127.0.0.1:2380".to_owned() } else { format!("http://10.60.0.{}:2380", 100 + n) };
+        let cluster: Vec<String> = (0..members).map(|n| format!("n{n}={}", peer(n))).collect();
+        for n in 0..members {
+            let data = self.run_dir.join(format!("etcd-n{n}"));
+            let url = if members == 1 { etcd_url() } else { self.endpoints[n].clone() };
+            let mut cmd = self.sw.command("etcd");
+            cmd.args(["--name", &format!("n{n}"), "--data-dir", data.to_str().unwrap()])
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer(n), "--initial-advertise-peer-urls", &peer(n)])
+                .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-token", &self.tag, "--log-level", "error"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(self.run_dir.join(format!("etcd-n{n}.log")))?);
+            self.etcd.push(Proc::spawn("etcd", &mut cmd)?);
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.fleet_cli(&self.sw, &["status", "--json"]).is_err() {
             if Instant::now() > deadline {
@@ -152,14 +174,16 @@ impl FleetTopology {
         Ok(())
     }
 
-    /// Kills etcd (SIGKILL: as a crash would).
+    /// Kills etcd, every member (SIGKILL: as a crash would).
     pub fn kill_etcd(&mut self) {
-        if let Some(mut p) = self.etcd.take() {
-            if let Some(c) = p.child.as_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for mut p in std::mem::take(&mut self.etcd) {
+            kill(&mut p);
         }
+    }
+
+    /// Kills one member of the etcd cluster.
+    pub fn kill_etcd_member(&mut self, n: usize) {
+        kill(&mut self.etcd[n]);
     }
 
     /// On each color's host an HTTP server (8080) and a line-stream echo server (7000),
@@ -229,7 +253,7 @@ green = ["{GREEN}:{ECHO_PORT}", "{GREEN2}:{ECHO_PORT}"]
 [fleet]
 name = "{tag}"
 gateway = "gw{i}"
-etcd = ["{etcd}"]
+etcd = [{etcd}]
 lease_ttl_secs = 2
 ack_timeout_secs = 5
 fence_after_secs = 3
@@ -240,7 +264,7 @@ unfence_command = "rm -f {mark}"
             sock = self.socket(i).display(),
             state = self.run_dir.join(format!("state-g{i}")).display(),
             tag = self.tag,
-            etcd = etcd_url(),
+            etcd = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", "),
             mark = self.fence_mark(i).display(),
         )
     }
@@ -286,7 +310,7 @@ unfence_command = "rm -f {mark}"
     /// and etcd access), not yet run.
     pub fn fleet_command(&self, ns: &Netns, args: &[&str]) -> Command {
         let mut cmd = ns.nsenter(paths::bgctl().to_str().unwrap());
-        cmd.args(["fleet", "--etcd", &etcd_url(), "--fleet", &self.tag]).args(args);
+        cmd.args(["fleet", "--etcd", &self.endpoints.join(","), "--fleet", &self.tag]).args(args);
         cmd
     }
 
@@ -392,3 +416,11 @@ impl Drop for FleetTopology {
     }
 }
 
+
+/// SIGKILL, then reaped.
+pub fn kill(p: &mut Proc) {
+    if let Some(c) = p.child.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
