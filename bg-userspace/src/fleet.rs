@@ -519,11 +519,83 @@ async fn trim_history(client: &mut Client, keys: &Keys, keep: u32) {
 
 /// Waits until every live gateway reports `revision` (or a later one) applied, for at most
 /// `ack_timeout_secs`.
-/// An ack counts only when the gateway reports this revision (or a later one) and the state
-/// `next` asked for: a gateway that kept a higher revision from a store since rebuilt is not
-/// taken for one that applied the switch.
+/// The acks of one switch, as the gateways' key events come in. An ack counts only when the
+/// gateway reports this revision (or a later one) with the state the switch asked for: a
+/// gateway that kept a higher revision from a store since rebuilt is not taken for one that
+/// applied it. A gateway whose key goes (its lease ended) is lost until it is back with the
+/// switch applied (an agent that reconnected under a new lease).
+struct AckWait {
+    revision: i64,
+    active: String,
+    canary_permille: u32,
+    acks: BTreeMap<String, (i64, f64)>,
+    pending: BTreeMap<String, i64>,
+    lost: Vec<String>,
+    live_at_start: Vec<String>,
+}
+
+impl AckWait {
+    fn new(revision: i64, next: &Desired, live: &[GatewayState], now_ms: f64) -> AckWait {
+        let mut w = AckWait {
+            revision,
+            active: next.active.clone(),
+            canary_permille: next.canary_permille,
+            acks: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            lost: Vec::new(),
+            live_at_start: live.iter().map(|g| g.gateway.clone()).collect(),
+        };
+        for g in live {
+            w.on_put(&g.gateway, g, now_ms);
+        }
+        w
+    }
+
+    fn applied(&self, g: &GatewayState) -> bool {
+        g.revision > self.revision || (g.revision == self.revision && g.active == self.active && g.canary_permille == self.canary_permille)
+    }
+
+    fn on_put(&mut self, id: &str, g: &GatewayState, now_ms: f64) {
+        if self.applied(g) {
+            self.lost.retain(|l| l != id);
+            self.pending.remove(id);
+            self.acks.entry(id.to_owned()).or_insert((g.revision, now_ms));
+        } else if !self.acks.contains_key(id) {
+            self.pending.insert(id.to_owned(), g.revision);
+        }
+    }
+
+    fn on_delete(&mut self, id: &str) {
+        if self.pending.remove(id).is_some() {
+            self.lost.push(id.to_owned());
+        }
+    }
+
+    /// Some live gateway has not applied the switch (or is lost and may come back).
+    fn waiting(&self) -> bool {
+        !self.pending.is_empty() || !self.lost.is_empty()
+    }
+
+    fn finish(self, fleet: &str, members: Vec<String>) -> FleetSwitch {
+        let down = members.into_iter().filter(|m| !self.live_at_start.contains(m) && !self.acks.contains_key(m)).collect();
+        let lagging: Vec<Lagging> = self.pending.into_iter().map(|(gateway, applied_revision)| Lagging { gateway, applied_revision }).collect();
+        FleetSwitch {
+            fleet: fleet.to_owned(),
+            revision: self.revision,
+            complete: lagging.is_empty() && self.lost.is_empty(),
+            acks: self.acks.into_iter().map(|(gateway, (revision, apply_ms))| Ack { gateway, revision, apply_ms }).collect(),
+            lagging,
+            lost: self.lost,
+            down,
+            rolled_back: None,
+            error: None,
+        }
+    }
+}
+
+/// Waits until every live gateway reports the switch (`revision`, state `next`) applied, for at
+/// most `ack_timeout_secs`.
 async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64, next: &Desired) -> anyhow::Result<FleetSwitch> {
-    let applied = |g: &GatewayState| g.revision >= revision && (g.revision > revision || (g.active == next.active && g.canary_permille == next.canary_permille));
     let started = Instant::now();
     let keys = Keys::new(&fleet.name);
     let mut watch = client
@@ -531,19 +603,10 @@ async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64, next: &Des
         .await
         .map_err(etcd_err("watching the gateways", &fleet.endpoints))?;
     let (live, members) = read_gateways(client, fleet).await?;
-    let mut acks: BTreeMap<String, (i64, f64)> = BTreeMap::new();
-    let mut pending: BTreeMap<String, i64> = BTreeMap::new();
-    let ms = |at: Instant| at.duration_since(started).as_secs_f64() * 1000.0;
-    for g in &live {
-        if applied(g) {
-            acks.insert(g.gateway.clone(), (g.revision, ms(Instant::now())));
-        } else {
-            pending.insert(g.gateway.clone(), g.revision);
-        }
-    }
-    let mut lost = Vec::new();
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut wait = AckWait::new(revision, next, &live, ms());
     let deadline = started + Duration::from_secs(fleet.ack_timeout_secs);
-    while !pending.is_empty() {
+    while wait.waiting() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -553,46 +616,91 @@ async fn wait_acks(client: &mut Client, fleet: &Fleet, revision: i64, next: &Des
             Ok(m) => m.map_err(etcd_err("watching the gateways", &fleet.endpoints))?,
         };
         let Some(msg) = msg else { bail!("etcd ended the watch on the gateways while waiting for their acks") };
+        if msg.canceled() {
+            bail!("etcd cancelled the watch on the gateways: {}", msg.cancel_reason());
+        }
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
             let id = String::from_utf8_lossy(&kv.key()[keys.gateways().len()..]).into_owned();
             match ev.event_type() {
-                EventType::Put => match serde_json::from_slice::<GatewayState>(kv.value()) {
-                    Ok(g) if applied(&g) => {
-                        // Back under a new lease (its agent reconnected) and applied: not lost.
-                        lost.retain(|l| *l != id);
-                        pending.remove(&id);
-                        acks.entry(id).or_insert_with(|| (g.revision, ms(Instant::now())));
-                    }
-                    Ok(g) => {
-                        if !acks.contains_key(&id) {
-                            pending.insert(id, g.revision);
-                        }
-                    }
-                    Err(_) => {}
-                },
-                EventType::Delete => {
-                    if pending.remove(&id).is_some() {
-                        lost.push(id);
+                EventType::Put => {
+                    if let Ok(g) = serde_json::from_slice::<GatewayState>(kv.value()) {
+                        wait.on_put(&id, &g, ms());
                     }
                 }
+                EventType::Delete => wait.on_delete(&id),
             }
         }
     }
-    let live_ids: Vec<&str> = live.iter().map(|g| g.gateway.as_str()).collect();
-    let down = members.into_iter().filter(|m| !live_ids.contains(&m.as_str()) && !acks.contains_key(m)).collect();
-    let lagging: Vec<Lagging> = pending.into_iter().map(|(gateway, applied_revision)| Lagging { gateway, applied_revision }).collect();
-    Ok(FleetSwitch {
-        fleet: fleet.name.clone(),
-        revision,
-        complete: lagging.is_empty() && lost.is_empty(),
-        acks: acks.into_iter().map(|(gateway, (revision, apply_ms))| Ack { gateway, revision, apply_ms }).collect(),
-        lagging,
-        lost,
-        down,
-        rolled_back: None,
-        error: None,
-    })
+    Ok(wait.finish(&fleet.name, members))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw(id: &str, revision: i64, active: &str) -> GatewayState {
+        GatewayState { gateway: id.into(), revision, generation: 1, active: active.into(), canary_permille: 0, selector: 0, health: vec![], at_unix_ms: 0 }
+    }
+
+    fn next(active: &str) -> Desired {
+        Desired {
+            generation: 2,
+            active: active.into(),
+            canary_permille: 0,
+            previous: None,
+            event: "flip".into(),
+            force: false,
+            forced: false,
+            drain_secs: None,
+            who: "t".into(),
+            reason: "t".into(),
+            at_unix_ms: 0,
+        }
+    }
+
+    fn ids(v: &[Ack]) -> Vec<&str> {
+        v.iter().map(|a| a.gateway.as_str()).collect()
+    }
+
+    #[test]
+    fn acks_count_the_switch_applied_and_nothing_else() {
+        let live = [gw("a", 10, "green"), gw("b", 9, "blue"), gw("c", 9, "blue")];
+        let mut w = AckWait::new(10, &next("green"), &live, 0.0);
+        assert!(w.waiting());
+        // A health-only rewrite at the old revision is no ack; nor is the right revision with
+        // another state (a store rebuilt below what the gateway kept).
+        w.on_put("b", &gw("b", 9, "blue"), 1.0);
+        w.on_put("c", &gw("c", 10, "blue"), 1.0);
+        assert!(w.waiting());
+        w.on_put("b", &gw("b", 10, "green"), 2.0);
+        // c's lease ends: lost, still waited for; back under a new lease, applied: acked.
+        w.on_delete("c");
+        assert!(w.waiting());
+        w.on_put("c", &gw("c", 11, "blue"), 3.0);
+        // A gateway that joins during the wait at a later revision counts too.
+        w.on_put("d", &gw("d", 12, "blue"), 4.0);
+        assert!(!w.waiting());
+        let r = w.finish("f", vec!["a".into(), "b".into(), "c".into(), "d".into(), "e".into()]);
+        assert!(r.complete);
+        assert_eq!(ids(&r.acks), ["a", "b", "c", "d"]);
+        assert_eq!(r.acks.iter().map(|a| a.apply_ms).collect::<Vec<_>>(), [0.0, 2.0, 3.0, 4.0]);
+        assert_eq!(r.down, ["e"], "a member never live is down");
+    }
+
+    #[test]
+    fn a_gateway_gone_or_behind_at_the_deadline_makes_the_switch_incomplete() {
+        let live = [gw("a", 10, "green"), gw("b", 9, "blue"), gw("c", 9, "blue")];
+        let mut w = AckWait::new(10, &next("green"), &live, 0.0);
+        w.on_delete("c");
+        // A delete of a gateway that already acked changes nothing.
+        w.on_delete("a");
+        let r = w.finish("f", vec![]);
+        assert!(!r.complete);
+        assert_eq!(ids(&r.acks), ["a"]);
+        assert_eq!(r.lagging.iter().map(|l| (l.gateway.as_str(), l.applied_revision)).collect::<Vec<_>>(), [("b", 9)]);
+        assert_eq!(r.lost, ["c"]);
+    }
 }
 
 /// The link of one agent to its fleet, as status and metrics show it.

@@ -52,6 +52,8 @@ pub struct FleetTopology {
     etcd: Vec<Proc>,
     /// The endpoints the agents and the CLI are given.
     endpoints: Vec<String>,
+    /// Mutual TLS to etcd: the directory with the CA, etcd's and the gateways' certificates.
+    tls: Option<PathBuf>,
     pub run_dir: PathBuf,
     pub tag: String,
     pub client: Netns,
@@ -87,6 +89,7 @@ impl FleetTopology {
         let t = FleetTopology {
             etcd: Vec::new(),
             endpoints: vec![etcd_url()],
+            tls: None,
             run_dir,
             client: Netns::new(&format!("{tag}-cl"))?,
             router: Netns::new(&format!("{tag}-rt"))?,
@@ -149,13 +152,61 @@ impl FleetTopology {
         self.start_etcd_members(3)
     }
 
+    /// A one-node etcd that speaks only mutual TLS (a test CA signs etcd's certificate, for its
+    /// address, and the gateways' client certificate); the agents and the CLI get `[fleet.tls]`.
+    pub fn start_etcd_tls(&mut self) -> anyhow::Result<()> {
+        let dir = self.run_dir.join("tls");
+        std::fs::create_dir_all(&dir)?;
+        let ssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args)).map(|_| ());
+        ssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bg-test-ca"])?;
+        for (name, ext) in [
+            ("etcd", format!("subjectAltName=IP:{ETCD}\nextendedKeyUsage=serverAuth,clientAuth\n")),
+            ("gateway", "extendedKeyUsage=clientAuth\n".to_owned()),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+            ssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")])?;
+            ssl(&["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.pem"), "-days", "2", "-extfile", &format!("{name}.ext")])?;
+        }
+        self.endpoints = vec![format!("https://{ETCD}:{ETCD_PORT}")];
+        self.tls = Some(dir);
+        std::fs::write(self.cli_config(), format!("[fleet]\nname = \"{}\"\netcd = [\"{}\"]\n{}", self.tag, self.endpoints[0], self.tls_section()))?;
+        self.start_etcd_members(1)
+    }
+
+    /// `[fleet.tls]` for the agents and the CLI (empty without TLS).
+    fn tls_section(&self) -> String {
+        match &self.tls {
+            None => String::new(),
+            Some(d) => format!(
+                "[fleet.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                d.join("ca.pem").display(),
+                d.join("gateway.pem").display(),
+                d.join("gateway.key").display()
+            ),
+        }
+    }
+
+    /// The CLI host's config with TLS: only a `[fleet]` section.
+    pub fn cli_config(&self) -> PathBuf {
+        self.run_dir.join("cli.toml")
+    }
+
+    /// The TLS directory (with `ca.pem`), when etcd speaks TLS.
+    pub fn tls_dir(&self) -> Option<&PathBuf> {
+        self.tls.as_ref()
+    }
+
     fn start_etcd_members(&mut self, members: usize) -> anyhow::Result<()> {
         let peer = |n: usize| if members == 1 { "http://127.0.0.1:2380".to_owned() } else { format!("http://10.60.0.{}:2380", 100 + n) };
         let cluster: Vec<String> = (0..members).map(|n| format!("n{n}={}", peer(n))).collect();
         for n in 0..members {
             let data = self.run_dir.join(format!("etcd-n{n}"));
-            let url = if members == 1 { etcd_url() } else { self.endpoints[n].clone() };
+            let url = if members == 1 { self.endpoints[0].clone() } else { self.endpoints[n].clone() };
             let mut cmd = self.sw.command("etcd");
+            if let Some(d) = &self.tls {
+                cmd.arg("--cert-file").arg(d.join("etcd.pem")).arg("--key-file").arg(d.join("etcd.key"));
+                cmd.arg("--trusted-ca-file").arg(d.join("ca.pem")).arg("--client-cert-auth");
+            }
             cmd.args(["--name", &format!("n{n}"), "--data-dir", data.to_str().unwrap()])
                 .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
                 .args(["--listen-peer-urls", &peer(n), "--initial-advertise-peer-urls", &peer(n)])
@@ -259,13 +310,14 @@ ack_timeout_secs = 5
 fence_after_secs = 3
 fence_command = "touch {mark}"
 unfence_command = "rm -f {mark}"
-"#,
+{tls}"#,
             pin = self.pin_dir(i).display(),
             sock = self.socket(i).display(),
             state = self.run_dir.join(format!("state-g{i}")).display(),
             tag = self.tag,
             etcd = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", "),
             mark = self.fence_mark(i).display(),
+            tls = self.tls_section(),
         )
     }
 
@@ -310,7 +362,11 @@ unfence_command = "rm -f {mark}"
     /// and etcd access), not yet run.
     pub fn fleet_command(&self, ns: &Netns, args: &[&str]) -> Command {
         let mut cmd = ns.nsenter(paths::bgctl().to_str().unwrap());
-        cmd.args(["fleet", "--etcd", &self.endpoints.join(","), "--fleet", &self.tag]).args(args);
+        match &self.tls {
+            // TLS settings come from a file: only a [fleet] section.
+            Some(_) => cmd.args(["fleet", "--config", self.cli_config().to_str().unwrap()]).args(args),
+            None => cmd.args(["fleet", "--etcd", &self.endpoints.join(","), "--fleet", &self.tag]).args(args),
+        };
         cmd
     }
 

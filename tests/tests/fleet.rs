@@ -393,3 +393,23 @@ fn a_color_that_turns_unhealthy_after_a_fleet_flip_is_rolled_back_once_for_the_w
     assert_eq!(automatic, 1, "one gateway's proposal won");
     assert!(bodies(&t, 6).iter().all(|b| b == "blue"));
 }
+
+#[test]
+fn a_fleet_over_mutual_tls_flips_as_one_and_etcd_refuses_a_client_without_a_certificate() {
+    let (t, _backends, _agents) = fleet_up_with("fs", FleetTopology::start_etcd_tls);
+    let r = json(&t.bgctl(0, &["flip", "green", "--json"]).expect("flip over TLS"));
+    assert_eq!((r["fleet"]["complete"].as_bool(), gateways(&r["fleet"]["acks"])), (Some(true), vec!["gw0".to_owned(), "gw1".into(), "gw2".into()]), "{r}");
+    let ca = t.tls_dir().unwrap().join("ca.pem");
+    // The server's certificate is good (curl trusts it with the CA), but without a client
+    // certificate etcd ends the handshake.
+    let url = format!("https://{}:{}/v3/kv/range", bg_tests::fleet::ETCD, bg_tests::fleet::ETCD_PORT);
+    let no_cert = t.sw.command("curl").args(["-sS", "--fail", "--max-time", "5", "--cacert", ca.to_str().unwrap(), "-X", "POST", &url, "-d", r#"{"key":"AA=="}"#]).output().unwrap();
+    assert!(!no_cert.status.success(), "etcd answered a client without a certificate: {}", String::from_utf8_lossy(&no_cert.stdout));
+    // And a bgctl given only the CA is refused, saying where.
+    let only_ca = t.run_dir.join("ca-only.toml");
+    std::fs::write(&only_ca, format!("[fleet]\nname = \"{}\"\netcd = [\"https://{}:{}\"]\n[fleet.tls]\nca = \"{}\"\n", t.tag, bg_tests::fleet::ETCD, bg_tests::fleet::ETCD_PORT, ca.display())).unwrap();
+    let mut cmd = t.sw.nsenter(bg_tests::paths::bgctl().to_str().unwrap());
+    cmd.args(["fleet", "--config", only_ca.to_str().unwrap(), "status"]);
+    let (_, err) = failing(&mut cmd);
+    assert!(err.contains("no etcd endpoint answered") && err.contains("https://10.60.0.100:2379"), "{err}");
+}

@@ -50,6 +50,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // The fleet tests make a CA and certificates for etcd over mutual TLS.
+    ("openssl", "openssl"),
     // Fleet mode's tests and demo start their own etcd.
     ("etcd", "etcd-server"),
 ];
