@@ -54,6 +54,8 @@ pub struct FleetTopology {
     endpoints: Vec<String>,
     /// Mutual TLS to etcd: the directory with the CA, etcd's and the gateways' certificates.
     tls: Option<PathBuf>,
+    /// Lines added to each gateway's `[fleet]` section at its next start.
+    fleet_extra: Vec<std::sync::Mutex<String>>,
     pub run_dir: PathBuf,
     pub tag: String,
     pub client: Netns,
@@ -90,6 +92,7 @@ impl FleetTopology {
             etcd: Vec::new(),
             endpoints: vec![etcd_url()],
             tls: None,
+            fleet_extra: (0..GATEWAYS).map(|_| Default::default()).collect(),
             run_dir,
             client: Netns::new(&format!("{tag}-cl"))?,
             router: Netns::new(&format!("{tag}-rt"))?,
@@ -272,6 +275,11 @@ impl FleetTopology {
 
     /// Gateway `i`'s config: both services, the fleet (2 s leases, fenced after 3 s cut off).
     pub fn config(&self, i: usize) -> String {
+        self.config_with(i, "")
+    }
+
+    /// `config`, with `fleet_extra` (lines) added to its `[fleet]` section.
+    pub fn config_with(&self, i: usize, fleet_extra: &str) -> String {
         format!(
             r#"interfaces = ["uplink", "lan"]
 pin_dir = "{pin}"
@@ -310,7 +318,7 @@ ack_timeout_secs = 5
 fence_after_secs = 3
 fence_command = "touch {mark}"
 unfence_command = "rm -f {mark}"
-{tls}"#,
+{fleet_extra}{tls}"#,
             pin = self.pin_dir(i).display(),
             sock = self.socket(i).display(),
             state = self.run_dir.join(format!("state-g{i}")).display(),
@@ -326,10 +334,16 @@ unfence_command = "rm -f {mark}"
         self.start_agent_first_status(i).map(|(p, _)| p)
     }
 
+    /// Restarts gateway `i`'s agent (stopped by the caller) with `fleet_extra` in its `[fleet]`.
+    pub fn start_agent_with(&self, i: usize, fleet_extra: &str) -> anyhow::Result<Proc> {
+        *self.fleet_extra[i].lock().unwrap() = fleet_extra.to_owned();
+        self.start_agent(i)
+    }
+
     /// `start_agent`, with the first status the agent answered.
     pub fn start_agent_first_status(&self, i: usize) -> anyhow::Result<(Proc, serde_json::Value)> {
         let cfg = self.config_path(i);
-        std::fs::write(&cfg, self.config(i))?;
+        std::fs::write(&cfg, self.config_with(i, &self.fleet_extra[i].lock().unwrap()))?;
         let mut cmd = self.gws[i].nsenter(paths::bgctl().to_str().unwrap());
         cmd.args(["agent", "--config", cfg.to_str().unwrap()]);
         cmd.env("BG_LOG", std::env::var("BG_LOG").unwrap_or_else(|_| "warn".into()));

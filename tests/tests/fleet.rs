@@ -29,12 +29,18 @@ fn fleet_up_with(kind: &str, etcd: fn(&mut FleetTopology) -> anyhow::Result<()>)
     let backends = t.start_backends().expect("backends");
     let agents: Vec<Proc> = (0..GATEWAYS).map(|i| t.start_agent(i).expect("agent")).collect();
     t.wait_healthy().expect("healthy");
+    wait_fleet_healthy(&t);
+    (t, backends, agents)
+}
+
+/// Waits until every gateway is live in etcd and reports both colors healthy there (what the
+/// fleet-wide gate reads).
+fn wait_fleet_healthy(t: &FleetTopology) {
     t.wait_for("every gateway live in etcd, seeing both colors healthy", Duration::from_secs(10), || {
         let s = t.fleet_status();
         let g = s["gateways"].as_array().cloned().unwrap_or_default();
         (g.len() == GATEWAYS && g.iter().all(|g| g["health"].as_array().unwrap().iter().all(|v| v["healthy"] == true))).then_some(s)
     });
-    (t, backends, agents)
 }
 
 /// New-connection GETs from the client to the VIP (ECMP spreads them over the gateways),
@@ -412,4 +418,37 @@ fn a_fleet_over_mutual_tls_flips_as_one_and_etcd_refuses_a_client_without_a_cert
     cmd.args(["fleet", "--config", only_ca.to_str().unwrap(), "status"]);
     let (_, err) = failing(&mut cmd);
     assert!(err.contains("no etcd endpoint answered") && err.contains("https://10.60.0.100:2379"), "{err}");
+}
+
+#[test]
+fn a_flip_not_applied_everywhere_in_time_is_rolled_back_with_rollback_on_timeout() {
+    let (t, _backends, mut agents) = fleet_up("fo");
+    // gw0's agent flips with rollback_on_timeout; gw2 is cut off from etcd.
+    agents[0].stop(Duration::from_secs(5));
+    agents[0] = t.start_agent_with(0, "rollback_on_timeout = true\n").expect("gw0 again");
+    wait_fleet_healthy(&t);
+    let before = t.fleet_status()["desired"]["generation"].as_u64().unwrap();
+    t.cut(2).unwrap();
+    let mut flip = std::process::Command::new(bg_tests::paths::bgctl());
+    flip.arg("--socket").arg(t.socket(0)).args(["flip", "green", "--json"]);
+    let (r, err) = failing(&mut flip);
+    let not_applied: Vec<String> = gateways(&r["fleet"]["lagging"]).into_iter().chain(gateways(&r["fleet"]["lost"])).collect();
+    assert_eq!(not_applied, ["gw2"], "{r}");
+    let back = r["fleet"]["rolled_back"].as_str().unwrap_or_default();
+    assert!(back.contains("rolled back") && back.contains("applied by every live gateway"), "{r}");
+    assert!(err.contains("rolled back"), "{err}");
+    // The fleet is back on blue, two generations on (the flip and its undo), on every gateway in touch.
+    let s = t.fleet_status();
+    assert_eq!((s["desired"]["active"].as_str(), s["desired"]["generation"].as_u64()), (Some("blue"), Some(before + 2)), "{s}");
+    assert!(s["desired"]["reason"].as_str().unwrap().contains("rollback_on_timeout"), "{s}");
+    for i in 0..2 {
+        assert_eq!(t.status(i)["active"], "blue", "gw{i}");
+    }
+    // gw2, cut off all along, kept blue; healed, it stays there (the fleet's state).
+    t.heal(2).unwrap();
+    t.wait_for("gw2 in touch again", Duration::from_secs(15), || {
+        let st = t.status(2);
+        (st["fleet"]["etcd"] == "up" && st["fleet"]["applied_revision"] == s["revision"]).then_some(st)
+    });
+    assert_eq!(t.status(2)["active"], "blue");
 }
