@@ -537,22 +537,7 @@ impl State {
     /// then the decisions' commit, the state file and the audit line.
     fn carry_out(&mut self, decision: Decision, who: Actor, reason: &str, started: Instant) -> anyhow::Result<FlipResult> {
         let plan = match decision {
-            Decision::Unchanged => {
-                let a = self.active();
-                return Ok(FlipResult {
-                    from: a.name().into(),
-                    to: a.name().into(),
-                    generation: self.dec.generation,
-                    changed: false,
-                    switch_ns: 0,
-                    total_ns: started.elapsed().as_nanos() as u64,
-                    drain_secs: None,
-                    percent: None,
-                    forced: false,
-                    auto_rollback: "unchanged: nothing to guard".into(),
-                    fleet: None,
-                });
-            }
+            Decision::Unchanged => return Ok(FlipResult::unchanged(self.active(), self.dec.generation, started.elapsed().as_nanos() as u64)),
             Decision::Refused { to, failing } => {
                 self.audit(json!({"event": "refused", "from": self.active().name(), "to": to.name(), "generation": self.dec.generation,
                     "uid": who.json(), "reason": format!("{} not healthy", to.name()), "failing": failing}));
@@ -838,7 +823,6 @@ impl State {
         let mut l = crate::lock(link);
         if !l.connected && !l.fenced && l.since.elapsed() >= Duration::from_secs(f.fence_after_secs) {
             l.fenced = true;
-            l.fences_total += 1;
             let why = format!("cut off from etcd for {} s (fence_after_secs = {})", l.since.elapsed().as_secs(), f.fence_after_secs);
             drop(l);
             error!("{why}: fencing this gateway");
@@ -885,7 +869,7 @@ impl crate::fleet::Gateway for AgentGateway {
     fn initial(&self) -> crate::fleet::Desired {
         crate::lock(&self.0).initial_desired()
     }
-    fn store_went_back(&self, _revision: i64) {
+    fn store_went_back(&self) {
         if let Some((_, l)) = &crate::lock(&self.0).fleet {
             crate::lock(l).applied_revision = 0;
         }
@@ -964,9 +948,10 @@ fn propose_rollback(state: Arc<Mutex<State>>, fleet: crate::config::Fleet, local
                 }
                 Ok(_) => return info!("automatic rollback: the fleet's state already matched"),
                 Err(e) => {
+                    // Raced: another gateway's proposal (or a switch) came first; nothing to retry.
+                    let raced = e.downcast_ref::<crate::fleet::Raced>().is_some();
                     let e = format!("{e:#}");
-                    let moved_on = e.contains("moved on");
-                    if moved_on || started.elapsed() >= PROPOSE_FOR {
+                    if raced || started.elapsed() >= PROPOSE_FOR {
                         warn!(error = %e, "automatic rollback not written to the fleet");
                         let st = crate::lock(&state);
                         st.audit(json!({"event": "auto_rollback_skipped", "from": st.active().name(), "to": st.active().other().name(),
@@ -1018,32 +1003,19 @@ async fn fleet_request(state: &Arc<Mutex<State>>, req: Request, uid: u32) -> Res
 /// asked from a host without an agent).
 pub fn fleet_flip_result(o: crate::fleet::Outcome, window: Option<u64>, started: Instant) -> FlipResult {
     let total_ns = started.elapsed().as_nanos() as u64;
-    let Some(p) = o.plan else {
-        return FlipResult {
-            from: o.from.name().into(),
-            to: o.from.name().into(),
-            generation: o.generation,
-            changed: false,
-            switch_ns: 0,
-            total_ns,
-            drain_secs: None,
-            percent: None,
-            forced: false,
-            auto_rollback: "unchanged: nothing to guard".into(),
-            fleet: None,
-        };
-    };
+    let Some(p) = o.plan else { return FlipResult::unchanged(o.from, o.generation, total_ns) };
     let to = p.to.name();
+    // The plan was decided without a watch window (each gateway opens its own): where one
+    // guards it, say so fleet-wide; where none does (--force, a rollback), the plan's words.
     let auto_rollback = match p.kind {
-        _ if p.force => "off for this switch (--force)".to_owned(),
-        Kind::Rollback => "off (a rollback opens no watch window)".into(),
-        Kind::CanaryCancelled => "off (the canary ended)".into(),
-        _ if window == Some(0) => "off on this gateway (watch_window_secs = 0)".into(),
+        Kind::Flip | Kind::Canary if p.force => p.auto_rollback(),
+        Kind::Flip | Kind::Canary if window == Some(0) => "off on this gateway (watch_window_secs = 0)".into(),
         Kind::Canary => format!("on while the canary runs: {to} turning unhealthy as seen from any gateway ends it fleet-wide"),
         Kind::Flip => format!(
             "on for each gateway's watch window{}: {to} turning unhealthy as seen from any gateway rolls the fleet back once",
             window.map(|w| format!(" (this one's: {w} s)")).unwrap_or_default()
         ),
+        Kind::Rollback | Kind::CanaryCancelled => p.auto_rollback(),
     };
     FlipResult {
         from: p.from.name().into(),

@@ -283,6 +283,25 @@ pub struct FlipResult {
     pub fleet: Option<crate::fleet::FleetSwitch>,
 }
 
+impl FlipResult {
+    /// The answer when `active` already was the state asked for: nothing written.
+    pub fn unchanged(active: bg_common::Color, generation: u64, total_ns: u64) -> FlipResult {
+        FlipResult {
+            from: active.name().into(),
+            to: active.name().into(),
+            generation,
+            changed: false,
+            switch_ns: 0,
+            total_ns,
+            drain_secs: None,
+            percent: None,
+            forced: false,
+            auto_rollback: "unchanged: nothing to guard".into(),
+            fleet: None,
+        }
+    }
+}
+
 /// Fleet mode, as status shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FleetStatus {

@@ -266,6 +266,12 @@ fn etcd_err(what: &str, endpoints: &[String]) -> impl FnOnce(etcd_client::Error)
     move |e| anyhow!("{what} in etcd at {at} failed: {e}; is etcd up and reachable from here?")
 }
 
+/// The fleet's desired state changed under a switch (another one was written first, or it
+/// moved on from the revision the switch was decided on): nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Raced(String);
+
 /// A desired state in etcd that is not bg's JSON.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -390,7 +396,11 @@ pub async fn switch(fleet: &Fleet, op: Op, who: &str, reason: &str, local: Optio
         );
     };
     if let Some(r) = expect.filter(|r| *r != mod_revision) {
-        bail!("the fleet's desired state moved on (revision {mod_revision}, generation {}; this was decided on revision {r}): nothing written", desired.generation);
+        return Err(Raced(format!(
+            "the fleet's desired state moved on (revision {mod_revision}, generation {}; this was decided on revision {r}): nothing written",
+            desired.generation
+        ))
+        .into());
     }
     let (mut live, _) = read_gateways(&mut client, fleet).await?;
     if let Some(l) = local {
@@ -437,19 +447,13 @@ pub async fn switch(fleet: &Fleet, op: Op, who: &str, reason: &str, local: Optio
         },
     };
     if !result.complete && fleet.rollback_on_timeout {
-        let back = if desired.canary_permille != 0 || plan.kind == Kind::Canary { "the canary ended" } else { "rolled back" };
-        let undo = Desired {
-            generation: next.generation.saturating_add(1),
-            event: if plan.kind == Kind::Canary { "canary_cancelled" } else { "rollback" }.into(),
-            force: true,
-            forced: false,
-            drain_secs: None,
-            who: who.into(),
-            reason: format!("rollback_on_timeout: generation {} not applied by {}", next.generation, names(&result)),
-            at_unix_ms: unix_ms(),
-            ..desired.clone()
+        // The same rollback `bgctl rollback --force` decides on the state just written.
+        let back = if plan.kind == Kind::Canary { "the canary ended" } else { "rolled back" };
+        let why = format!("rollback_on_timeout: generation {} not applied by {}", next.generation, names(&result));
+        let undo = match next.decisions()?.decide_rollback(true, &verdict_of, 0).map_err(|e| anyhow!(e))? {
+            Decision::Switch(p) => next.after(&p, who, &why)?,
+            other => bail!("rollback_on_timeout: no rollback to write after generation {} ({other:?})", next.generation),
         };
-        let undo = Desired { previous: desired.previous.clone(), ..undo };
         match write(&mut client, fleet, &undo, revision).await {
             Ok(r) => {
                 let acked = match wait_acks(&mut client, fleet, r, &undo).await {
@@ -486,17 +490,15 @@ pub async fn write(client: &mut Client, fleet: &Fleet, next: &Desired, expected:
             TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| serde_json::from_slice::<Desired>(kv.value()).ok()),
             _ => None,
         });
-        return Err(match winner {
-            Some(w) => anyhow!(
+        return Err(Raced(match winner {
+            Some(w) => format!(
                 "another switch won the race: generation {} ({} to {}, by {}) was written first, and this one changed nothing; \
                  check `bgctl status` and switch again if still wanted",
-                w.generation,
-                w.event,
-                w.active,
-                w.who
+                w.generation, w.event, w.active, w.who
             ),
-            None => anyhow!("another switch changed the fleet's desired state first, and this one changed nothing; check and retry"),
-        });
+            None => "another switch changed the fleet's desired state first, and this one changed nothing; check and retry".into(),
+        })
+        .into());
     }
     let revision = r.header().map_or(0, |h| h.revision());
     trim_history(client, &keys, fleet.history).await;
@@ -511,8 +513,8 @@ async fn trim_history(client: &mut Client, keys: &Keys, keep: u32) {
         return;
     }
     // Keys sort by their zero-padded generation: the first ones are the oldest.
-    let last_old = r.kvs()[n - keep as usize - 1].key().to_vec();
-    let mut end = last_old.clone();
+    // Up to and including the newest entry to go.
+    let mut end = r.kvs()[n - keep as usize - 1].key().to_vec();
     end.push(0);
     let _ = client.delete(keys.history(), Some(etcd_client::DeleteOptions::new().with_range(end))).await;
 }
@@ -714,8 +716,6 @@ pub struct Link {
     pub last_error: Option<String>,
     /// The fence hook ran for the current cut.
     pub fenced: bool,
-    /// Fence hooks run (and unfence hooks), since the start.
-    pub fences_total: u64,
     /// The lease of the current (or last) session: revoked by the next one, and at exit.
     pub lease: Option<i64>,
     /// The endpoint the current session uses (the next session starts after it when it fails).
@@ -725,7 +725,7 @@ pub struct Link {
 pub type SharedLink = Arc<Mutex<Link>>;
 
 pub fn new_link() -> SharedLink {
-    Arc::new(Mutex::new(Link { connected: false, since: Instant::now(), applied_revision: 0, last_error: None, fenced: false, fences_total: 0, lease: None, endpoint: std::process::id() as usize }))
+    Arc::new(Mutex::new(Link { connected: false, since: Instant::now(), applied_revision: 0, last_error: None, fenced: false, lease: None, endpoint: std::process::id() as usize }))
 }
 
 /// What an agent's session with etcd needs from the agent.
@@ -737,9 +737,9 @@ pub trait Gateway: Send + Sync + 'static {
     fn state(&self) -> GatewayState;
     /// The state to write as the fleet's first desired state when it has none.
     fn initial(&self) -> Desired;
-    /// etcd's store is at `revision`, below the revision this gateway applied last: it was
-    /// restored or rebuilt. Forget the applied revision, so its states are applied again.
-    fn store_went_back(&self, revision: i64);
+    /// etcd's store is below the revision this gateway applied last: it was restored or
+    /// rebuilt. Forget the applied revision, so its states are applied again.
+    fn store_went_back(&self);
     /// The desired revision applied last.
     fn applied_revision(&self) -> i64;
 }
@@ -765,7 +765,7 @@ async fn sync(client: &mut Client, fleet: &Fleet, gw: &dyn Gateway) -> anyhow::R
     };
     if read.revision < gw.applied_revision() {
         warn!(store = read.revision, applied = gw.applied_revision(), "etcd's revision went back (restored or rebuilt?): applying its desired state afresh");
-        gw.store_went_back(read.revision);
+        gw.store_went_back();
     }
     // A fleet without a desired state gets this gateway's, but only from an agent that has
     // applied none yet (a new fleet, or a restart after the key was deleted on purpose): a
@@ -774,7 +774,7 @@ async fn sync(client: &mut Client, fleet: &Fleet, gw: &dyn Gateway) -> anyhow::R
         let first = gw.initial();
         match write(client, fleet, &first, 0).await {
             Ok(_) => info!(fleet = %fleet.name, active = %first.active, "this gateway's state is the fleet's first desired state"),
-            Err(e) if e.to_string().contains("another switch") => info!("another gateway wrote the fleet's first desired state"),
+            Err(e) if e.downcast_ref::<Raced>().is_some() => info!("another gateway wrote the fleet's first desired state"),
             Err(e) => return Err(e),
         }
         read = read_desired(client, fleet).await?;
