@@ -59,10 +59,12 @@ const FLOW_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const REPROBE_TICKS: u64 = 50;
 
 /// Who asked for an action.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Actor {
     /// A control-socket client with this uid.
     Uid(u32),
+    /// An HTTP API client, as `api` names it (bearer token, or its certificate).
+    Api(Arc<str>),
     /// The agent itself (automatic rollback, drain).
     Agent,
     /// The fleet's desired state in etcd (a switch decided on any gateway, or a CLI host).
@@ -70,11 +72,22 @@ pub enum Actor {
 }
 
 impl Actor {
-    fn json(self) -> serde_json::Value {
+    fn json(&self) -> serde_json::Value {
         match self {
             Actor::Uid(u) => json!(u),
+            Actor::Api(a) => json!(&**a),
             Actor::Agent => json!("agent"),
             Actor::Fleet => json!("fleet"),
+        }
+    }
+
+    /// In words, for the fleet's record of who switched.
+    fn describe(&self) -> String {
+        match self {
+            Actor::Uid(u) => format!("uid {u}"),
+            Actor::Api(a) => a.to_string(),
+            Actor::Agent => "agent".into(),
+            Actor::Fleet => "fleet".into(),
         }
     }
 }
@@ -554,7 +567,7 @@ impl State {
         self.dec.commit(&plan, self.now_ms());
         self.last_flip_ns = started.elapsed().as_nanos() as u64;
         self.persist();
-        self.audit_switch(&plan, who, reason);
+        self.audit_switch(&plan, &who, reason);
         info!(from = plan.from.name(), to = plan.to.name(), generation = plan.generation, percent = plan.percent, forced = plan.forced,
             switch_ns = switch.as_nanos() as u64, "switched");
         Ok(FlipResult {
@@ -572,7 +585,7 @@ impl State {
         })
     }
 
-    fn audit_switch(&self, plan: &Plan, who: Actor, reason: &str) {
+    fn audit_switch(&self, plan: &Plan, who: &Actor, reason: &str) {
         let reason = if plan.kind == Kind::CanaryCancelled {
             format!("{reason}: canary to {} cancelled", plan.from.other().name())
         } else {
@@ -969,7 +982,7 @@ fn propose_rollback(state: Arc<Mutex<State>>, fleet: crate::config::Fleet, local
 /// A flip or rollback in fleet mode: decided on the fleet's desired state with the fleet-wide
 /// gate, written to etcd, and answered once every live gateway applied it (this one included:
 /// it applies through its own watch, like the others).
-async fn fleet_request(state: &Arc<Mutex<State>>, req: Request, uid: u32) -> Response {
+async fn fleet_request(state: &Arc<Mutex<State>>, req: Request, who: Actor) -> Response {
     let started = Instant::now();
     let (fleet, local, window) = {
         let mut st = crate::lock(state);
@@ -985,14 +998,14 @@ async fn fleet_request(state: &Arc<Mutex<State>>, req: Request, uid: u32) -> Res
         Request::Rollback { force } => crate::fleet::Op::Rollback { force },
         _ => return Response::Error { message: "not a switch".into() },
     };
-    let who = format!("uid {uid} on gateway {}", local.gateway);
-    match crate::fleet::switch(&fleet, op, &who, "requested", Some(local), None).await {
+    let by = format!("{} on gateway {}", who.describe(), local.gateway);
+    match crate::fleet::switch(&fleet, op, &by, "requested", Some(local), None).await {
         Ok(o) => Response::Flipped(fleet_flip_result(o, Some(window), started)),
         Err(e) => {
             let message = format!("{e:#}");
             if message.starts_with("refused") {
                 let st = crate::lock(state);
-                st.audit(json!({"event": "refused", "from": st.active().name(), "generation": st.dec.generation, "uid": uid, "reason": message}));
+                st.audit(json!({"event": "refused", "from": st.active().name(), "generation": st.dec.generation, "uid": who.json(), "reason": message}));
             }
             Response::Error { message }
         }
@@ -1127,6 +1140,12 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     check_interfaces(&config)?;
     raise_open_file_limit();
     claim_socket(&config.socket)?;
+    // Bound (its token and TLS files read) before anything is loaded: a bad [api] stops the
+    // start with nothing done.
+    let api = match &config.api {
+        Some(a) => Some(crate::api::Listener::bind(a).await?),
+        None => None,
+    };
     ensure_bpffs(&config.pin_dir)?;
     let store = Store::open(&config.state_dir)?;
     let persisted = store.load()?;
@@ -1291,6 +1310,10 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         background.spawn(metrics::serve(addr, labels, snapshot)).await.map_err(|e| anyhow!("the metrics task failed: {e}"))??;
     }
 
+    if let Some(api) = api {
+        api.serve(state.clone());
+    }
+
     let hooks = spawn_hook_runner();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -1407,17 +1430,8 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
         return Ok(());
     }
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
-        let fleet = crate::lock(&state).fleet.is_some();
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req @ (Request::Flip { dry_run: false, .. } | Request::Rollback { .. })) if fleet => fleet_request(&state, req, uid).await,
-            // Flips, rollbacks, status and stats take microseconds under the lock (no table
-            // walk, no file read): answered here, without a hop to another thread. Reading
-            // the audit log and walking the flow tables go to the blocking pool.
-            Ok(req @ (Request::History { .. } | Request::Status { count_flows: true } | Request::Flip { dry_run: true, .. })) => {
-                let state = state.clone();
-                tokio::task::spawn_blocking(move || handle(&state, req, Actor::Uid(uid))).await?
-            }
-            Ok(req) => handle(&state, req, Actor::Uid(uid)),
+            Ok(req) => answer(&state, req, Actor::Uid(uid)).await,
             Err(e) => Response::Error {
                 message: format!(
                     "bad request ({e}); send one JSON object per line such as {{\"op\":\"status\"}}, \
@@ -1433,6 +1447,25 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
             .context("the client did not read its answer")??;
     }
     Ok(())
+}
+
+/// One request, from either transport (the control socket or the HTTP API): the one path
+/// every request takes.
+pub async fn answer(state: &Arc<Mutex<State>>, req: Request, who: Actor) -> Response {
+    let fleet = crate::lock(state).fleet.is_some();
+    match req {
+        req @ (Request::Flip { dry_run: false, .. } | Request::Rollback { .. }) if fleet => fleet_request(state, req, who).await,
+        // Flips, rollbacks, status and stats take microseconds under the lock (no table walk,
+        // no file read): answered here, without a hop to another thread. Reading the audit
+        // log and walking the flow tables go to the blocking pool.
+        req @ (Request::History { .. } | Request::Status { count_flows: true } | Request::Flip { dry_run: true, .. }) => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || handle(&state, req, who))
+                .await
+                .unwrap_or_else(|e| Response::Error { message: format!("the request's task failed: {e}") })
+        }
+        req => handle(state, req, who),
+    }
 }
 
 /// One request. The state lock serializes flips: each gets its own generation.

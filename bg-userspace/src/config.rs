@@ -181,6 +181,63 @@ struct RawConfig {
     services: Vec<RawService>,
     /// Fleet mode: several gateways switch as one through etcd (`crate::fleet`).
     fleet: Option<RawFleet>,
+    /// The HTTP API for deploy pipelines (`crate::api`); off unless this section is present.
+    api: Option<RawApi>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+/// The HTTP API's settings. Files are read when the agent starts (`api::Listener::bind`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Api {
+    pub listen: SocketAddr,
+    /// A file holding the bearer token every request must carry.
+    pub token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// mTLS: a client certificate signed by one of these CAs is required.
+    pub client_ca: Option<PathBuf>,
+}
+
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9478";
+
+impl RawApi {
+    fn validate(self) -> Result<Api, ConfigError> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN);
+        let listen: SocketAddr = text
+            .parse()
+            .map_err(|_| field_err("api.listen", format!("`{text}` is not address:port; e.g. \"{DEFAULT_API_LISTEN}\"")))?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(field_err("api", "give both `tls_cert` and `tls_key` (HTTPS), or neither")),
+        };
+        if self.client_ca.is_some() && tls.is_none() {
+            return Err(field_err("api.client_ca", "mTLS needs HTTPS: give `tls_cert` and `tls_key` too"));
+        }
+        if self.token_file.is_none() && self.client_ca.is_none() {
+            return Err(field_err(
+                "api",
+                "gives no way to authenticate: set `token_file` (a bearer token) or `client_ca` (mTLS), or both; \
+                 the API switches live traffic and is never open",
+            ));
+        }
+        if !listen.ip().is_loopback() && tls.is_none() {
+            return Err(field_err(
+                "api.listen",
+                format!("`{listen}` is not a loopback address: serve it over HTTPS (`tls_cert`, `tls_key`) so that the token is not sent in clear"),
+            ));
+        }
+        Ok(Api { listen, token_file: self.token_file, tls, client_ca: self.client_ca })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -284,6 +341,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Fleet mode (None: this gateway switches on its own).
     pub fleet: Option<Fleet>,
+    /// The HTTP API (None: off, the default).
+    pub api: Option<Api>,
 }
 
 /// TLS to etcd: the CA that signs its certificates, and a client certificate for mTLS.
@@ -872,8 +931,15 @@ impl RawConfig {
                 Some(f)
             }
         };
+        let api = self.api.map(RawApi::validate).transpose()?;
+        if let (Some(a), Some(m)) = (&api, metrics_listen) {
+            if a.listen == m {
+                return Err(field_err("api.listen", format!("`{}` is also `metrics_listen`; give each its own port", a.listen)));
+            }
+        }
         Ok(Config {
             fleet,
+            api,
             state_dir,
             metrics_listen,
             watch_window_secs,
@@ -1118,6 +1184,33 @@ green = ["10.2.0.2:8080"]
     fn empty_color_is_refused() {
         let e = err_of(&GOOD.replace("green = [\"10.2.0.2:8080\"]", "green = []"));
         assert!(e.contains("service[0].green") && e.contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn the_api_is_off_by_default_and_never_open() {
+        assert_eq!(Config::parse(GOOD).unwrap().api, None, "off unless [api] is present");
+        let c = Config::parse(&format!("{GOOD}\n[api]\ntoken_file = \"/etc/bg/api-token\"\n")).unwrap();
+        let a = c.api.unwrap();
+        assert_eq!(a.listen, "127.0.0.1:9478".parse().unwrap(), "loopback unless configured otherwise");
+        assert_eq!((a.token_file.as_deref(), a.tls.is_none()), (Some(Path::new("/etc/bg/api-token")), true));
+        for (api, field, says) in [
+            ("", "config field `api`", "no way to authenticate"),
+            ("listen = \"0.0.0.0:9478\"\ntoken_file = \"t\"", "`api.listen`", "HTTPS"),
+            ("listen = \"localhost:9478\"\ntoken_file = \"t\"", "`api.listen`", "not address:port"),
+            ("listen = \"127.0.0.1:9477\"\ntoken_file = \"t\"", "`api.listen`", "also `metrics_listen`"),
+            ("client_ca = \"ca.pem\"", "`api.client_ca`", "needs HTTPS"),
+            ("tls_cert = \"c.pem\"\ntoken_file = \"t\"", "config field `api`", "both `tls_cert` and `tls_key`"),
+            ("token = \"abc\"", "api", "unknown field `token`"),
+        ] {
+            let e = err_of(&format!("{GOOD}\n[api]\n{api}\n"));
+            assert!(e.contains(field) && e.contains(says), "[api] {api:?}: {e}");
+        }
+        // Off loopback with HTTPS (and mTLS alone) is fine.
+        let c = Config::parse(&format!(
+            "{GOOD}\n[api]\nlisten = \"[::]:9478\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nclient_ca = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.api.unwrap().client_ca.as_deref(), Some(Path::new("ca.pem")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! bg's agent and CLI (`bgctl`).
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;

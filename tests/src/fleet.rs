@@ -159,17 +159,8 @@ impl FleetTopology {
     /// address, and the gateways' client certificate); the agents and the CLI get `[fleet.tls]`.
     pub fn start_etcd_tls(&mut self) -> anyhow::Result<()> {
         let dir = self.run_dir.join("tls");
-        std::fs::create_dir_all(&dir)?;
-        let ssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args)).map(|_| ());
-        ssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bg-test-ca"])?;
-        for (name, ext) in [
-            ("etcd", format!("subjectAltName=IP:{ETCD}\nextendedKeyUsage=serverAuth,clientAuth\n")),
-            ("gateway", "extendedKeyUsage=clientAuth\n".to_owned()),
-        ] {
-            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
-            ssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")])?;
-            ssl(&["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.pem"), "-days", "2", "-extfile", &format!("{name}.ext")])?;
-        }
+        let etcd = format!("subjectAltName=IP:{ETCD}\nextendedKeyUsage=serverAuth,clientAuth\n");
+        crate::tls::make_certs(&dir, &[("etcd", &etcd), ("gateway", "extendedKeyUsage=clientAuth\n")])?;
         self.endpoints = vec![format!("https://{ETCD}:{ETCD_PORT}")];
         self.tls = Some(dir);
         std::fs::write(self.cli_config(), format!("[fleet]\nname = \"{}\"\netcd = [\"{}\"]\n{}", self.tag, self.endpoints[0], self.tls_section()))?;

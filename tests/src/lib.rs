@@ -9,5 +9,6 @@ pub mod netns;
 pub mod packet;
 pub mod paths;
 pub mod run;
+pub mod tls;
 pub mod topology;
 pub mod wire;

@@ -1,0 +1,617 @@
+//! The HTTP API (config `[api]`, off by default): what deploy pipelines call.
+//!
+//! One implementation, two transports: every request here becomes a control-socket `Request`
+//! and goes through `agent::answer`, the socket's own path (the same gate, the same audit
+//! log, fleet mode included). A switch is answered at once with `202 Accepted` and an
+//! operation's URL (`Location`), which says `pending`, then `done` or `failed` with the
+//! figures: Spinnaker's webhook stage polls it. Flagger's webhooks get answers of their own
+//! (`/v1/flagger/...`): a 2xx lets the rollout go on, anything else holds it.
+//!
+//! Every request needs the bearer token (`token_file`) and/or a client certificate signed
+//! by `client_ca` (mTLS, checked in the TLS handshake). Bodies are at most `MAX_BODY`, at
+//! most `MAX_CONNECTIONS` are served at once, and a client has `HEADER_TIMEOUT` to send a
+//! request's headers.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{anyhow, bail, Context};
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path as UrlPath, Request as HttpRequest, State as Shared},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response as HttpResponse},
+    routing::{get, post},
+    Extension, Json, Router,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::{
+    agent::{Actor, State},
+    config::{self, parse_color},
+    control::{FlipResult, Request, Response},
+};
+
+/// Largest request body.
+pub const MAX_BODY: usize = 64 << 10;
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Operations kept for `GET /v1/operations/{id}` (the oldest finished one goes first).
+pub const KEPT_OPERATIONS: usize = 256;
+/// Switches accepted and not finished yet; more are answered 429.
+pub const MAX_PENDING: usize = 16;
+/// How long a client has for its TLS handshake, and for a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest bearer token accepted.
+pub const MIN_TOKEN: usize = 16;
+
+/// The API's socket, bound, and what it checks, read: everything that can fail at start.
+pub struct Listener {
+    tcp: TcpListener,
+    addr: SocketAddr,
+    token: Option<Arc<[u8]>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Listener {
+    /// Reads the token and the TLS files and binds `api.listen`; any error names the field.
+    pub async fn bind(api: &config::Api) -> anyhow::Result<Listener> {
+        let token = api.token_file.as_deref().map(read_token).transpose()?.map(Arc::from);
+        let tls = match &api.tls {
+            None => None,
+            Some((cert, key)) => Some(tls_acceptor(cert, key, api.client_ca.as_deref())?),
+        };
+        let tcp = TcpListener::bind(api.listen)
+            .await
+            .with_context(|| format!("config field `api.listen`: binding {} for the HTTP API", api.listen))?;
+        Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls })
+    }
+
+    /// Serves the API until the agent exits.
+    pub fn serve(self, state: Arc<Mutex<State>>) {
+        let app = App {
+            state,
+            ops: Arc::new(Mutex::new(Operations::new())),
+            token: self.token,
+            scheme: if self.tls.is_some() { "https" } else { "http" },
+            addr: self.addr,
+        };
+        let router = Router::new()
+            .route("/v1/status", get(status))
+            .route("/v1/flip", post(flip))
+            .route("/v1/rollback", post(rollback))
+            .route("/v1/operations/{id}", get(operation))
+            .route("/v1/flagger/gate", post(flagger_gate))
+            .route("/v1/flagger/promote", post(flagger_promote))
+            .fallback(not_found)
+            .layer(middleware::from_fn_with_state(app.clone(), authorize))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(app.clone());
+        info!(listen = %self.addr, tls = self.tls.is_some(), token = app.token.is_some(), "HTTP API listening");
+        let (tcp, tls) = (self.tcp, self.tls);
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            loop {
+                let (stream, from) = match tcp.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "accept on the HTTP API failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    debug!(%from, "HTTP API connection refused: {MAX_CONNECTIONS} already open");
+                    continue;
+                };
+                let (router, tls) = (router.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tls {
+                        None => connection(stream, router.layer(Extension(Peer { cert: None }))).await,
+                        Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c));
+                                connection(stream, router.layer(Extension(Peer { cert }))).await
+                            }
+                            Ok(Err(e)) => debug!(%from, error = %e, "HTTP API TLS handshake failed"),
+                            Err(_) => debug!(%from, "HTTP API TLS handshake timed out"),
+                        },
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn connection<S>(stream: S, router: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(router))
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "HTTP API connection ended");
+    }
+}
+
+/// The token in `path`: its first line, trimmed; the file must not be readable by everyone.
+fn read_token(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let field = "config field `api.token_file`";
+    let meta = std::fs::metadata(path).with_context(|| format!("{field}: {}", path.display()))?;
+    if meta.mode() & 0o004 != 0 {
+        bail!(
+            "{field}: {} is readable by every user (mode {:o}); `chmod o-r` it: the token switches live traffic",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{field}: reading {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < MIN_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!(
+            "{field}: {} must hold a token of at least {MIN_TOKEN} printable characters without spaces on its first line \
+             (e.g. `openssl rand -hex 32 > {}`)",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+fn tls_acceptor(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow!("config field `api.tls_cert`: {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("config field `api.tls_cert`: {} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| anyhow!("config field `api.tls_key`: {}: {e}", key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let field = "config field `api.client_ca`";
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| anyhow!("{field}: {}: {e}", ca.display()))? {
+                let c = c.map_err(|e| anyhow!("{field}: {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| anyhow!("{field}: {}: {e}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("{field}: {} holds no PEM certificate", ca.display());
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| anyhow!("{field}: {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow!("config fields `api.tls_cert`/`api.tls_key`: {} with {}: {e}", cert.display(), key_file.display()))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+}
+
+/// A client certificate as the audit log names it: the first 8 bytes of its SHA-256.
+fn fingerprint(cert: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone)]
+struct App {
+    state: Arc<Mutex<State>>,
+    ops: Arc<Mutex<Operations>>,
+    token: Option<Arc<[u8]>>,
+    scheme: &'static str,
+    addr: SocketAddr,
+}
+
+/// Who is at the other end of a connection.
+#[derive(Clone)]
+struct Peer {
+    /// mTLS: the client certificate's fingerprint.
+    cert: Option<String>,
+}
+
+impl Peer {
+    fn actor(&self) -> Actor {
+        Actor::Api(match &self.cert {
+            Some(fp) => format!("api client certificate sha256:{fp}").into(),
+            None => "api (bearer token)".into(),
+        })
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(Shared(app): Shared<App>, req: HttpRequest, next: Next) -> HttpResponse {
+    if let Some(token) = &app.token {
+        let given = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        let bearer = given.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        let refusal = match (given, bearer) {
+            (None, _) => "missing `Authorization: Bearer <token>` (the token is in the agent's `api.token_file`)",
+            (Some(_), None) => "the Authorization header is not `Bearer <token>`",
+            (_, Some(t)) if !same(t.trim().as_bytes(), token) => "the bearer token is wrong",
+            _ => return next.run(req).await,
+        };
+        warn!(path = %req.uri().path(), "HTTP API request refused: {refusal}");
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": refusal }))).into_response();
+    }
+    next.run(req).await
+}
+
+fn error(code: StatusCode, message: impl Into<String>) -> HttpResponse {
+    (code, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn not_found() -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; there are GET /v1/status, POST /v1/flip, POST /v1/rollback, GET /v1/operations/{id}, \
+         POST /v1/flagger/gate and POST /v1/flagger/promote",
+    )
+}
+
+/// A JSON body; an empty one is `{}`.
+fn body<T: DeserializeOwned>(bytes: &Bytes, example: &str) -> Result<T, HttpResponse> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    serde_json::from_slice(text).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body ({e}); send JSON such as {example}")))
+}
+
+/// A drain as JSON: seconds, or a duration such as "30s" or "5m".
+fn drain_secs(v: Option<&Value>) -> Result<Option<u64>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| format!("drain {n} is not a whole number of seconds")),
+        Some(Value::String(s)) => humantime::parse_duration(s)
+            .map(|d| Some(d.as_secs()))
+            .map_err(|e| format!("drain `{s}` is not a duration ({e}); e.g. \"30s\", \"5m\" or 30")),
+        Some(other) => Err(format!("drain {other} is not a duration; give seconds (30) or a duration (\"30s\")")),
+    }
+}
+
+async fn status(Shared(app): Shared<App>, Extension(peer): Extension<Peer>) -> HttpResponse {
+    match crate::agent::answer(&app.state, Request::Status { count_flows: false }, peer.actor()).await {
+        Response::Status(s) => Json(s).into_response(),
+        Response::Error { message } => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent answered a status request with something else"),
+    }
+}
+
+const FLIP_EXAMPLE: &str = r#"{"color":"green"} or {"color":"green","percent":10,"drain":"30s","force":false}"#;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlipBody {
+    color: String,
+    #[serde(default)]
+    percent: Option<u32>,
+    #[serde(default)]
+    drain: Option<Value>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn flip(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, headers: HeaderMap, bytes: Bytes) -> HttpResponse {
+    let b: FlipBody = match body(&bytes, FLIP_EXAMPLE) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if parse_color(&b.color).is_none() {
+        return error(StatusCode::BAD_REQUEST, format!("unknown color `{}`; use \"blue\" or \"green\"", b.color));
+    }
+    let drain_secs = match drain_secs(b.drain.as_ref()) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let req = Request::Flip { color: b.color, drain_secs, percent: b.percent, force: b.force, dry_run: b.dry_run };
+    if b.dry_run {
+        // Nothing changes: answered at once.
+        return match crate::agent::answer(&app.state, req, peer.actor()).await {
+            Response::DryRun(d) => Json(d).into_response(),
+            Response::Error { message } => error(StatusCode::BAD_REQUEST, message),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent answered a dry run with something else"),
+        };
+    }
+    start(app, peer, &headers, "flip", req)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn rollback(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, headers: HeaderMap, bytes: Bytes) -> HttpResponse {
+    match body::<RollbackBody>(&bytes, r#"{} or {"force":true}"#) {
+        Ok(b) => start(app, peer, &headers, "rollback", Request::Rollback { force: b.force }),
+        Err(r) => r,
+    }
+}
+
+/// Accepts a switch: it runs in the background, its operation says how it went.
+fn start(app: App, peer: Peer, headers: &HeaderMap, kind: &'static str, req: Request) -> HttpResponse {
+    // The URL as the client reached us (a Host header of URL characters), else our address.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+        .map(str::to_owned)
+        .unwrap_or_else(|| app.addr.to_string());
+    let base = format!("{}://{host}/v1/operations/", app.scheme);
+    let request = serde_json::to_value(&req).unwrap_or(Value::Null);
+    let op = match crate::lock(&app.ops).begin(kind, request, &base) {
+        Ok(op) => op,
+        Err(e) => return error(StatusCode::TOO_MANY_REQUESTS, e),
+    };
+    let (id, url) = (op.id.clone(), op.status_url.clone());
+    tokio::spawn(async move {
+        let answer = crate::agent::answer(&app.state, req, peer.actor()).await;
+        crate::lock(&app.ops).finish(&id, answer);
+    });
+    (StatusCode::ACCEPTED, [(header::LOCATION, url)], Json(op)).into_response()
+}
+
+async fn operation(Shared(app): Shared<App>, UrlPath(id): UrlPath<String>) -> HttpResponse {
+    match crate::lock(&app.ops).get(&id) {
+        Some(op) => Json(op).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no operation `{id}`: the agent keeps its last {KEPT_OPERATIONS} in memory, and none from before it restarted \
+                 (`bgctl history` has every switch)"
+            ),
+        ),
+    }
+}
+
+/// What Flagger sends to a webhook. bg reads `metadata.color` (and `metadata.drain`).
+#[derive(Deserialize)]
+struct FlaggerHook {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    phase: String,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+const FLAGGER_EXAMPLE: &str = r#"Flagger's payload, {"name":"web","namespace":"prod","phase":"Promoting","metadata":{"color":"green"}}"#;
+
+fn flagger(bytes: &Bytes) -> Result<(FlaggerHook, String), HttpResponse> {
+    let hook: FlaggerHook = body(bytes, FLAGGER_EXAMPLE)?;
+    let color = hook.metadata.get("color").cloned().unwrap_or_default();
+    if parse_color(&color).is_none() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the webhook's metadata.color is {}; set it to \"blue\" or \"green\" in the Canary's webhook (metadata: {{color: green}})",
+                if color.is_empty() { "missing".to_owned() } else { format!("`{color}`") }
+            ),
+        ));
+    }
+    Ok((hook, color))
+}
+
+/// For pre-rollout and confirm-rollout hooks: 200 when a flip to `metadata.color` would pass
+/// the health gate now (a dry run), 412 with what fails otherwise.
+async fn flagger_gate(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, bytes: Bytes) -> HttpResponse {
+    let (hook, color) = match flagger(&bytes) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let req = Request::Flip { color, drain_secs: None, percent: None, force: false, dry_run: true };
+    match crate::agent::answer(&app.state, req, peer.actor()).await {
+        Response::DryRun(d) if d.outcome == "refused" => {
+            info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, to = %d.to, "Flagger gate: not healthy");
+            (StatusCode::PRECONDITION_FAILED, Json(json!({ "error": format!("{} is not healthy", d.to), "failing": d.failing }))).into_response()
+        }
+        Response::DryRun(d) => Json(d).into_response(),
+        Response::Error { message } => error(StatusCode::BAD_REQUEST, message),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent answered a dry run with something else"),
+    }
+}
+
+/// For a confirm-promotion hook: flips to `metadata.color` and answers 200 once it is the
+/// active color (at once when it already is: Flagger calls again until it gets a 2xx); 409
+/// with the reason when the gate refuses.
+async fn flagger_promote(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, bytes: Bytes) -> HttpResponse {
+    let (hook, color) = match flagger(&bytes) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let drain_secs = match drain_secs(hook.metadata.get("drain").map(|d| Value::String(d.clone())).as_ref()) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("metadata.{e}")),
+    };
+    let req = Request::Flip { color, drain_secs, percent: None, force: false, dry_run: false };
+    match crate::agent::answer(&app.state, req, peer.actor()).await {
+        Response::Flipped(r) => {
+            info!(canary = %hook.name, namespace = %hook.namespace, to = %r.to, changed = r.changed, "Flagger promotion");
+            Json(r).into_response()
+        }
+        Response::Error { message } => error(StatusCode::CONFLICT, message),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent answered a flip with something else"),
+    }
+}
+
+/// An accepted switch and how it went.
+#[derive(Clone, Debug, Serialize)]
+pub struct Operation {
+    pub id: String,
+    /// "flip" or "rollback".
+    pub kind: &'static str,
+    /// "pending", then "done" or "failed".
+    pub status: &'static str,
+    pub status_url: String,
+    /// The request as the control socket would take it.
+    pub request: Value,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+    /// Done: the switch's figures (as `bgctl flip --json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<FlipResult>,
+    /// Failed: why (a refusal by the gate says what fails).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+/// The last `KEPT_OPERATIONS` operations, oldest first.
+struct Operations {
+    /// Tells this agent's ids from an earlier one's.
+    tag: u32,
+    next: u64,
+    list: VecDeque<Operation>,
+}
+
+impl Operations {
+    fn new() -> Operations {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Operations { tag: (nanos as u32) ^ std::process::id(), next: 1, list: VecDeque::new() }
+    }
+
+    fn begin(&mut self, kind: &'static str, request: Value, base: &str) -> Result<Operation, String> {
+        if self.list.iter().filter(|o| o.status == "pending").count() >= MAX_PENDING {
+            return Err(format!("{MAX_PENDING} switches are still pending; wait for them (GET their status_url) and retry"));
+        }
+        if self.list.len() >= KEPT_OPERATIONS {
+            if let Some(i) = self.list.iter().position(|o| o.status != "pending") {
+                self.list.remove(i);
+            }
+        }
+        let id = format!("{:08x}-{}", self.tag, self.next);
+        self.next += 1;
+        let op = Operation {
+            status_url: format!("{base}{id}"),
+            id,
+            kind,
+            status: "pending",
+            request,
+            created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            finished_at: None,
+            took_ms: None,
+            result: None,
+            error: None,
+            started: Some(Instant::now()),
+        };
+        self.list.push_back(op.clone());
+        Ok(op)
+    }
+
+    fn finish(&mut self, id: &str, answer: Response) {
+        let Some(op) = self.list.iter_mut().find(|o| o.id == id) else { return };
+        match answer {
+            Response::Flipped(r) => {
+                op.status = "done";
+                op.result = Some(r);
+            }
+            Response::Error { message } => {
+                op.status = "failed";
+                op.error = Some(message);
+            }
+            other => {
+                op.status = "failed";
+                op.error = Some(format!("the agent answered with something else: {}", serde_json::to_string(&other).unwrap_or_default()));
+            }
+        }
+        op.finished_at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
+        op.took_ms = op.started.map(|s| s.elapsed().as_millis() as u64);
+    }
+
+    fn get(&self, id: &str) -> Option<Operation> {
+        self.list.iter().find(|o| o.id == id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flipped() -> Response {
+        Response::Flipped(FlipResult::unchanged(bg_common::Color::Blue, 3, 10))
+    }
+
+    #[test]
+    fn operations_go_pending_then_done_or_failed() {
+        let mut ops = Operations::new();
+        let a = ops.begin("flip", json!({}), "http://h/v1/operations/").unwrap();
+        let b = ops.begin("rollback", json!({}), "http://h/v1/operations/").unwrap();
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.status_url, format!("http://h/v1/operations/{}", a.id));
+        assert_eq!(ops.get(&a.id).unwrap().status, "pending");
+        ops.finish(&a.id, flipped());
+        ops.finish(&b.id, Response::Error { message: "refused: green not healthy".into() });
+        let (a, b) = (ops.get(&a.id).unwrap(), ops.get(&b.id).unwrap());
+        assert_eq!((a.status, a.result.unwrap().generation), ("done", 3));
+        assert_eq!((b.status, b.error.as_deref()), ("failed", Some("refused: green not healthy")));
+        assert!(ops.get("nope").is_none());
+    }
+
+    #[test]
+    fn pending_operations_are_capped_and_never_evicted() {
+        let mut ops = Operations::new();
+        let first = ops.begin("flip", json!({}), "").unwrap();
+        for _ in 1..MAX_PENDING {
+            ops.begin("flip", json!({}), "").unwrap();
+        }
+        assert!(ops.begin("flip", json!({}), "").unwrap_err().contains("pending"));
+        // Finished ones make room; the store keeps KEPT_OPERATIONS and drops finished ones first.
+        let ids: Vec<String> = ops.list.iter().skip(1).map(|o| o.id.clone()).collect();
+        for id in &ids {
+            ops.finish(id, flipped());
+        }
+        for _ in 0..KEPT_OPERATIONS * 2 {
+            let op = ops.begin("flip", json!({}), "").unwrap();
+            ops.finish(&op.id, flipped());
+        }
+        assert_eq!(ops.list.len(), KEPT_OPERATIONS);
+        assert_eq!(ops.get(&first.id).unwrap().status, "pending", "a pending operation was evicted");
+    }
+
+    #[test]
+    fn drains_are_seconds_or_durations() {
+        assert_eq!(drain_secs(None), Ok(None));
+        assert_eq!(drain_secs(Some(&json!(30))), Ok(Some(30)));
+        assert_eq!(drain_secs(Some(&json!("2m"))), Ok(Some(120)));
+        assert!(drain_secs(Some(&json!(-1))).unwrap_err().contains("whole number"));
+        assert!(drain_secs(Some(&json!("soon"))).unwrap_err().contains("not a duration"));
+        assert!(drain_secs(Some(&json!([1]))).unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeg"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!same(b"", b"x"));
+    }
+}

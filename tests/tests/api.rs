@@ -1,0 +1,326 @@
+//! The HTTP API as deploy pipelines drive it (network tier, real servers, real agent, curl as
+//! the client): Spinnaker's webhook stage (POST, then poll the Location URL until a status),
+//! Flagger's webhooks (a 2xx proceeds), the token, mTLS, and bad input. Needs root.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use bg_tests::{netns::Proc, paths, topology::Topology};
+use serde_json::Value;
+
+const TOKEN: &str = "3f1c9a7e5b2d4c6e8a0b1d3f5e7c9a2b";
+const API: &str = "http://127.0.0.1:9478";
+
+fn tag() -> String {
+    bg_tests::run::tag("h")
+}
+
+/// A topology whose agent config has an `[api]` section of `api` lines appended, `{dir}` in
+/// them standing for the topology's run directory; the token file `{dir}/api-token` is
+/// written first (mode 0600).
+fn with_api(api: &str) -> Topology {
+    let t = Topology::create(&tag()).unwrap();
+    let token = token_path(&t);
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let api = api.replace("{dir}", t.run_dir.to_str().unwrap());
+    std::fs::write(t.config_path(), format!("{}\n[api]\n{api}\n", t.config())).unwrap();
+    t
+}
+
+const WITH_TOKEN: &str = "token_file = \"{dir}/api-token\"";
+
+fn token_path(t: &Topology) -> PathBuf {
+    t.run_dir.join("api-token")
+}
+
+struct Reply {
+    code: u16,
+    /// Header lines, lower-cased names.
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// curl in the gateway's namespace (where the API listens on loopback). `extra`: more curl
+/// arguments (headers, TLS files).
+fn curl(t: &Topology, method: &str, url: &str, body: Option<&str>, extra: &[&str]) -> Reply {
+    let mut args = vec!["curl", "-sS", "-i", "--max-time", "30", "-X", method];
+    args.extend_from_slice(extra);
+    if let Some(b) = body {
+        args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-raw", b]);
+    }
+    args.push(url);
+    let out = t.gw.exec(&args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer from {url}: {text}"));
+    let mut lines = head.lines();
+    let code = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = serde_json::from_str(rest).unwrap_or_else(|_| Value::String(rest.to_owned()));
+    Reply { code, headers, body }
+}
+
+fn bearer() -> String {
+    format!("Authorization: Bearer {TOKEN}")
+}
+
+/// An authorized call.
+fn call(t: &Topology, method: &str, path: &str, body: Option<&str>) -> Reply {
+    curl(t, method, &format!("{API}{path}"), body, &["-H", &bearer()])
+}
+
+/// What a Spinnaker webhook stage with "wait for completion" does: POST, take the status
+/// URL from the Location header, GET it until `$.status` is a success or terminal status.
+fn spinnaker_stage(t: &Topology, path: &str, payload: &str) -> Value {
+    let r = call(t, "POST", path, Some(payload));
+    assert_eq!(r.code, 202, "POST {path} is accepted: {}", r.body);
+    let location = r.header("location").expect("a Location header").to_owned();
+    assert!(location.starts_with(&format!("{API}/v1/operations/")), "an absolute status URL: {location}");
+    assert_eq!(r.body["status_url"], location.as_str(), "the body names the same URL: {}", r.body);
+    let start = Instant::now();
+    loop {
+        let op = curl(t, "GET", &location, None, &["-H", &bearer()]);
+        assert_eq!(op.code, 200, "{}", op.body);
+        match op.body["status"].as_str() {
+            Some("pending") => {}
+            Some("done" | "failed") => return op.body,
+            other => panic!("status {other:?} is none of pending, done, failed: {}", op.body),
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "still pending after 15 s: {}", op.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_spinnaker_webhook_stage_flips_and_rolls_back_and_a_refusal_fails_the_stage() {
+    let t = with_api(WITH_TOKEN);
+    let mut backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    assert_eq!(t.get_vip().unwrap(), "blue");
+    let before = t.status()["generation"].as_u64().unwrap();
+
+    let op = spinnaker_stage(&t, "/v1/flip", r#"{"color":"green","drain":"20s"}"#);
+    assert_eq!(op["status"], "done", "{op}");
+    assert_eq!(op["kind"], "flip");
+    let r = &op["result"];
+    assert_eq!((r["from"].as_str(), r["to"].as_str(), r["changed"].as_bool()), (Some("blue"), Some("green"), Some(true)), "{op}");
+    assert_eq!(r["generation"].as_u64(), Some(before + 1), "{op}");
+    assert_eq!(r["drain_secs"].as_u64(), Some(20), "the drain as asked: {op}");
+    assert!(op["took_ms"].is_u64() && op["finished_at"].is_string(), "{op}");
+    assert_eq!(t.get_vip().unwrap(), "green", "new connections go to green");
+
+    // What Argo Rollouts' web metric reads, and the socket says the same.
+    let s = call(&t, "GET", "/v1/status", None);
+    assert_eq!(s.code, 200);
+    assert_eq!((s.body["active"].as_str(), s.body["generation"].as_u64()), (Some("green"), Some(before + 1)), "{}", s.body);
+    assert_eq!(s.body["health"][1]["color"], "green");
+    assert_eq!(s.body["health"][1]["healthy"], true);
+    assert_eq!(s.body["drain"]["color"], "blue", "the drain shows: {}", s.body);
+    let last = t.history().last().unwrap().clone();
+    assert_eq!((last["event"].as_str(), last["to"].as_str(), last["uid"].as_str()), (Some("flip"), Some("green"), Some("api (bearer token)")), "{last}");
+
+    let op = spinnaker_stage(&t, "/v1/rollback", "");
+    assert_eq!((op["status"].as_str(), op["kind"].as_str(), op["result"]["to"].as_str()), (Some("done"), Some("rollback"), Some("blue")), "{op}");
+    assert_eq!(t.get_vip().unwrap(), "blue");
+
+    // Green dies: the stage's flip fails (a terminal status), nothing moves.
+    for p in &mut backends.green {
+        p.stop(Duration::from_secs(3));
+    }
+    t.wait_until("green down", Duration::from_secs(6), |s| s["health"][1]["healthy"] == false);
+    let gen = t.status()["generation"].clone();
+    let op = spinnaker_stage(&t, "/v1/flip", r#"{"color":"green"}"#);
+    assert_eq!(op["status"], "failed", "{op}");
+    let err = op["error"].as_str().unwrap();
+    assert!(err.contains("refused: green is not healthy") && err.contains("--force"), "{op}");
+    assert!(op.get("result").is_none(), "{op}");
+    assert_eq!(t.status()["generation"], gen, "a refused flip changes nothing");
+    assert_eq!(t.get_vip().unwrap(), "blue");
+    let last = t.history().last().unwrap().clone();
+    assert_eq!((last["event"].as_str(), last["uid"].as_str()), (Some("refused"), Some("api (bearer token)")), "{last}");
+}
+
+#[test]
+fn flagger_webhooks_gate_and_promote_and_hold_the_rollout_when_unhealthy() {
+    let t = with_api(WITH_TOKEN);
+    let mut backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    // Flagger's payload as its webhooks send it; metadata is the Canary's.
+    let hook = |phase: &str, color: &str| {
+        format!(r#"{{"name":"web","namespace":"prod","phase":"{phase}","checksum":"85d557f47b","metadata":{{"color":"{color}","type":"confirm-promotion"}}}}"#)
+    };
+    let r = call(&t, "POST", "/v1/flagger/gate", Some(&hook("Progressing", "green")));
+    assert_eq!(r.code, 200, "green is healthy: the rollout may go on: {}", r.body);
+    assert_eq!((r.body["outcome"].as_str(), r.body["to"].as_str()), (Some("switch"), Some("green")), "{}", r.body);
+    assert_eq!(t.get_vip().unwrap(), "blue", "a gate changes nothing");
+
+    let r = call(&t, "POST", "/v1/flagger/promote", Some(&hook("Promoting", "green")));
+    assert_eq!(r.code, 200, "{}", r.body);
+    assert_eq!((r.body["to"].as_str(), r.body["changed"].as_bool()), (Some("green"), Some(true)), "{}", r.body);
+    assert_eq!(t.get_vip().unwrap(), "green", "promoted: new connections go to green");
+    let gen = t.status()["generation"].clone();
+    // Flagger calls again until it gets a 2xx: a repeat changes nothing and still proceeds.
+    let r = call(&t, "POST", "/v1/flagger/promote", Some(&hook("Promoting", "green")));
+    assert_eq!((r.code, r.body["changed"].as_bool()), (200, Some(false)), "{}", r.body);
+    assert_eq!(t.status()["generation"], gen, "a repeated promotion is not a second switch");
+
+    // Blue is the way back; with it down, its gate and its promotion hold the rollout.
+    for p in &mut backends.blue {
+        p.stop(Duration::from_secs(3));
+    }
+    t.wait_until("blue down", Duration::from_secs(6), |s| s["health"][0]["healthy"] == false);
+    let r = call(&t, "POST", "/v1/flagger/gate", Some(&hook("Progressing", "blue")));
+    assert_eq!(r.code, 412, "{}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("blue is not healthy"), "{}", r.body);
+    assert!(!r.body["failing"].as_array().unwrap().is_empty(), "says what fails: {}", r.body);
+    let r = call(&t, "POST", "/v1/flagger/promote", Some(&hook("Promoting", "blue")));
+    assert_eq!(r.code, 409, "{}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("refused: blue is not healthy"), "{}", r.body);
+    assert_eq!(t.status()["generation"], gen);
+    assert_eq!(t.get_vip().unwrap(), "green");
+
+    // A Canary whose webhook lacks metadata.color is told what to set.
+    let r = call(&t, "POST", "/v1/flagger/promote", Some(r#"{"name":"web","namespace":"prod","phase":"Promoting","metadata":{}}"#));
+    assert_eq!(r.code, 400);
+    assert!(r.body["error"].as_str().unwrap().contains("metadata.color is missing"), "{}", r.body);
+}
+
+#[test]
+fn the_api_refuses_a_missing_or_wrong_token_and_names_bad_input_changing_nothing() {
+    let t = with_api(WITH_TOKEN);
+    let _backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    let before = t.status();
+
+    for (extra, says) in [
+        (vec![], "missing `Authorization: Bearer <token>`"),
+        (vec!["-H".to_owned(), "Authorization: Bearer 3f1c9a7e5b2d4c6e8a0b1d3f5e7c9a2c".to_owned()], "the bearer token is wrong"),
+        (vec!["-H".to_owned(), format!("Authorization: Bearer {TOKEN}x")], "the bearer token is wrong"),
+        (vec!["-H".to_owned(), format!("Authorization: Basic {TOKEN}")], "is not `Bearer <token>`"),
+    ] {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        for (method, path, body) in [("POST", "/v1/flip", Some(r#"{"color":"green"}"#)), ("GET", "/v1/status", None), ("POST", "/v1/flagger/promote", Some(r#"{"name":"a","namespace":"b","metadata":{"color":"green"}}"#))] {
+            let r = curl(&t, method, &format!("{API}{path}"), body, &extra);
+            assert_eq!(r.code, 401, "{method} {path} with {extra:?}: {}", r.body);
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+            assert!(r.body["error"].as_str().unwrap().contains(says), "{extra:?}: {}", r.body);
+        }
+    }
+    for (method, path, body, code, says) in [
+        ("POST", "/v1/flip", r#"{"colour":"green"}"#, 400, "unknown field `colour`"),
+        ("POST", "/v1/flip", r#"{"color":"purple"}"#, 400, "unknown color `purple`"),
+        ("POST", "/v1/flip", r#"{"color":"green","drain":"soon"}"#, 400, "drain `soon` is not a duration"),
+        ("POST", "/v1/flip", r#"{"color":"green","drain":-3}"#, 400, "not a whole number of seconds"),
+        ("POST", "/v1/flip", r#"{"color":"green""#, 400, "bad request body"),
+        ("POST", "/v1/flip", "", 400, "missing field `color`"),
+        ("POST", "/v1/rollback", r#"{"forced":true}"#, 400, "unknown field `forced`"),
+        ("GET", "/v1/operations/0000-1", "", 404, "no operation `0000-1`"),
+        ("GET", "/v1/flips", "", 404, "no such endpoint"),
+    ] {
+        let r = call(&t, method, path, (!body.is_empty()).then_some(body));
+        assert_eq!(r.code, code, "{method} {path} {body}: {}", r.body);
+        assert!(r.body["error"].as_str().unwrap_or("").contains(says), "{method} {path} {body}: {}", r.body);
+    }
+    let r = call(&t, "GET", "/v1/flip", None);
+    assert_eq!(r.code, 405, "GET on a POST endpoint");
+    // A body over the limit is refused before it is read whole.
+    let big = format!(r#"{{"color":"green","pad":"{}"}}"#, "x".repeat(bg_userspace::api::MAX_BODY));
+    let file = t.run_dir.join("big.json");
+    std::fs::write(&file, big).unwrap();
+    let r = curl(&t, "POST", &format!("{API}/v1/flip"), None, &["-H", &bearer(), "--data-binary", &format!("@{}", file.display())]);
+    assert_eq!(r.code, 413, "{}", r.body);
+
+    let after = t.status();
+    assert_eq!((after["active"].clone(), after["generation"].clone()), (before["active"].clone(), before["generation"].clone()));
+    assert!(t.history().iter().all(|e| e["event"] != "flip" && e["event"] != "refused"), "nothing reached the gate");
+    assert_eq!(t.get_vip().unwrap(), "blue");
+}
+
+#[test]
+fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
+    let t = Topology::create(&tag()).unwrap();
+    let dir = t.run_dir.join("tls");
+    bg_tests::tls::make_certs(
+        &dir,
+        &[("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"), ("pipeline", "extendedKeyUsage=clientAuth\n")],
+    )
+    .unwrap();
+    // A second CA's client: a certificate, but not one this API trusts.
+    let other = t.run_dir.join("other");
+    bg_tests::tls::make_certs(&other, &[("stranger", "extendedKeyUsage=clientAuth\n")]).unwrap();
+    let d = dir.display();
+    std::fs::write(
+        t.config_path(),
+        format!("{}\n[api]\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\n", t.config()),
+    )
+    .unwrap();
+    let _backends = t.start_backends().unwrap();
+    let _agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    let url = "https://127.0.0.1:9478/v1/flip";
+    let ca = format!("{d}/ca.pem");
+    let (cert, key) = (format!("{d}/pipeline.pem"), format!("{d}/pipeline.key"));
+    let r = curl(&t, "POST", url, Some(r#"{"color":"green"}"#), &["--cacert", &ca, "--cert", &cert, "--key", &key]);
+    assert_eq!(r.code, 202, "{}", r.body);
+    assert!(r.header("location").unwrap().starts_with("https://127.0.0.1:9478/v1/operations/"));
+    t.wait_until("green active", Duration::from_secs(5), |s| s["active"] == "green");
+    assert_eq!(t.get_vip().unwrap(), "green");
+    let last = t.history().last().unwrap().clone();
+    assert!(last["uid"].as_str().unwrap().starts_with("api client certificate sha256:"), "{last}");
+
+    let gen = t.status()["generation"].clone();
+    let (scert, skey) = (format!("{}/stranger.pem", other.display()), format!("{}/stranger.key", other.display()));
+    for extra in [vec!["--cacert", &ca], vec!["--cacert", &ca, "--cert", &scert, "--key", &skey]] {
+        let mut args = vec!["curl", "-sS", "--max-time", "10", "-X", "POST", "--data-raw", r#"{"color":"blue"}"#];
+        args.extend(extra.iter().copied());
+        args.push(url);
+        let out = t.gw.command("curl").args(&args[1..]).output().unwrap();
+        assert!(!out.status.success(), "a client without a trusted certificate got through: {extra:?}");
+    }
+    // Plain HTTP on the TLS port gets no API either.
+    let out = t.gw.command("curl").args(["-sS", "--max-time", "5", "http://127.0.0.1:9478/v1/status"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"active\""), "plain HTTP was answered");
+    assert_eq!(t.status()["generation"], gen);
+}
+
+#[test]
+fn a_bad_api_section_stops_the_start_with_nothing_loaded() {
+    let t = with_api(WITH_TOKEN);
+    std::fs::set_permissions(token_path(&t), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("api.token_file") && err.contains("readable by every user") && err.contains("chmod o-r"), "{err}");
+    assert!(!t.pin_dir().exists(), "nothing was pinned");
+
+    // A short token, then a port someone holds.
+    std::fs::write(token_path(&t), "short\n").unwrap();
+    std::fs::set_permissions(token_path(&t), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at least 16 printable characters"), "{err}");
+    std::fs::write(token_path(&t), format!("{TOKEN}\n")).unwrap();
+    let mut hold = t.gw.command("python3");
+    hold.args(["-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',9478)); s.listen(); print('listening', flush=True); time.sleep(30)"]);
+    let holder = Proc::spawn_ready("port holder", &mut hold, "listening", Duration::from_secs(5)).unwrap();
+    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    drop(holder);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("api.listen") && err.contains("127.0.0.1:9478"), "{err}");
+    assert!(!t.pin_dir().exists(), "nothing was pinned");
+}
