@@ -54,6 +54,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // Fleet mode's tests and demo start their own etcd.
     ("etcd", "etcd-server"),
+    // The dashboard's test evaluates every expression on a real Prometheus scraping an agent.
+    ("prometheus", "prometheus"),
 ];
 
 /// What building bgctl needs: the etcd client compiles its protobufs with `protoc`.
