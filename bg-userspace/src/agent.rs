@@ -1310,9 +1310,7 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         background.spawn(metrics::serve(addr, labels, snapshot)).await.map_err(|e| anyhow!("the metrics task failed: {e}"))??;
     }
 
-    if let Some(api) = api {
-        api.serve(state.clone());
-    }
+    let api = api.map(|api| api.serve(state.clone(), &background));
 
     let hooks = spawn_hook_runner();
     let mut term = signal(SignalKind::terminate())?;
@@ -1388,6 +1386,9 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
         }
     }
     drop(listener);
+    if let Some(api) = api {
+        api.abort();
+    }
     // Checks in flight end first: cut by the exit, each would leave a reset on its backend.
     if !checkers.stop(stop_checks_deadline).await {
         warn!(deadline_ms = stop_checks_deadline.as_millis() as u64, "health checks still in flight at exit were cut");

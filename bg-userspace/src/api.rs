@@ -51,6 +51,8 @@ pub const KEPT_OPERATIONS: usize = 256;
 pub const MAX_PENDING: usize = 16;
 /// How long a client has for its TLS handshake, and for a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is kept, whatever it does (a fleet switch takes 45 s at most).
+pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(120);
 /// The shortest bearer token accepted.
 pub const MIN_TOKEN: usize = 16;
 
@@ -76,11 +78,14 @@ impl Listener {
         Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls })
     }
 
-    /// Serves the API until the agent exits.
-    pub fn serve(self, state: Arc<Mutex<State>>) {
+    /// Serves the API on `runtime` (not the agent's decision thread: handshakes and bodies
+    /// there would delay its tick) until the agent exits.
+    pub fn serve(self, state: Arc<Mutex<State>>, runtime: &tokio::runtime::Handle) -> tokio::task::JoinHandle<()> {
         let app = App {
             state,
             ops: Arc::new(Mutex::new(Operations::new())),
+            switches: Arc::new(tokio::sync::Mutex::new(())),
+            refusals: Arc::new(RateLimitedLog::default()),
             token: self.token,
             scheme: if self.tls.is_some() { "https" } else { "http" },
             addr: self.addr,
@@ -98,7 +103,8 @@ impl Listener {
             .with_state(app.clone());
         info!(listen = %self.addr, tls = self.tls.is_some(), token = app.token.is_some(), "HTTP API listening");
         let (tcp, tls) = (self.tcp, self.tls);
-        tokio::spawn(async move {
+        let refusals = app.refusals.clone();
+        runtime.spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             loop {
                 let (stream, from) = match tcp.accept().await {
@@ -110,26 +116,75 @@ impl Listener {
                     }
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    debug!(%from, "HTTP API connection refused: {MAX_CONNECTIONS} already open");
+                    refusals.warn(&format!("HTTP API connection from {from} closed: {MAX_CONNECTIONS} already open"));
                     continue;
                 };
                 let (router, tls) = (router.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tls {
-                        None => connection(stream, router.layer(Extension(Peer { cert: None }))).await,
-                        Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => {
-                                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c));
-                                connection(stream, router.layer(Extension(Peer { cert }))).await
+                    // However it behaves, a client has the connection this long at most.
+                    let served = tokio::time::timeout(MAX_CONNECTION_LIFE, async move {
+                        match tls {
+                            None => connection(stream, router.layer(Extension(Peer { cert: None, from }))).await,
+                            Some(acceptor) => {
+                                if !speaks_tls(&stream).await {
+                                    return;
+                                }
+                                match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => {
+                                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c));
+                                        connection(stream, router.layer(Extension(Peer { cert, from }))).await
+                                    }
+                                    Ok(Err(e)) => debug!(%from, error = %e, "HTTP API TLS handshake failed"),
+                                    Err(_) => debug!(%from, "HTTP API TLS handshake timed out"),
+                                }
                             }
-                            Ok(Err(e)) => debug!(%from, error = %e, "HTTP API TLS handshake failed"),
-                            Err(_) => debug!(%from, "HTTP API TLS handshake timed out"),
-                        },
+                        }
+                    });
+                    if served.await.is_err() {
+                        debug!(%from, "HTTP API connection closed after {MAX_CONNECTION_LIFE:?}");
                     }
                 });
             }
-        });
+        })
+    }
+}
+
+/// A client on the HTTPS port that sends something other than a TLS handshake (plain HTTP)
+/// is told so, and closed.
+async fn speaks_tls(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 0x16 => true,
+        Ok(Ok(1)) => {
+            let body = "this port speaks HTTPS only; use https://\n";
+            let answer = format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.writable()).await;
+            let _ = stream.try_write(answer.as_bytes());
+            false
+        }
+        _ => false,
+    }
+}
+
+/// A warning that an attacker could repeat at will: logged at most once a second, with how
+/// many were left out.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: Mutex<Option<Instant>>,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimitedLog {
+    fn warn(&self, what: &str) {
+        let mut last = crate::lock(&self.last);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        let skipped = self.skipped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        warn!(skipped, "{what}");
     }
 }
 
@@ -181,6 +236,13 @@ fn tls_acceptor(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> anyho
     if certs.is_empty() {
         bail!("config field `api.tls_cert`: {} holds no PEM certificate", cert.display());
     }
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(key_file).map_err(|e| anyhow!("config field `api.tls_key`: {}: {e}", key_file.display()))?;
+        if meta.mode() & 0o004 != 0 {
+            bail!("config field `api.tls_key`: {} is readable by every user (mode {:o}); `chmod o-r` it", key_file.display(), meta.mode() & 0o777);
+        }
+    }
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| anyhow!("config field `api.tls_key`: {}: {e}", key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
@@ -222,6 +284,9 @@ struct App {
     token: Option<Arc<[u8]>>,
     scheme: &'static str,
     addr: SocketAddr,
+    /// Switches run one at a time, in the order they were accepted (a fair lock).
+    switches: Arc<tokio::sync::Mutex<()>>,
+    refusals: Arc<RateLimitedLog>,
 }
 
 /// Who is at the other end of a connection.
@@ -229,35 +294,83 @@ struct App {
 struct Peer {
     /// mTLS: the client certificate's fingerprint.
     cert: Option<String>,
+    from: SocketAddr,
 }
 
 impl Peer {
     fn actor(&self) -> Actor {
+        let ip = self.from.ip();
         Actor::Api(match &self.cert {
-            Some(fp) => format!("api client certificate sha256:{fp}").into(),
-            None => "api (bearer token)".into(),
+            Some(fp) => format!("api client certificate sha256:{fp} from {ip}").into(),
+            None => format!("api (bearer token) from {ip}").into(),
         })
     }
 }
 
-/// Compares without an early exit, so the time taken says nothing about the token.
+/// Compares SHA-256 digests without an early exit: the time taken says nothing about the
+/// token, its length included.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let (a, b) = (ring::digest::digest(&ring::digest::SHA256, a), ring::digest::digest(&ring::digest::SHA256, b));
+    a.as_ref().iter().zip(b.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn authorize(Shared(app): Shared<App>, req: HttpRequest, next: Next) -> HttpResponse {
+/// How a request was authenticated, for its handler.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Authn {
+    /// The bearer token (or none is configured: mTLS did it in the handshake).
+    Verified,
+    /// A Flagger webhook without an Authorization header: its `metadata.token` must match.
+    TokenInBody,
+}
+
+/// `Bearer <token>` (the scheme in any case, RFC 7235) -> the token.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn unauthorized(app: &App, peer: &Peer, path: &str, refusal: &str) -> HttpResponse {
+    app.refusals.warn(&format!("HTTP API request from {} to {path} refused: {refusal}", peer.from));
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer"), (header::CONNECTION, "close")],
+        Json(json!({ "error": refusal })),
+    )
+        .into_response()
+}
+
+async fn authorize(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, mut req: HttpRequest, next: Next) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let mut authn = Authn::Verified;
     if let Some(token) = &app.token {
         let given = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
-        let bearer = given.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-        let refusal = match (given, bearer) {
-            (None, _) => "missing `Authorization: Bearer <token>` (the token is in the agent's `api.token_file`)",
-            (Some(_), None) => "the Authorization header is not `Bearer <token>`",
-            (_, Some(t)) if !same(t.trim().as_bytes(), token) => "the bearer token is wrong",
-            _ => return next.run(req).await,
+        let refusal = match given.map(bearer) {
+            // Flagger sends no headers of its own: its webhooks carry the token in metadata.
+            None if path.starts_with("/v1/flagger/") => {
+                authn = Authn::TokenInBody;
+                None
+            }
+            None => Some("missing `Authorization: Bearer <token>` (the token is in the agent's `api.token_file`)"),
+            Some(None) => Some("the Authorization header is not `Bearer <token>`"),
+            Some(Some(t)) if !same(t.as_bytes(), token) => Some("the bearer token is wrong"),
+            Some(Some(_)) => None,
         };
-        warn!(path = %req.uri().path(), "HTTP API request refused: {refusal}");
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": refusal }))).into_response();
+        if let Some(refusal) = refusal {
+            return unauthorized(&app, &peer, &path, refusal);
+        }
     }
+    // A browser can be made to send a cross-site POST, but not one of JSON: only JSON is taken.
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the body as `Content-Type: application/json` (`{}` when it is empty)");
+        }
+    }
+    req.extensions_mut().insert(authn);
     next.run(req).await
 }
 
@@ -284,9 +397,14 @@ fn drain_secs(v: Option<&Value>) -> Result<Option<u64>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| format!("drain {n} is not a whole number of seconds")),
-        Some(Value::String(s)) => humantime::parse_duration(s)
-            .map(|d| Some(d.as_secs()))
-            .map_err(|e| format!("drain `{s}` is not a duration ({e}); e.g. \"30s\", \"5m\" or 30")),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map(Some).map_err(|_| format!("drain `{s}` is out of range"))
+        }
+        Some(Value::String(s)) => match humantime::parse_duration(s) {
+            Ok(d) if d.subsec_nanos() != 0 => Err(format!("drain `{s}` is not a whole number of seconds; e.g. \"30s\"")),
+            Ok(d) => Ok(Some(d.as_secs())),
+            Err(e) => Err(format!("drain `{s}` is not a duration ({e}); e.g. \"30s\", \"5m\" or 30")),
+        },
         Some(other) => Err(format!("drain {other} is not a duration; give seconds (30) or a duration (\"30s\")")),
     }
 }
@@ -327,6 +445,10 @@ async fn flip(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, header
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let to = parse_color(&b.color).expect("checked");
+    if let Err(e) = crate::decisions::check_arguments(&crate::decisions::FlipRequest { to, percent: b.percent, drain_secs, force: b.force }) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
     let req = Request::Flip { color: b.color, drain_secs, percent: b.percent, force: b.force, dry_run: b.dry_run };
     if b.dry_run {
         // Nothing changes: answered at once.
@@ -370,10 +492,33 @@ fn start(app: App, peer: Peer, headers: &HeaderMap, kind: &'static str, req: Req
     };
     let (id, url) = (op.id.clone(), op.status_url.clone());
     tokio::spawn(async move {
-        let answer = crate::agent::answer(&app.state, req, peer.actor()).await;
+        let answer = run_switch(&app, req, peer.actor()).await;
         crate::lock(&app.ops).finish(&id, answer);
     });
     (StatusCode::ACCEPTED, [(header::LOCATION, url)], Json(op)).into_response()
+}
+
+/// One switch, after the ones accepted before it, on a task of its own: a client that goes
+/// away cannot cut it short, and a panic is a failed switch, not one pending for ever.
+async fn run_switch(app: &App, req: Request, who: Actor) -> Response {
+    let (state, switches) = (app.state.clone(), app.switches.clone());
+    let task = tokio::spawn(async move {
+        let _turn = switches.lock().await;
+        crate::agent::answer(&state, req, who).await
+    });
+    task.await.unwrap_or_else(|e| Response::Error { message: format!("the switch's task failed: {e}") })
+}
+
+/// A fleet switch that some live gateway did not apply is not a success for a pipeline,
+/// whatever else it did (`bgctl flip` exits 1 on it too).
+fn incomplete(r: &FlipResult) -> Option<String> {
+    let f = r.fleet.as_ref().filter(|f| !f.complete)?;
+    let lagging: Vec<&str> = f.lagging.iter().map(|l| l.gateway.as_str()).chain(f.lost.iter().map(String::as_str)).collect();
+    Some(match (&f.rolled_back, &f.error) {
+        (Some(back), _) => format!("not applied by every live gateway in time ({}); the fleet was rolled back: {back}", lagging.join(", ")),
+        (None, Some(e)) => format!("written to the fleet, but its acknowledgements are unknown: {e}"),
+        (None, None) => format!("written to the fleet, but not applied in time by: {}", lagging.join(", ")),
+    })
 }
 
 async fn operation(Shared(app): Shared<App>, UrlPath(id): UrlPath<String>) -> HttpResponse {
@@ -402,8 +547,16 @@ struct FlaggerHook {
 
 const FLAGGER_EXAMPLE: &str = r#"Flagger's payload, {"name":"web","namespace":"prod","phase":"Promoting","metadata":{"color":"green"}}"#;
 
-fn flagger(bytes: &Bytes) -> Result<(FlaggerHook, String), HttpResponse> {
+fn flagger(app: &App, peer: &Peer, authn: Authn, path: &str, bytes: &Bytes) -> Result<(FlaggerHook, String), HttpResponse> {
     let hook: FlaggerHook = body(bytes, FLAGGER_EXAMPLE)?;
+    if authn == Authn::TokenInBody {
+        let token = app.token.as_deref().expect("a token is configured");
+        match hook.metadata.get("token") {
+            None => return Err(unauthorized(app, peer, path, "missing `Authorization: Bearer <token>`, or the webhook's metadata.token")),
+            Some(t) if !same(t.trim().as_bytes(), token) => return Err(unauthorized(app, peer, path, "the webhook's metadata.token is wrong")),
+            Some(_) => {}
+        }
+    }
     let color = hook.metadata.get("color").cloned().unwrap_or_default();
     if parse_color(&color).is_none() {
         return Err(error(
@@ -419,14 +572,16 @@ fn flagger(bytes: &Bytes) -> Result<(FlaggerHook, String), HttpResponse> {
 
 /// For pre-rollout and confirm-rollout hooks: 200 when a flip to `metadata.color` would pass
 /// the health gate now (a dry run), 412 with what fails otherwise.
-async fn flagger_gate(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, bytes: Bytes) -> HttpResponse {
-    let (hook, color) = match flagger(&bytes) {
+async fn flagger_gate(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, Extension(authn): Extension<Authn>, bytes: Bytes) -> HttpResponse {
+    let (hook, color) = match flagger(&app, &peer, authn, "/v1/flagger/gate", &bytes) {
         Ok(x) => x,
         Err(r) => return r,
     };
     let req = Request::Flip { color, drain_secs: None, percent: None, force: false, dry_run: true };
     match crate::agent::answer(&app.state, req, peer.actor()).await {
-        Response::DryRun(d) if d.outcome == "refused" => {
+        // Not healthy is a hold, also when the color is already active (the dry run's outcome
+        // is then "unchanged").
+        Response::DryRun(d) if !d.healthy || d.outcome == "refused" => {
             info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, to = %d.to, "Flagger gate: not healthy");
             (StatusCode::PRECONDITION_FAILED, Json(json!({ "error": format!("{} is not healthy", d.to), "failing": d.failing }))).into_response()
         }
@@ -439,8 +594,8 @@ async fn flagger_gate(Shared(app): Shared<App>, Extension(peer): Extension<Peer>
 /// For a confirm-promotion hook: flips to `metadata.color` and answers 200 once it is the
 /// active color (at once when it already is: Flagger calls again until it gets a 2xx); 409
 /// with the reason when the gate refuses.
-async fn flagger_promote(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, bytes: Bytes) -> HttpResponse {
-    let (hook, color) = match flagger(&bytes) {
+async fn flagger_promote(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, Extension(authn): Extension<Authn>, bytes: Bytes) -> HttpResponse {
+    let (hook, color) = match flagger(&app, &peer, authn, "/v1/flagger/promote", &bytes) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -449,7 +604,11 @@ async fn flagger_promote(Shared(app): Shared<App>, Extension(peer): Extension<Pe
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("metadata.{e}")),
     };
     let req = Request::Flip { color, drain_secs, percent: None, force: false, dry_run: false };
-    match crate::agent::answer(&app.state, req, peer.actor()).await {
+    match run_switch(&app, req, peer.actor()).await {
+        Response::Flipped(r) if incomplete(&r).is_some() => {
+            let why = incomplete(&r).unwrap_or_default();
+            (StatusCode::CONFLICT, Json(json!({ "error": why, "result": r }))).into_response()
+        }
         Response::Flipped(r) => {
             info!(canary = %hook.name, namespace = %hook.namespace, to = %r.to, changed = r.changed, "Flagger promotion");
             Json(r).into_response()
@@ -531,7 +690,13 @@ impl Operations {
         let Some(op) = self.list.iter_mut().find(|o| o.id == id) else { return };
         match answer {
             Response::Flipped(r) => {
-                op.status = "done";
+                match incomplete(&r) {
+                    Some(why) => {
+                        op.status = "failed";
+                        op.error = Some(why);
+                    }
+                    None => op.status = "done",
+                }
                 op.result = Some(r);
             }
             Response::Error { message } => {
@@ -602,9 +767,21 @@ mod tests {
         assert_eq!(drain_secs(None), Ok(None));
         assert_eq!(drain_secs(Some(&json!(30))), Ok(Some(30)));
         assert_eq!(drain_secs(Some(&json!("2m"))), Ok(Some(120)));
+        assert_eq!(drain_secs(Some(&json!("30"))), Ok(Some(30)), "Flagger's metadata values are strings");
+        assert!(drain_secs(Some(&json!("1500ms"))).unwrap_err().contains("whole number of seconds"));
+        assert!(drain_secs(Some(&json!("99999999999999999999999"))).unwrap_err().contains("out of range"));
         assert!(drain_secs(Some(&json!(-1))).unwrap_err().contains("whole number"));
         assert!(drain_secs(Some(&json!("soon"))).unwrap_err().contains("not a duration"));
         assert!(drain_secs(Some(&json!([1]))).unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_any_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer\tabc "), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 
     #[test]

@@ -18,6 +18,19 @@ use crate::{
 
 /// The longest `--drain`: a day.
 pub const MAX_DRAIN_SECS: u64 = 86_400;
+
+/// What is wrong with a flip's arguments on their own, whatever the state: checked before a
+/// switch is accepted (the HTTP API's 400) and again when it is decided.
+pub fn check_arguments(req: &FlipRequest) -> Result<(), String> {
+    match (req.percent, req.drain_secs) {
+        (Some(p), _) if !(1..=99).contains(&p) => Err(format!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)")),
+        (Some(_), Some(_)) => Err("--drain with --percent: a canary keeps both colors live, so there is nothing to drain; \
+             drain on the full flip (`bgctl flip COLOR --drain SECS`)"
+            .into()),
+        (_, Some(d)) if d > MAX_DRAIN_SECS => Err(format!("--drain {d} is out of range; use 0 to {MAX_DRAIN_SECS} seconds")),
+        _ => Ok(()),
+    }
+}
 /// `Window::until_ms` of a canary's watch: it lasts until the next switch.
 pub const CANARY_WATCH: u64 = u64::MAX;
 
@@ -254,18 +267,7 @@ impl Decisions {
     /// A flip (`percent` None) or a canary to `req.to`. `to` is the health verdict on
     /// `req.to`. Errors name what was wrong with the request.
     pub fn decide_flip(&self, req: &FlipRequest, to: &Verdict, now_ms: u64) -> Result<Decision, String> {
-        match (req.percent, req.drain_secs) {
-            (Some(p), _) if !(1..=99).contains(&p) => {
-                return Err(format!("--percent {p} is out of range; use 1 to 99 (a plain flip moves 100%)"));
-            }
-            (Some(_), Some(_)) => {
-                return Err("--drain with --percent: a canary keeps both colors live, so there is nothing to drain; \
-                     drain on the full flip (`bgctl flip COLOR --drain SECS`)"
-                    .into());
-            }
-            (_, Some(d)) if d > MAX_DRAIN_SECS => return Err(format!("--drain {d} is out of range; use 0 to {MAX_DRAIN_SECS} seconds")),
-            _ => {}
-        }
+        check_arguments(req)?;
         let from = self.active;
         if req.percent.is_some() && req.to == from {
             return Err(format!("{} is already active; a canary goes to the other color", req.to.name()));

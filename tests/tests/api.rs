@@ -130,9 +130,9 @@ fn a_spinnaker_webhook_stage_flips_and_rolls_back_and_a_refusal_fails_the_stage(
     assert_eq!(s.body["health"][1]["healthy"], true);
     assert_eq!(s.body["drain"]["color"], "blue", "the drain shows: {}", s.body);
     let last = t.history().last().unwrap().clone();
-    assert_eq!((last["event"].as_str(), last["to"].as_str(), last["uid"].as_str()), (Some("flip"), Some("green"), Some("api (bearer token)")), "{last}");
+    assert_eq!((last["event"].as_str(), last["to"].as_str(), last["uid"].as_str()), (Some("flip"), Some("green"), Some("api (bearer token) from 127.0.0.1")), "{last}");
 
-    let op = spinnaker_stage(&t, "/v1/rollback", "");
+    let op = spinnaker_stage(&t, "/v1/rollback", "{}");
     assert_eq!((op["status"].as_str(), op["kind"].as_str(), op["result"]["to"].as_str()), (Some("done"), Some("rollback"), Some("blue")), "{op}");
     assert_eq!(t.get_vip().unwrap(), "blue");
 
@@ -150,7 +150,7 @@ fn a_spinnaker_webhook_stage_flips_and_rolls_back_and_a_refusal_fails_the_stage(
     assert_eq!(t.status()["generation"], gen, "a refused flip changes nothing");
     assert_eq!(t.get_vip().unwrap(), "blue");
     let last = t.history().last().unwrap().clone();
-    assert_eq!((last["event"].as_str(), last["uid"].as_str()), (Some("refused"), Some("api (bearer token)")), "{last}");
+    assert_eq!((last["event"].as_str(), last["uid"].as_str()), (Some("refused"), Some("api (bearer token) from 127.0.0.1")), "{last}");
 }
 
 #[test]
@@ -193,6 +193,21 @@ fn flagger_webhooks_gate_and_promote_and_hold_the_rollout_when_unhealthy() {
     assert_eq!(t.status()["generation"], gen);
     assert_eq!(t.get_vip().unwrap(), "green");
 
+    // Flagger sends no headers of its own: the token may come in the webhook's metadata.
+    let with_token = |token: &str| {
+        format!(r#"{{"name":"web","namespace":"prod","phase":"Promoting","metadata":{{"color":"green","token":"{token}"}}}}"#)
+    };
+    let r = curl(&t, "POST", &format!("{API}/v1/flagger/promote"), Some(&with_token(TOKEN)), &[]);
+    assert_eq!((r.code, r.body["to"].as_str()), (200, Some("green")), "{}", r.body);
+    for (token, says) in [("3f1c9a7e5b2d4c6e8a0b1d3f5e7c9a2c", "metadata.token is wrong"), ("", "metadata.token is wrong")] {
+        let r = curl(&t, "POST", &format!("{API}/v1/flagger/promote"), Some(&with_token(token)), &[]);
+        assert_eq!(r.code, 401, "{}", r.body);
+        assert!(r.body["error"].as_str().unwrap().contains(says), "{}", r.body);
+    }
+    let r = curl(&t, "POST", &format!("{API}/v1/flagger/gate"), Some(r#"{"name":"web","namespace":"prod","metadata":{"color":"green"}}"#), &[]);
+    assert_eq!(r.code, 401, "no token at all: {}", r.body);
+    assert_eq!(t.status()["generation"], gen);
+
     // A Canary whose webhook lacks metadata.color is told what to set.
     let r = call(&t, "POST", "/v1/flagger/promote", Some(r#"{"name":"web","namespace":"prod","phase":"Promoting","metadata":{}}"#));
     assert_eq!(r.code, 400);
@@ -222,6 +237,10 @@ fn the_api_refuses_a_missing_or_wrong_token_and_names_bad_input_changing_nothing
         }
     }
     for (method, path, body, code, says) in [
+        ("POST", "/v1/flip", r#"{"color":"green","percent":100}"#, 400, "--percent 100 is out of range"),
+        ("POST", "/v1/flip", r#"{"color":"green","percent":10,"drain":30}"#, 400, "nothing to drain"),
+        ("POST", "/v1/flip", r#"{"color":"green","drain":"1500ms"}"#, 400, "not a whole number of seconds"),
+        ("POST", "/v1/flip", r#"{"color":"green","drain":"90000"}"#, 400, "--drain 90000 is out of range"),
         ("POST", "/v1/flip", r#"{"colour":"green"}"#, 400, "unknown field `colour`"),
         ("POST", "/v1/flip", r#"{"color":"purple"}"#, 400, "unknown color `purple`"),
         ("POST", "/v1/flip", r#"{"color":"green","drain":"soon"}"#, 400, "drain `soon` is not a duration"),
@@ -232,17 +251,29 @@ fn the_api_refuses_a_missing_or_wrong_token_and_names_bad_input_changing_nothing
         ("GET", "/v1/operations/0000-1", "", 404, "no operation `0000-1`"),
         ("GET", "/v1/flips", "", 404, "no such endpoint"),
     ] {
-        let r = call(&t, method, path, (!body.is_empty()).then_some(body));
+        let r = call(&t, method, path, (method == "POST").then_some(body));
         assert_eq!(r.code, code, "{method} {path} {body}: {}", r.body);
         assert!(r.body["error"].as_str().unwrap_or("").contains(says), "{method} {path} {body}: {}", r.body);
     }
     let r = call(&t, "GET", "/v1/flip", None);
     assert_eq!(r.code, 405, "GET on a POST endpoint");
+    // Without the token, nothing answers but 401: not even whether a path exists.
+    for (method, path) in [("GET", "/v1/flip"), ("GET", "/v1/nope"), ("GET", "/v1/operations/0000-1"), ("POST", "/v1/rollback")] {
+        let r = curl(&t, method, &format!("{API}{path}"), Some("{}"), &[]);
+        assert_eq!(r.code, 401, "{method} {path}: {}", r.body);
+    }
+    // Only JSON is taken (a browser can be made to POST a form across sites, not JSON).
+    let r = curl(&t, "POST", &format!("{API}/v1/flip"), None, &["-H", &bearer(), "-H", "Content-Type: text/plain", "--data-raw", r#"{"color":"green"}"#]);
+    assert_eq!(r.code, 415, "{}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("application/json"), "{}", r.body);
+    // A dry run answers at once and changes nothing.
+    let r = call(&t, "POST", "/v1/flip", Some(r#"{"color":"green","dry_run":true}"#));
+    assert_eq!((r.code, r.body["outcome"].as_str(), r.body["to"].as_str()), (200, Some("switch"), Some("green")), "{}", r.body);
     // A body over the limit is refused before it is read whole.
     let big = format!(r#"{{"color":"green","pad":"{}"}}"#, "x".repeat(bg_userspace::api::MAX_BODY));
     let file = t.run_dir.join("big.json");
     std::fs::write(&file, big).unwrap();
-    let r = curl(&t, "POST", &format!("{API}/v1/flip"), None, &["-H", &bearer(), "--data-binary", &format!("@{}", file.display())]);
+    let r = curl(&t, "POST", &format!("{API}/v1/flip"), None, &["-H", &bearer(), "-H", "Content-Type: application/json", "--data-binary", &format!("@{}", file.display())]);
     assert_eq!(r.code, 413, "{}", r.body);
 
     let after = t.status();
@@ -281,7 +312,8 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
     t.wait_until("green active", Duration::from_secs(5), |s| s["active"] == "green");
     assert_eq!(t.get_vip().unwrap(), "green");
     let last = t.history().last().unwrap().clone();
-    assert!(last["uid"].as_str().unwrap().starts_with("api client certificate sha256:"), "{last}");
+    let who = last["uid"].as_str().unwrap();
+    assert!(who.starts_with("api client certificate sha256:") && who.ends_with(" from 127.0.0.1"), "{last}");
 
     let gen = t.status()["generation"].clone();
     let (scert, skey) = (format!("{}/stranger.pem", other.display()), format!("{}/stranger.key", other.display()));
@@ -290,19 +322,33 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
         args.extend(extra.iter().copied());
         args.push(url);
         let out = t.gw.command("curl").args(&args[1..]).output().unwrap();
-        assert!(!out.status.success(), "a client without a trusted certificate got through: {extra:?}");
+        // 56: the server ended the handshake (TLS 1.3 alerts arrive on the first read), 35: a
+        // TLS error; not 7/28 (nothing listening, a timeout).
+        let code = out.status.code();
+        assert!(matches!(code, Some(35 | 56)), "a client without a trusted certificate: curl exit {code:?} ({extra:?}): {}", String::from_utf8_lossy(&out.stderr));
     }
-    // Plain HTTP on the TLS port gets no API either.
-    let out = t.gw.command("curl").args(["-sS", "--max-time", "5", "http://127.0.0.1:9478/v1/status"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"active\""), "plain HTTP was answered");
+    // Plain HTTP on the TLS port is told to use HTTPS.
+    let out = t.gw.exec(&["curl", "-sS", "--max-time", "5", "-i", "http://127.0.0.1:9478/v1/status"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 400") && text.contains("speaks HTTPS only"), "{text}");
     assert_eq!(t.status()["generation"], gen);
+    // The trusted client still gets through after all that.
+    let r = curl(&t, "GET", "https://127.0.0.1:9478/v1/status", None, &["--cacert", &ca, "--cert", &cert, "--key", &key]);
+    assert_eq!((r.code, r.body["active"].as_str()), (200, Some("green")), "{}", r.body);
+}
+
+/// `bgctl agent` for this topology, killed after 30 s if it does start after all.
+fn start_bounded(t: &Topology) -> std::process::Output {
+    let mut cmd = t.gw.nsenter("timeout");
+    cmd.args(["30", paths::bgctl().to_str().unwrap(), "agent", "--config", t.config_path().to_str().unwrap()]);
+    cmd.output().unwrap()
 }
 
 #[test]
 fn a_bad_api_section_stops_the_start_with_nothing_loaded() {
     let t = with_api(WITH_TOKEN);
     std::fs::set_permissions(token_path(&t), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    let out = start_bounded(&t);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("api.token_file") && err.contains("readable by every user") && err.contains("chmod o-r"), "{err}");
@@ -311,14 +357,14 @@ fn a_bad_api_section_stops_the_start_with_nothing_loaded() {
     // A short token, then a port someone holds.
     std::fs::write(token_path(&t), "short\n").unwrap();
     std::fs::set_permissions(token_path(&t), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    let out = start_bounded(&t);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("at least 16 printable characters"), "{err}");
     std::fs::write(token_path(&t), format!("{TOKEN}\n")).unwrap();
     let mut hold = t.gw.command("python3");
     hold.args(["-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',9478)); s.listen(); print('listening', flush=True); time.sleep(30)"]);
     let holder = Proc::spawn_ready("port holder", &mut hold, "listening", Duration::from_secs(5)).unwrap();
-    let out = t.gw.nsenter(paths::bgctl().to_str().unwrap()).args(["agent", "--config", t.config_path().to_str().unwrap()]).output().unwrap();
+    let out = start_bounded(&t);
     drop(holder);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("api.listen") && err.contains("127.0.0.1:9478"), "{err}");

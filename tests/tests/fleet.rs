@@ -423,9 +423,12 @@ fn a_fleet_over_mutual_tls_flips_as_one_and_etcd_refuses_a_client_without_a_cert
 #[test]
 fn a_flip_not_applied_everywhere_in_time_is_rolled_back_with_rollback_on_timeout() {
     let (t, _backends, mut agents) = fleet_up("fo");
-    // gw0's agent flips with rollback_on_timeout; gw2 is cut off from etcd.
+    // gw0's agent flips with rollback_on_timeout, and serves the HTTP API; gw2 is cut off from etcd.
+    let token = t.run_dir.join("api-token");
+    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     agents[0].stop(Duration::from_secs(5));
-    agents[0] = t.start_agent_with(0, "rollback_on_timeout = true\n").expect("gw0 again");
+    agents[0] = t.start_agent_with(0, &format!("rollback_on_timeout = true\n\n[api]\ntoken_file = \"{}\"\n", token.display())).expect("gw0 again");
     wait_fleet_healthy(&t);
     let before = t.fleet_status()["desired"]["generation"].as_u64().unwrap();
     t.cut(2).unwrap();
@@ -451,4 +454,49 @@ fn a_flip_not_applied_everywhere_in_time_is_rolled_back_with_rollback_on_timeout
         (st["fleet"]["etcd"] == "up" && st["fleet"]["applied_revision"] == s["revision"]).then_some(st)
     });
     assert_eq!(t.status(2)["active"], "blue");
+
+    // The same through gw0's HTTP API, as a Spinnaker stage: with gw2 cut off the operation
+    // fails (not applied everywhere, rolled back) though the switch was written; healed, it is done on all three.
+    t.cut(2).unwrap();
+    let op = api_flip(&t, r#"{"color":"green"}"#);
+    assert_eq!(op["status"], "failed", "{op}");
+    assert!(op["error"].as_str().unwrap().contains("gw2") && op["error"].as_str().unwrap().contains("rolled back"), "{op}");
+    assert_eq!(op["result"]["fleet"]["complete"], false, "the figures are there too: {op}");
+    t.heal(2).unwrap();
+    t.wait_for("gw2 in touch again", Duration::from_secs(15), || {
+        let st = t.status(2);
+        (st["fleet"]["etcd"] == "up" && st["fleet"]["applied_revision"] == t.fleet_status()["revision"]).then_some(st)
+    });
+    let op = api_flip(&t, r#"{"color":"green"}"#);
+    assert_eq!(op["status"], "done", "{op}");
+    assert_eq!(op["result"]["fleet"]["complete"], true, "{op}");
+    assert_eq!(gateways(&op["result"]["fleet"]["acks"]), ["gw0", "gw1", "gw2"], "{op}");
+    for i in 0..3 {
+        assert_eq!(t.status(i)["active"], "green", "gw{i}");
+    }
+    assert!(t.fleet_status()["desired"]["who"].as_str().unwrap().starts_with("api (bearer token) from 127.0.0.1 on gateway gw0"), "{}", t.fleet_status());
+}
+
+const API_TOKEN: &str = "5d0c2e4a6b8f1d3c5e7a9b0c2d4e6f8a";
+
+/// A flip through gw0's HTTP API as a Spinnaker stage makes it: POST, then the Location URL
+/// polled until the operation is done or failed.
+fn api_flip(t: &FleetTopology, payload: &str) -> Value {
+    let auth = format!("Authorization: Bearer {API_TOKEN}");
+    let out = t.gws[0]
+        .exec(&["curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "30", "-H", &auth, "-H", "Content-Type: application/json", "--data-raw", payload, "http://127.0.0.1:9478/v1/flip"])
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(head.starts_with("HTTP/1.1 202"), "{head}");
+    let location = head.lines().find_map(|l| l.strip_prefix("location: ")).unwrap_or_else(|| panic!("no Location: {head}")).trim().to_owned();
+    let start = std::time::Instant::now();
+    loop {
+        let out = t.gws[0].exec(&["curl", "-sS", "--max-time", "10", "-H", &auth, &location]).unwrap();
+        let op: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if op["status"] != "pending" {
+            return op;
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "still pending: {op}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
