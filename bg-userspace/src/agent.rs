@@ -148,10 +148,97 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Readies the host for an agent that runs as `user` with only its capabilities (the
+/// package's unit runs this as root first, `ExecStartPre=+`): bpffs mounted, the way to
+/// `pin_dir` searchable by that user, `pin_dir` its own (mode 0700) with every pin in it (an
+/// agent that ran as root before left them root's), the state directory its own.
+pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let u = nix::unistd::User::from_name(user)
+        .with_context(|| format!("looking up user `{user}`"))?
+        .ok_or_else(|| anyhow!("no user `{user}` on this host; the package makes `bg` (useradd --system bg)"))?;
+    ensure_bpffs(&config.pin_dir)?;
+    check_pin_dir(&config.pin_dir, Some(u.uid.as_raw()))?;
+    // Search (x), not listing, for others on the directories above pin_dir: systemd mounts
+    // bpffs mode 0700. Pins keep their own modes (0600, the agent's user).
+    let mut above: Vec<&Path> = config.pin_dir.ancestors().skip(1).collect();
+    above.reverse();
+    for dir in above {
+        let mode = std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?.mode();
+        if mode & 0o001 == 0 {
+            info!(dir = %dir.display(), "letting others search (o+x) the way to pin_dir");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o001))
+                .with_context(|| format!("chmod o+x {}", dir.display()))?;
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.pin_dir)
+        .with_context(|| format!("creating pin directory {}", config.pin_dir.display()))?;
+    let own = |p: &Path| {
+        nix::unistd::chown(p, Some(u.uid), Some(u.gid)).with_context(|| format!("chown {user} {}", p.display()))
+    };
+    own(&config.pin_dir)?;
+    std::fs::set_permissions(&config.pin_dir, std::fs::Permissions::from_mode(0o700))?;
+    let mut dirs = vec![config.pin_dir.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                dirs.push(e.path());
+            }
+            own(&e.path())?;
+        }
+    }
+    for dir in [config.state_dir.as_path(), config.socket.parent().unwrap_or(Path::new("/run"))] {
+        if !dir.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if std::fs::metadata(dir)?.uid() != u.uid.as_raw() && dir != Path::new("/run") && dir != Path::new("/tmp") {
+            own(dir)?;
+            for e in std::fs::read_dir(dir)? {
+                own(&e?.path())?;
+            }
+        }
+    }
+    // The failed-redirect watch (a tracepoint) reads its id from tracefs, root's (0700):
+    // search on the way to it for others, the id file readable by the user's group.
+    if let Err(e) = prepare_tracefs(u.gid) {
+        warn!(error = %format!("{e:#}"), "the agent will not see failed XDP redirects: every interface takes the kernel path");
+    }
+    info!(user, pin_dir = %config.pin_dir.display(), "host ready for an agent without root");
+    Ok(())
+}
+
+fn prepare_tracefs(gid: nix::unistd::Gid) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = Path::new(crate::dataplane::TRACEFS);
+    if !root.join("events").exists() {
+        nix::mount::mount(Some("tracefs"), root, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting tracefs at {}", root.display()))?;
+    }
+    let event = root.join("events/xdp/xdp_redirect_err");
+    // aya looks for tracefs by listing its root: names only (o+r), every file keeps its mode.
+    for (dir, bits) in [(root.to_path_buf(), 0o005), (root.join("events"), 0o001), (root.join("events/xdp"), 0o001), (event.clone(), 0o001)] {
+        let mode = std::fs::metadata(&dir).with_context(|| format!("checking {}", dir.display()))?.mode();
+        if mode & bits != bits {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode((mode & 0o7777) | bits))
+                .with_context(|| format!("chmod o+{} {}", if bits == 0o005 { "rx" } else { "x" }, dir.display()))?;
+        }
+    }
+    let id = event.join("id");
+    nix::unistd::chown(&id, None, Some(gid)).with_context(|| format!("chgrp {}", id.display()))?;
+    let mode = std::fs::metadata(&id)?.mode();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode((mode & 0o7777) | 0o040)).with_context(|| format!("chmod g+r {}", id.display()))?;
+    Ok(())
+}
+
 /// The pin directory is trusted with the data plane: it (and every directory on the way to it)
-/// must not be a symlink, and when it exists it must be a directory owned by root that no one
-/// else can write to. Checked before anything is adopted or created.
-pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+/// must not be a symlink, and when it exists it must be a directory owned by root (or by the
+/// user the agent runs as: the package's `bg`) that no one else can write to. Checked before
+/// anything is adopted or created.
+pub fn check_pin_dir(pin_dir: &Path, agent_user: Option<u32>) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut at = std::path::PathBuf::new();
     for c in pin_dir.components() {
@@ -172,15 +259,17 @@ pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
             if !meta.is_dir() {
                 bail!("config field `pin_dir`: {} exists and is not a directory; remove it or choose another pin_dir", at.display());
             }
-            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            let me = agent_user.unwrap_or(nix::unistd::geteuid().as_raw());
+            if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
                 bail!(
                     "config field `pin_dir`: {} is owned by uid {} with mode {:o}; bg adopts pinned state only from \
-                     a directory owned by root that group and others cannot write (check who made it, then \
-                     `chown root {p}; chmod 0700 {p}`, or remove it)",
+                     a directory owned by root or by the agent's own user (uid {me}) that group and others cannot write \
+                     (check who made it, then `chown root {p}; chmod 0700 {p}`, or remove it; an agent run as another user: \
+                     `bgctl agent --cleanup --user USER` and `--prepare --user USER` trust that user's)",
                     at.display(),
                     meta.uid(),
                     meta.mode() & 0o7777,
-                    p = at.display()
+                    p = at.display(),
                 );
             }
         }
@@ -265,11 +354,22 @@ fn claim_socket(path: &Path) -> anyhow::Result<()> {
 
 /// `bgctl agent --cleanup`: detaches bg and removes its pinned maps and socket. The state
 /// directory (state file, audit log) is kept.
-pub fn cleanup(config: &Config) -> anyhow::Result<()> {
+/// `user`: the user the agent ran as, when not this one (the package's `bg`).
+pub fn cleanup(config: &Config, user: Option<&str>) -> anyhow::Result<()> {
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         bail!("an agent is still serving {}; stop it first (SIGTERM), then clean up", config.socket.display());
     }
-    check_pin_dir(&config.pin_dir)?;
+    let agent_user = match user {
+        None => None,
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)
+                .with_context(|| format!("looking up user `{name}`"))?
+                .ok_or_else(|| anyhow!("no user `{name}` on this host (--user)"))?
+                .uid
+                .as_raw(),
+        ),
+    };
+    check_pin_dir(&config.pin_dir, agent_user)?;
     let _lock = match lock_pin_dir(&config.pin_dir) {
         Ok(l) => Some(l),
         Err(_) if !config.pin_dir.exists() => None,
@@ -1150,7 +1250,7 @@ pub async fn run(config: Config, object: Option<&Path>, background: tokio::runti
     let store = Store::open(&config.state_dir)?;
     let persisted = store.load()?;
 
-    check_pin_dir(&config.pin_dir)?;
+    check_pin_dir(&config.pin_dir, None)?;
     let fresh = !config.pin_dir.exists();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -1422,10 +1522,14 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> anyhow::Result<(
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_LINE as u64 + 1)).lines();
-    if uid != 0 {
+    // Root, or the user the agent runs as (the package runs it as `bg`, not root).
+    let me = nix::unistd::geteuid().as_raw();
+    if uid != 0 && uid != me {
         // Take the request first, so the refusal is what the client reads (not a broken pipe).
         let _ = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
-        let r = Response::Error { message: format!("permission denied: uid {uid} is not root; the control socket is root-only") };
+        let r = Response::Error {
+            message: format!("permission denied: uid {uid} is neither root nor the agent's own user (uid {me}); run bgctl as root"),
+        };
         write.write_all(format!("{}\n", serde_json::to_string(&r)?).as_bytes()).await?;
         warn!(uid, "refused a control connection from a non-root peer");
         return Ok(());

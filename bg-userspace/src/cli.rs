@@ -37,6 +37,15 @@ pub enum Command {
         /// into bgctl: an upgrade of the data plane alone, through the pinned links.
         #[arg(long, value_name = "FILE")]
         xdp_object: Option<PathBuf>,
+        /// Instead of running (as root): ready the host for an agent that runs as `--user` with
+        /// only its capabilities (bpffs mounted, pin_dir and state_dir that user's, tracefs's
+        /// xdp_redirect_err id readable). The package's systemd unit runs this first.
+        #[arg(long, conflicts_with = "cleanup", requires = "user")]
+        prepare: bool,
+        /// The user the agent runs as, for --prepare and --cleanup run as root (the package's
+        /// unit runs it as `bg`).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
     },
     /// Validate a config file and print what it would apply, without touching the kernel.
     CheckConfig {
@@ -248,13 +257,16 @@ fn socket_or_default(cli: &Option<PathBuf>) -> PathBuf {
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let socket = socket_or_default(&cli.socket);
     match cli.command {
-        Command::Agent { config, cleanup, xdp_object } => {
+        Command::Agent { config, cleanup, xdp_object, prepare, user } => {
             let mut config = Config::load(&config)?;
             if let Some(s) = cli.socket {
                 config.socket = s;
             }
             if cleanup {
-                return crate::agent::cleanup(&config);
+                return crate::agent::cleanup(&config, user.as_deref());
+            }
+            if prepare {
+                return crate::agent::prepare(&config, user.as_deref().unwrap_or_default());
             }
             // Two runtimes: the control socket, the tick and the decisions on this thread (an
             // accepted connection is served where it was accepted: no thread to wake, and no

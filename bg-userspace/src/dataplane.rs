@@ -956,7 +956,7 @@ fn ifname(ifindex: u32) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+pub(crate) const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// The ifindex of an interface name in this network namespace (0: none).
 pub fn ifindex(name: &str) -> u32 {

@@ -38,6 +38,10 @@ enum Cmd {
         #[arg(long)]
         fleet: bool,
     },
+    /// The Debian package (cargo-deb): bgctl, the systemd unit (the agent as user `bg` with
+    /// CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only), a sample config, the man page, the
+    /// completions; written to target/debian/bg.deb.
+    Deb,
     /// Benchmarks: packet cost (test_run), cutover, and requests/s against direct routing,
     /// nftables DNAT and HAProxy; writes BENCHMARKS.md and its charts. Needs root.
     Bench {
@@ -179,6 +183,41 @@ fn build() -> anyhow::Result<()> {
         .args(["build", "--release", "-p", "bg-userspace", "-p", "bg-tests", "--bins"]))
 }
 
+/// Where `cargo xtask deb` writes the package.
+pub fn deb_path() -> PathBuf {
+    target_dir().join("debian/bg.deb")
+}
+
+fn deb() -> anyhow::Result<PathBuf> {
+    build()?;
+    prereq::cargo_deb()?;
+    // The man page and the completions, made by the bgctl just built (clap_mangen, clap_complete).
+    let extra = target_dir().join("deb-extra");
+    std::fs::create_dir_all(&extra)?;
+    let bgctl = target_dir().join("release/bgctl");
+    let made = |args: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let out = Command::new(&bgctl).args(args).output().with_context(|| format!("running bgctl {args:?}"))?;
+        if !out.status.success() {
+            bail!("bgctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.stdout)
+    };
+    for (shell, file) in [("bash", "bgctl.bash"), ("zsh", "_bgctl"), ("fish", "bgctl.fish")] {
+        std::fs::write(extra.join(file), made(&["completions", shell])?)?;
+    }
+    std::fs::write(extra.join("bgctl.8"), made(&["man"])?)?;
+    run(Command::new("gzip").args(["-9", "-n", "-f"]).arg(extra.join("bgctl.8")))?;
+    let out = deb_path();
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    eprintln!("xtask: packaging bg (cargo deb)");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .env("BG_EBPF_OBJECT", ebpf_object())
+        .args(["deb", "-p", "bg-userspace", "--no-build", "-o"])
+        .arg(&out))?;
+    Ok(out)
+}
+
 fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -225,12 +264,14 @@ fn test() -> anyhow::Result<()> {
     prereq::system_packages()?;
     prereq::bench_packages()?;
     build_ebpf_variant()?;
-    build()?;
+    // The package test installs this (it builds everything else too).
+    let package = deb()?;
     eprintln!("xtask: running all tests (one cargo test run, release profile as built above)");
     let mut child = spawn(
         Command::new("cargo")
             .current_dir(root())
             .env("BG_EBPF_OBJECT", ebpf_object())
+            .env("BG_DEB", &package)
             .args(["test", "--release", "--no-fail-fast", "-p", "bg-common", "-p", "bg-userspace", "-p", "bg-tests"])
             .stdout(Stdio::piped()),
     )?;
@@ -340,6 +381,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test => test(),
+        Cmd::Deb => deb().map(|p| println!("{}", p.display())),
         Cmd::Bench { smoke } => {
             require_root("bench")?;
             prereq::system_packages()?;

@@ -43,6 +43,23 @@ pub fn bpf_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-deb, which builds the Debian package (`cargo xtask deb`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+pub fn cargo_deb() -> anyhow::Result<()> {
+    let ok = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION))
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (cargo install --locked, a few minutes)");
+        run(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args(["install", &format!("cargo-deb@{CARGO_DEB_VERSION}"), "--locked"]))?;
+    }
+    // It packs with dpkg-deb (and strips with binutils' strip when present).
+    install_missing(&[("dpkg-deb", "dpkg")])
+}
+
 /// Debian packages the tests and the demo use: (command to look for, package).
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
