@@ -150,56 +150,104 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
 
 /// Readies the host for an agent that runs as `user` with only its capabilities (the
 /// package's unit runs this as root first, `ExecStartPre=+`): bpffs mounted, the way to
-/// `pin_dir` searchable by that user, `pin_dir` its own (mode 0700) with every pin in it (an
-/// agent that ran as root before left them root's), the state directory its own.
+/// `pin_dir` searchable, `pin_dir` made (0700) and that user's, root's pins in it migrated
+/// (an agent that ran as root before), and the files the agent must read readable by it.
+/// It runs as root at every start: it follows no link and, in a `pin_dir` the user already
+/// owns (where the user could have planted anything), touches nothing. The state and socket
+/// directories are systemd's to make (StateDirectory=, RuntimeDirectory=); they are checked.
 pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let u = nix::unistd::User::from_name(user)
         .with_context(|| format!("looking up user `{user}`"))?
         .ok_or_else(|| anyhow!("no user `{user}` on this host; the package makes `bg` (useradd --system bg)"))?;
-    ensure_bpffs(&config.pin_dir)?;
-    check_pin_dir(&config.pin_dir, Some(u.uid.as_raw()))?;
-    // Search (x), not listing, for others on the directories above pin_dir: systemd mounts
-    // bpffs mode 0700. Pins keep their own modes (0600, the agent's user).
-    let mut above: Vec<&Path> = config.pin_dir.ancestors().skip(1).collect();
+    if u.uid.is_root() {
+        bail!("--user {user} is root: an agent run as root needs no --prepare");
+    }
+    let pin = &config.pin_dir;
+    ensure_bpffs(pin)?;
+    check_pin_dir(pin, Some(u.uid.as_raw()))?;
+    if !pin.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(pin).with_context(|| format!("creating pin directory {}", pin.display()))?;
+    }
+    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC);
+    if !on_bpffs(pin) {
+        bail!("config field `pin_dir`: {} is not on a bpffs; an agent without root pins under /sys/fs/bpf", pin.display());
+    }
+    // Search (x), not listing, for others on the bpffs directories above pin_dir (systemd
+    // mounts bpffs 0700). Pins keep their own modes (0600, the agent's user).
+    let mut above: Vec<&Path> = pin.ancestors().skip(1).filter(|d| on_bpffs(d)).collect();
     above.reverse();
     for dir in above {
-        let mode = std::fs::metadata(dir).with_context(|| format!("checking {}", dir.display()))?.mode();
+        let mode = std::fs::symlink_metadata(dir).with_context(|| format!("checking {}", dir.display()))?.mode();
         if mode & 0o001 == 0 {
             info!(dir = %dir.display(), "letting others search (o+x) the way to pin_dir");
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o001))
                 .with_context(|| format!("chmod o+x {}", dir.display()))?;
         }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.pin_dir)
-        .with_context(|| format!("creating pin directory {}", config.pin_dir.display()))?;
     let own = |p: &Path| {
-        nix::unistd::chown(p, Some(u.uid), Some(u.gid)).with_context(|| format!("chown {user} {}", p.display()))
+        nix::unistd::fchownat(None, p, Some(u.uid), Some(u.gid), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .with_context(|| format!("chown {user} {}", p.display()))
     };
-    own(&config.pin_dir)?;
-    std::fs::set_permissions(&config.pin_dir, std::fs::Permissions::from_mode(0o700))?;
-    let mut dirs = vec![config.pin_dir.clone()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                dirs.push(e.path());
+    if std::fs::symlink_metadata(pin)?.uid() == 0 {
+        // Root's (check_pin_dir: no one else can write in it): its pins become the user's.
+        // Only pins (regular files on bpffs), no link followed; the directory last.
+        for e in std::fs::read_dir(pin).with_context(|| format!("reading {}", pin.display()))? {
+            let path = e?.path();
+            if std::fs::symlink_metadata(&path)?.file_type().is_file() {
+                own(&path)?;
+            } else {
+                warn!(entry = %path.display(), "not a pin: left as it is");
             }
-            own(&e.path())?;
+        }
+        own(pin)?;
+        std::fs::set_permissions(pin, std::fs::Permissions::from_mode(0o700))?;
+        info!(pin_dir = %pin.display(), user, "pin directory (and its pins) given to the agent's user");
+    }
+    let reads = |field: &str, path: &Path| -> anyhow::Result<()> {
+        let m = std::fs::metadata(path).with_context(|| format!("config field `{field}`: {}", path.display()))?;
+        let mode = m.mode();
+        let readable = (m.uid() == u.uid.as_raw() && mode & 0o400 != 0) || (m.gid() == u.gid.as_raw() && mode & 0o040 != 0) || mode & 0o004 != 0;
+        if !readable {
+            bail!(
+                "config field `{field}`: {} (uid {} gid {} mode {:o}) is not readable by user {user}, who runs the agent; \
+                 `chgrp {user} {p}; chmod 0640 {p}`",
+                path.display(),
+                m.uid(),
+                m.gid(),
+                mode & 0o7777,
+                p = path.display()
+            );
+        }
+        Ok(())
+    };
+    if let Some(a) = &config.api {
+        if let Some(t) = &a.token_file {
+            reads("api.token_file", t)?;
+        }
+        if let Some((c, k)) = &a.tls {
+            reads("api.tls_cert", c)?;
+            reads("api.tls_key", k)?;
+        }
+        if let Some(ca) = &a.client_ca {
+            reads("api.client_ca", ca)?;
         }
     }
-    for dir in [config.state_dir.as_path(), config.socket.parent().unwrap_or(Path::new("/run"))] {
-        if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(t) = config.fleet.as_ref().and_then(|f| f.tls.as_ref()) {
+        reads("fleet.tls.ca", &t.ca)?;
+        if let Some((c, k)) = &t.identity {
+            reads("fleet.tls.cert", c)?;
+            reads("fleet.tls.key", k)?;
         }
-        if std::fs::metadata(dir)?.uid() != u.uid.as_raw() && dir != Path::new("/run") && dir != Path::new("/tmp") {
-            own(dir)?;
-            for e in std::fs::read_dir(dir)? {
-                own(&e?.path())?;
-            }
+    }
+    for (field, dir) in [("state_dir", config.state_dir.as_path()), ("socket", config.socket.parent().unwrap_or(Path::new("/")))] {
+        let m = std::fs::symlink_metadata(dir);
+        if !m.as_ref().is_ok_and(|m| m.is_dir() && m.uid() == u.uid.as_raw()) {
+            bail!(
+                "config field `{field}`: {} is not a directory of user {user}'s; under systemd the unit's StateDirectory=bg and \
+                 RuntimeDirectory=bg make /var/lib/bg and /run/bg (the defaults), other places are read-only to the agent",
+                dir.display()
+            );
         }
     }
     // The failed-redirect watch (a tracepoint) reads its id from tracefs, root's (0700):
@@ -207,7 +255,7 @@ pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
     if let Err(e) = prepare_tracefs(u.gid) {
         warn!(error = %format!("{e:#}"), "the agent will not see failed XDP redirects: every interface takes the kernel path");
     }
-    info!(user, pin_dir = %config.pin_dir.display(), "host ready for an agent without root");
+    info!(user, pin_dir = %pin.display(), "host ready for an agent without root");
     Ok(())
 }
 

@@ -13,6 +13,8 @@ use std::{
 
 use bg_tests::{netns::Proc, topology::Topology};
 
+const TOKEN: &str = "9a8b7c6d5e4f30211203f4e5d6c7b8a9";
+
 fn deb() -> PathBuf {
     let p = std::env::var_os("BG_DEB")
         .map(PathBuf::from)
@@ -25,6 +27,11 @@ fn sh(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
+}
+
+/// dpkg knows the package, in any state (installed, half-configured, config files left).
+fn known() -> bool {
+    Command::new("dpkg-query").args(["-W", "bg"]).output().is_ok_and(|o| o.status.success())
 }
 
 fn installed() -> bool {
@@ -55,15 +62,20 @@ impl HostModes {
     }
 }
 
-/// Purges the package (if installed) and restores the host's modes on drop.
+/// Purges the package (in whatever state dpkg has it), restores the host's modes and
+/// unmounts a tracefs the test's run mounted, on drop.
 struct Package {
     modes: HostModes,
+    tracefs_was_mounted: bool,
 }
 
 impl Drop for Package {
     fn drop(&mut self) {
-        if installed() {
+        if known() {
             let _ = Command::new("dpkg").args(["--purge", "bg"]).output();
+        }
+        if !self.tracefs_was_mounted && Path::new("/sys/kernel/tracing/events").exists() {
+            let _ = nix::mount::umount("/sys/kernel/tracing");
         }
         for (p, mode, gid) in &self.modes.0 {
             let _ = nix::unistd::chown(p, None, Some(nix::unistd::Gid::from_raw(*gid)));
@@ -91,6 +103,12 @@ fn capability(name: &str) -> (String, u32) {
     (name.trim_start_matches("CAP_").to_ascii_lowercase(), bit)
 }
 
+/// The generation in the pinned state file the agent wrote (the state directory is bg's).
+fn persisted_generation() -> u64 {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("/var/lib/bg/state.json").unwrap()).unwrap();
+    state["generation"].as_u64().expect("generation in state.json")
+}
+
 fn proc_status(pid: u32, field: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status")).trim().to_owned()
@@ -99,7 +117,7 @@ fn proc_status(pid: u32, field: &str) -> String {
 #[test]
 fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_traffic_and_purges_clean() {
     let deb = deb();
-    if installed() {
+    if known() {
         // A run that was killed before its guard could purge.
         sh(Command::new("dpkg").args(["--purge", "bg"]));
     }
@@ -107,7 +125,10 @@ fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_t
         nix::unistd::User::from_name("bg").unwrap().is_none(),
         "this host has a user `bg` that the package did not make; the test would remove it"
     );
-    let package = Package { modes: HostModes::save() };
+    for dir in ["/etc/bg", "/var/lib/bg", "/run/bg"] {
+        assert!(!Path::new(dir).exists(), "{dir} exists but no bg package is installed: a bg installed by hand? The test would overwrite it");
+    }
+    let package = Package { modes: HostModes::save(), tracefs_was_mounted: Path::new("/sys/kernel/tracing/events").exists() };
     sh(Command::new("dpkg").arg("-i").arg(&deb));
     assert!(installed());
 
@@ -168,13 +189,22 @@ fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_t
         })
         .collect::<Vec<_>>()
         .join("\n");
-    std::fs::write("/etc/bg/bg.toml", config).unwrap();
+    // With the HTTP API on, its token made as root makes it: 0600 root's at first.
+    std::fs::write("/etc/bg/api-token", format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions("/etc/bg/api-token", std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write("/etc/bg/bg.toml", format!("{config}\n[api]\ntoken_file = \"/etc/bg/api-token\"\n")).unwrap();
     // RuntimeDirectory=bg, StateDirectory=bg: made by systemd, owned by the unit's user.
     for dir in ["/run/bg", "/var/lib/bg"] {
         std::fs::create_dir_all(dir).unwrap();
         nix::unistd::chown(dir, Some(bg.uid), Some(bg.gid)).unwrap();
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
     }
+    // The + step says bg could not read it, and how to fix that; then it passes.
+    let out = Command::new("sh").args(["-c", &pre]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("api.token_file") && err.contains("not readable by user bg") && err.contains("chgrp bg"), "{err}");
+    sh(Command::new("chgrp").args(["bg", "/etc/bg/api-token"]));
+    std::fs::set_permissions("/etc/bg/api-token", std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
     sh(Command::new("sh").args(["-c", &pre]));
     let _backends = t.start_backends().unwrap();
     let caps: Vec<(String, u32)> = ambient.iter().map(|c| capability(c)).collect();
@@ -209,6 +239,10 @@ fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_t
     let out = bgctl(&["flip", "green"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(t.get_vip().unwrap(), "green", "new connections go to green through the packaged agent");
+    // Its HTTP API answers, with the token bg read.
+    let out = t.gw.exec(&["curl", "-sS", "--fail", "-H", &format!("Authorization: Bearer {TOKEN}"), "http://127.0.0.1:9478/v1/status"]).unwrap();
+    let api: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(api["active"], "green", "{api}");
     assert_eq!(t.csum_errors().unwrap(), 0);
     let log = std::fs::read_to_string(&log_path).unwrap();
     for bad in ["cannot watch XDP redirects", "Permission denied", "EPERM", "ERROR"] {
@@ -217,8 +251,54 @@ fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_t
     assert!(std::fs::read_dir(t.pin_dir()).unwrap().count() > 0, "its data plane is pinned");
     let owner = std::fs::metadata(t.pin_dir()).unwrap().uid();
     assert_eq!(owner, bg.uid.as_raw(), "pin_dir is bg's");
+    let status_before_stop = status()["generation"].as_u64().unwrap();
     assert!(agent.stop(Duration::from_secs(10)), "the agent stops on SIGTERM");
     assert_eq!(t.get_vip().unwrap(), "green", "the data plane outlives its agent");
+    let generation = persisted_generation();
+    assert_eq!(status_before_stop, generation, "state.json holds the generation status showed");
+
+    // The + step runs as root at every start: a link the agent's user planted in its own
+    // pin_dir is not followed; pins an agent run as root left are migrated, links skipped.
+    let target = t.run_dir.join("root-file");
+    std::fs::write(&target, "root's").unwrap();
+    let link = t.pin_dir().join("planted");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    nix::unistd::fchownat(None, &link, Some(bg.uid), Some(bg.gid), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+    sh(Command::new("sh").args(["-c", &pre]));
+    assert_eq!(std::fs::metadata(&target).unwrap().uid(), 0, "the + step followed a link planted in bg's pin_dir");
+    sh(Command::new("chown").arg("-R").arg("root:root").arg(t.pin_dir()));
+    nix::unistd::fchownat(None, &link, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0)), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+    sh(Command::new("sh").args(["-c", &pre]));
+    assert_eq!(std::fs::metadata(&target).unwrap().uid(), 0, "the migration followed a link");
+    for e in std::fs::read_dir(t.pin_dir()).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.file_type().is_file() {
+            assert_eq!(m.uid(), bg.uid.as_raw(), "pin {} migrated to bg", e.path().display());
+        }
+    }
+    assert_eq!(std::fs::metadata(t.pin_dir()).unwrap().uid(), bg.uid.as_raw());
+    std::fs::remove_file(&link).unwrap();
+
+    // Restarted as bg, the agent adopts the data plane: same color, same generation.
+    let mut cmd = t.gw.nsenter("setpriv");
+    cmd.args(["--reuid=bg", "--regid=bg", "--init-groups", &format!("--inh-caps={set}"), &format!("--ambient-caps={set}"), &format!("--bounding-set={set}"), "--no-new-privs", "--"])
+        .args(start[0].split_whitespace())
+        .env("BG_LOG", "warn");
+    let mut agent = Proc::spawn("the packaged agent, again", &mut cmd).unwrap();
+    let started = Instant::now();
+    while status()["adopted"] != true {
+        assert!(started.elapsed() < Duration::from_secs(20), "the restarted agent did not adopt the data plane: {}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = status();
+    assert_eq!((s["active"].as_str(), s["generation"].as_u64()), (Some("green"), Some(generation)), "{s}");
+    // An upgrade (the same package again) while it runs leaves the data plane alone.
+    sh(Command::new("dpkg").arg("-i").arg(&deb));
+    assert!(std::fs::read_dir(t.pin_dir()).unwrap().count() > 0, "an upgrade removed the data plane");
+    assert_eq!(t.get_vip().unwrap(), "green");
+    assert_eq!(status()["generation"].as_u64(), Some(generation));
+    assert!(agent.stop(Duration::from_secs(10)));
 
     // Purged: the data plane (prerm's cleanup), the files, the state, the user, all gone.
     let out = sh(Command::new("dpkg").args(["--purge", "bg"]));
