@@ -62,6 +62,7 @@ pub struct Listener {
     addr: SocketAddr,
     token: Option<Arc<[u8]>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    client_names: Arc<[String]>,
 }
 
 impl Listener {
@@ -75,7 +76,7 @@ impl Listener {
         let tcp = TcpListener::bind(api.listen)
             .await
             .with_context(|| format!("config field `api.listen`: binding {} for the HTTP API", api.listen))?;
-        Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls })
+        Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls, client_names: api.client_names.clone().into() })
     }
 
     /// Serves the API on `runtime` (not the agent's decision thread: handshakes and bodies
@@ -102,7 +103,7 @@ impl Listener {
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(app.clone());
         info!(listen = %self.addr, tls = self.tls.is_some(), token = app.token.is_some(), "HTTP API listening");
-        let (tcp, tls) = (self.tcp, self.tls);
+        let (tcp, tls, names) = (self.tcp, self.tls, self.client_names);
         let refusals = app.refusals.clone();
         runtime.spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -119,21 +120,23 @@ impl Listener {
                     refusals.warn(&format!("HTTP API connection from {from} closed: {MAX_CONNECTIONS} already open"));
                     continue;
                 };
-                let (router, tls) = (router.clone(), tls.clone());
+                let (router, tls, names) = (router.clone(), tls.clone(), names.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     // However it behaves, a client has the connection this long at most.
                     let served = tokio::time::timeout(MAX_CONNECTION_LIFE, async move {
                         match tls {
-                            None => connection(stream, router.layer(Extension(Peer { cert: None, from }))).await,
+                            None => connection(stream, router.layer(Extension(Peer { cert: None, from, named: true }))).await,
                             Some(acceptor) => {
                                 if !speaks_tls(&stream).await {
                                     return;
                                 }
                                 match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
                                     Ok(Ok(stream)) => {
-                                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c));
-                                        connection(stream, router.layer(Extension(Peer { cert, from }))).await
+                                        let first = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                                        let named = names.is_empty() || first.is_some_and(|c| named(c, &names));
+                                        let cert = first.map(|c| fingerprint(c));
+                                        connection(stream, router.layer(Extension(Peer { cert, from, named }))).await
                                     }
                                     Ok(Err(e)) => debug!(%from, error = %e, "HTTP API TLS handshake failed"),
                                     Err(_) => debug!(%from, "HTTP API TLS handshake timed out"),
@@ -271,6 +274,14 @@ fn tls_acceptor(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> anyho
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
+/// Whether a client certificate is valid for one of `names` (its subjectAltName DNS names).
+fn named(cert: &rustls_pki_types::CertificateDer<'_>, names: &[String]) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return false };
+    names.iter().any(|n| {
+        rustls_pki_types::ServerName::try_from(n.as_str()).is_ok_and(|name| ee.verify_is_valid_for_subject_name(&name).is_ok())
+    })
+}
+
 /// A client certificate as the audit log names it: the first 8 bytes of its SHA-256.
 fn fingerprint(cert: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, cert);
@@ -295,6 +306,8 @@ struct Peer {
     /// mTLS: the client certificate's fingerprint.
     cert: Option<String>,
     from: SocketAddr,
+    /// Its certificate carries one of `api.client_names` (true when none are configured).
+    named: bool,
 }
 
 impl Peer {
@@ -341,6 +354,15 @@ fn unauthorized(app: &App, peer: &Peer, path: &str, refusal: &str) -> HttpRespon
 
 async fn authorize(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, mut req: HttpRequest, next: Next) -> HttpResponse {
     let path = req.uri().path().to_owned();
+    if !peer.named {
+        app.refusals.warn(&format!("HTTP API request from {} to {path} refused: its client certificate names none of api.client_names", peer.from));
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONNECTION, "close")],
+            Json(json!({ "error": "this client certificate is valid for none of the agent's `api.client_names` (subjectAltName DNS names)" })),
+        )
+            .into_response();
+    }
     let mut authn = Authn::Verified;
     if let Some(token) = &app.token {
         let given = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));

@@ -193,6 +193,8 @@ struct RawApi {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    #[serde(default)]
+    client_names: Vec<String>,
 }
 
 /// The HTTP API's settings. Files are read when the agent starts (`api::Listener::bind`).
@@ -205,6 +207,8 @@ pub struct Api {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// mTLS: a client certificate signed by one of these CAs is required.
     pub client_ca: Option<PathBuf>,
+    /// mTLS: and, when not empty, valid for one of these DNS names (its subjectAltName).
+    pub client_names: Vec<String>,
 }
 
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9478";
@@ -230,13 +234,21 @@ impl RawApi {
                  the API switches live traffic and is never open",
             ));
         }
+        if !self.client_names.is_empty() && self.client_ca.is_none() {
+            return Err(field_err("api.client_names", "names client certificates: give `client_ca` (mTLS) too"));
+        }
+        for (i, n) in self.client_names.iter().enumerate() {
+            if rustls_pki_types::DnsName::try_from(n.as_str()).is_err() {
+                return Err(field_err(format!("api.client_names[{i}]"), format!("`{n}` is not a DNS name (what a client certificate's subjectAltName carries)")));
+            }
+        }
         if !listen.ip().is_loopback() && tls.is_none() {
             return Err(field_err(
                 "api.listen",
                 format!("`{listen}` is not a loopback address: serve it over HTTPS (`tls_cert`, `tls_key`) so that the token is not sent in clear"),
             ));
         }
-        Ok(Api { listen, token_file: self.token_file, tls, client_ca: self.client_ca })
+        Ok(Api { listen, token_file: self.token_file, tls, client_ca: self.client_ca, client_names: self.client_names })
     }
 }
 
@@ -1201,6 +1213,8 @@ green = ["10.2.0.2:8080"]
             ("client_ca = \"ca.pem\"", "`api.client_ca`", "needs HTTPS"),
             ("tls_cert = \"c.pem\"\ntoken_file = \"t\"", "config field `api`", "both `tls_cert` and `tls_key`"),
             ("token = \"abc\"", "api", "unknown field `token`"),
+            ("token_file = \"t\"\nclient_names = [\"ci\"]", "`api.client_names`", "give `client_ca`"),
+            ("tls_cert = \"c\"\ntls_key = \"k\"\nclient_ca = \"ca\"\nclient_names = [\"a b\"]", "`api.client_names[0]`", "not a DNS name"),
         ] {
             let e = err_of(&format!("{GOOD}\n[api]\n{api}\n"));
             assert!(e.contains(field) && e.contains(says), "[api] {api:?}: {e}");

@@ -288,7 +288,12 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
     let dir = t.run_dir.join("tls");
     bg_tests::tls::make_certs(
         &dir,
-        &[("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"), ("pipeline", "extendedKeyUsage=clientAuth\n")],
+        &[
+            ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+            ("pipeline", "subjectAltName=DNS:deploy.ci.example\nextendedKeyUsage=clientAuth\n"),
+            // Signed by the same CA, but not a name the agent lets switch.
+            ("intern", "subjectAltName=DNS:laptop.example\nextendedKeyUsage=clientAuth\n"),
+        ],
     )
     .unwrap();
     // A second CA's client: a certificate, but not one this API trusts.
@@ -297,7 +302,10 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
     let d = dir.display();
     std::fs::write(
         t.config_path(),
-        format!("{}\n[api]\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\n", t.config()),
+        format!(
+            "{}\n[api]\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\nclient_names = [\"deploy.ci.example\"]\n",
+            t.config()
+        ),
     )
     .unwrap();
     let _backends = t.start_backends().unwrap();
@@ -326,6 +334,13 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
         // TLS error; not 7/28 (nothing listening, a timeout).
         let code = out.status.code();
         assert!(matches!(code, Some(35 | 56)), "a client without a trusted certificate: curl exit {code:?} ({extra:?}): {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The CA's other client is let in by TLS and refused by name, on every path.
+    let (icert, ikey) = (format!("{d}/intern.pem"), format!("{d}/intern.key"));
+    for (method, path) in [("POST", "/v1/flip"), ("GET", "/v1/status"), ("GET", "/v1/nope")] {
+        let r = curl(&t, method, &format!("https://127.0.0.1:9478{path}"), Some(r#"{"color":"blue"}"#), &["--cacert", &ca, "--cert", &icert, "--key", &ikey]);
+        assert_eq!(r.code, 403, "{method} {path}: {}", r.body);
+        assert!(r.body["error"].as_str().unwrap().contains("api.client_names"), "{}", r.body);
     }
     // Plain HTTP on the TLS port is told to use HTTPS.
     let out = t.gw.exec(&["curl", "-sS", "--max-time", "5", "-i", "http://127.0.0.1:9478/v1/status"]).unwrap();
