@@ -63,6 +63,7 @@ pub struct Listener {
     token: Option<Arc<[u8]>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     client_names: Arc<[String]>,
+    public_url: Option<String>,
 }
 
 impl Listener {
@@ -76,7 +77,7 @@ impl Listener {
         let tcp = TcpListener::bind(api.listen)
             .await
             .with_context(|| format!("config field `api.listen`: binding {} for the HTTP API", api.listen))?;
-        Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls, client_names: api.client_names.clone().into() })
+        Ok(Listener { addr: tcp.local_addr()?, tcp, token, tls, client_names: api.client_names.clone().into(), public_url: api.public_url.clone() })
     }
 
     /// Serves the API on `runtime` (not the agent's decision thread: handshakes and bodies
@@ -89,6 +90,7 @@ impl Listener {
             refusals: Arc::new(RateLimitedLog::default()),
             token: self.token,
             scheme: if self.tls.is_some() { "https" } else { "http" },
+            public_url: self.public_url.clone(),
             addr: self.addr,
         };
         let router = Router::new()
@@ -294,6 +296,8 @@ struct App {
     ops: Arc<Mutex<Operations>>,
     token: Option<Arc<[u8]>>,
     scheme: &'static str,
+    /// `api.public_url`: the base of operation URLs instead of the request's Host.
+    public_url: Option<String>,
     addr: SocketAddr,
     /// Switches run one at a time, in the order they were accepted (a fair lock).
     switches: Arc<tokio::sync::Mutex<()>>,
@@ -506,7 +510,10 @@ fn start(app: App, peer: Peer, headers: &HeaderMap, kind: &'static str, req: Req
         .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
         .map(str::to_owned)
         .unwrap_or_else(|| app.addr.to_string());
-    let base = format!("{}://{host}/v1/operations/", app.scheme);
+    let base = match &app.public_url {
+        Some(u) => format!("{u}/v1/operations/"),
+        None => format!("{}://{host}/v1/operations/", app.scheme),
+    };
     let request = serde_json::to_value(&req).unwrap_or(Value::Null);
     let op = match crate::lock(&app.ops).begin(kind, request, &base) {
         Ok(op) => op,

@@ -195,6 +195,7 @@ struct RawApi {
     client_ca: Option<PathBuf>,
     #[serde(default)]
     client_names: Vec<String>,
+    public_url: Option<String>,
 }
 
 /// The HTTP API's settings. Files are read when the agent starts (`api::Listener::bind`).
@@ -209,6 +210,9 @@ pub struct Api {
     pub client_ca: Option<PathBuf>,
     /// mTLS: and, when not empty, valid for one of these DNS names (its subjectAltName).
     pub client_names: Vec<String>,
+    /// The API's URL as clients reach it (behind a proxy), for operation URLs; None: from
+    /// each request's Host.
+    pub public_url: Option<String>,
 }
 
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9478";
@@ -242,13 +246,24 @@ impl RawApi {
                 return Err(field_err(format!("api.client_names[{i}]"), format!("`{n}` is not a DNS name (what a client certificate's subjectAltName carries)")));
             }
         }
+        let public_url = match self.public_url {
+            None => None,
+            Some(u) => {
+                let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
+                let ok = rest.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]/_".contains(&b)));
+                if !ok {
+                    return Err(field_err("api.public_url", format!("`{u}` must be http:// or https:// then host[:port][/path], e.g. \"https://gw1.example:9478\"")));
+                }
+                Some(u.trim_end_matches('/').to_owned())
+            }
+        };
         if !listen.ip().is_loopback() && tls.is_none() {
             return Err(field_err(
                 "api.listen",
                 format!("`{listen}` is not a loopback address: serve it over HTTPS (`tls_cert`, `tls_key`) so that the token is not sent in clear"),
             ));
         }
-        Ok(Api { listen, token_file: self.token_file, tls, client_ca: self.client_ca, client_names: self.client_names })
+        Ok(Api { listen, token_file: self.token_file, tls, client_ca: self.client_ca, client_names: self.client_names, public_url })
     }
 }
 
@@ -1213,6 +1228,8 @@ green = ["10.2.0.2:8080"]
             ("client_ca = \"ca.pem\"", "`api.client_ca`", "needs HTTPS"),
             ("tls_cert = \"c.pem\"\ntoken_file = \"t\"", "config field `api`", "both `tls_cert` and `tls_key`"),
             ("token = \"abc\"", "api", "unknown field `token`"),
+            ("token_file = \"t\"\npublic_url = \"gw1:9478\"", "`api.public_url`", "http:// or https://"),
+            ("token_file = \"t\"\npublic_url = \"https://gw1/a b\"", "`api.public_url`", "http:// or https://"),
             ("token_file = \"t\"\nclient_names = [\"ci\"]", "`api.client_names`", "give `client_ca`"),
             ("tls_cert = \"c\"\ntls_key = \"k\"\nclient_ca = \"ca\"\nclient_names = [\"a b\"]", "`api.client_names[0]`", "not a DNS name"),
         ] {

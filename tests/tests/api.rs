@@ -303,7 +303,7 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
     std::fs::write(
         t.config_path(),
         format!(
-            "{}\n[api]\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\nclient_names = [\"deploy.ci.example\"]\n",
+            "{}\n[api]\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\nclient_names = [\"deploy.ci.example\"]\npublic_url = \"https://bg.example/gw1/\"\n",
             t.config()
         ),
     )
@@ -316,7 +316,9 @@ fn over_mtls_the_api_wants_a_client_certificate_signed_by_its_ca() {
     let (cert, key) = (format!("{d}/pipeline.pem"), format!("{d}/pipeline.key"));
     let r = curl(&t, "POST", url, Some(r#"{"color":"green"}"#), &["--cacert", &ca, "--cert", &cert, "--key", &key]);
     assert_eq!(r.code, 202, "{}", r.body);
-    assert!(r.header("location").unwrap().starts_with("https://127.0.0.1:9478/v1/operations/"));
+    // Behind a proxy: operation URLs on api.public_url, not the Host the request came with.
+    let location = r.header("location").unwrap();
+    assert_eq!(location, format!("https://bg.example/gw1/v1/operations/{}", r.body["id"].as_str().unwrap()), "{}", r.body);
     t.wait_until("green active", Duration::from_secs(5), |s| s["active"] == "green");
     assert_eq!(t.get_vip().unwrap(), "green");
     let last = t.history().last().unwrap().clone();
