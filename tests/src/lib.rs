@@ -8,6 +8,7 @@ pub mod live;
 pub mod netns;
 pub mod packet;
 pub mod paths;
+pub mod prom;
 pub mod run;
 pub mod tls;
 pub mod topology;

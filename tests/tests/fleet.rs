@@ -500,3 +500,23 @@ fn api_flip(t: &FleetTopology, payload: &str) -> Value {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn the_dashboards_fleet_row_has_data_on_a_fleet_gateway() {
+    let (t, _backends, _agents) = fleet_up("fd");
+    let _prometheus = bg_tests::prom::start(&t.gws[0], &t.run_dir, &["127.0.0.1:9477"]).unwrap();
+    t.fleet_cli(&t.sw, &["flip", "green"]).expect("fleet flip");
+    let applied = t.status(0)["fleet"]["applied_revision"].as_f64().unwrap();
+    let start = Instant::now();
+    while bg_tests::prom::values(&bg_tests::prom::query(&t.gws[0], "bg_fleet_applied_revision")) != [applied] {
+        assert!(start.elapsed() < Duration::from_secs(15), "Prometheus did not scrape gw0's applied revision {applied}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let exprs = bg_tests::prom::expressions(&bg_tests::prom::dashboard());
+    assert!(exprs.iter().filter(|e| e.fleet).count() >= 4, "the dashboard has its fleet row");
+    let empty = bg_tests::prom::without_data(&t.gws[0], exprs.iter().filter(|e| e.fleet));
+    assert!(empty.is_empty(), "fleet expressions without data:\n{}", empty.join("\n"));
+    let behind = exprs.iter().find(|e| e.place.starts_with("panel `Revisions behind`")).unwrap().promql();
+    let a = bg_tests::prom::query(&t.gws[0], &behind);
+    assert_eq!((a["data"]["result"][0]["metric"]["gateway"].as_str(), bg_tests::prom::values(&a)), (Some("gw0"), vec![0.0]), "{a}");
+}
