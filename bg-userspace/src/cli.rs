@@ -38,8 +38,9 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         xdp_object: Option<PathBuf>,
         /// Instead of running (as root): ready the host for an agent that runs as `--user` with
-        /// only its capabilities (bpffs mounted, pin_dir and state_dir that user's, tracefs's
-        /// xdp_redirect_err id readable). The package's systemd unit runs this first.
+        /// only its capabilities (bpffs mounted, pin_dir that user's with root's pins migrated,
+        /// tracefs's xdp_redirect_err id readable; the state and socket directories and the
+        /// files it reads checked). The package's systemd unit runs this first.
         #[arg(long, conflicts_with = "cleanup", requires = "user")]
         prepare: bool,
         /// The user the agent runs as, for --prepare and --cleanup run as root (the package's
@@ -316,11 +317,96 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "bgctl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()).context("writing the man page"),
+        Command::Man => std::io::Write::write_all(&mut std::io::stdout(), &man_page()?).context("writing the man page"),
         Command::Fleet { config, etcd, name, command } => fleet(config, etcd, name, command),
         Command::Watch { interval_ms, count, json } => watch(&socket, Duration::from_millis(interval_ms.max(100)), count, json),
     }
 }
+
+/// bgctl(8): one page with every command's synopsis and options (not pages of their own a
+/// package would have to ship), then the files, exit status, examples and the HTTP API.
+pub fn man_page() -> anyhow::Result<Vec<u8>> {
+    let top = Cli::command();
+    let man = clap_mangen::Man::new(top.clone()).section("8");
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    out.extend_from_slice(b".SH COMMANDS\n");
+    fn commands(out: &mut Vec<u8>, cmd: &clap::Command, path: &str) -> anyhow::Result<()> {
+        for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.has_subcommands() {
+                commands(out, sub, &name)?;
+                continue;
+            }
+            out.extend_from_slice(format!(".SS \"{name}\"\n").as_bytes());
+            let page = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+            let mut part = Vec::new();
+            page.render_description_section(&mut part)?;
+            page.render_synopsis_section(&mut part)?;
+            page.render_options_section(&mut part)?;
+            // Their sections become paragraphs of this command's subsection.
+            for line in String::from_utf8_lossy(&part).lines() {
+                match line {
+                    ".SH DESCRIPTION" | ".SH SYNOPSIS" => out.extend_from_slice(b".PP\n"),
+                    l if l.starts_with(".SH ") => out.extend_from_slice(b".PP\nOptions:\n"),
+                    l => {
+                        out.extend_from_slice(l.as_bytes());
+                        out.push(b'\n');
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    commands(&mut out, &top, "bgctl")?;
+    out.extend_from_slice(MAN_TAIL.as_bytes());
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+const MAN_TAIL: &str = r#".SH FILES
+.TP
+\fI/etc/bg/bg.toml\fR
+The agent's configuration (\fBbgctl check\-config\fR validates it).
+.TP
+\fI/run/bg/bgctl.sock\fR
+The control socket (mode 0600; root or the agent's own user).
+.TP
+\fI/var/lib/bg/state.json\fR, \fI/var/lib/bg/audit.jsonl\fR
+The persisted switch state, and the audit log (\fBbgctl history\fR).
+.TP
+\fI/sys/fs/bpf/bg\fR
+The pinned data plane: maps and one XDP link per interface. It outlives the agent;
+\fBbgctl agent \-\-cleanup\fR removes it.
+.TP
+\fIbg\-agent.service\fR
+The systemd unit: the agent as user \fBbg\fR with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only.
+.SH EXIT STATUS
+0 when the command did what it was asked (a flip to the color already active included);
+1 when it was refused or failed (an unhealthy color, no agent, a fleet switch not applied
+everywhere), with the reason on standard error; 2 for a command line clap cannot parse.
+.SH EXAMPLES
+.nf
+bgctl flip green \-\-dry\-run     # what the gate says; nothing changes
+bgctl flip green \-\-drain 60      # new flows to green; blue's remaining flows end in 60 s
+bgctl flip green \-\-percent 10    # a canary: 10% of new flows to green
+bgctl rollback
+bgctl status \-\-json | jq .active
+bgctl fleet \-\-config /etc/bg/bg.toml flip green
+curl \-H "Authorization: Bearer $TOKEN" \-H "Content\-Type: application/json" \\
+     \-d '{"color":"green"}' http://127.0.0.1:9478/v1/flip
+.fi
+.SH HTTP API
+With an [api] section the agent also serves GET /v1/status, POST /v1/flip, POST /v1/rollback
+(202 and an operation URL), GET /v1/operations/ID and Flagger's /v1/flagger/gate and
+/v1/flagger/promote, behind a bearer token and/or mTLS.
+.SH SEE ALSO
+/usr/share/doc/bg/README.md
+"#;
 
 fn fleet(config: Option<PathBuf>, etcd: Vec<String>, name: Option<String>, command: FleetCommand) -> anyhow::Result<()> {
     let fleet = match (config, name) {

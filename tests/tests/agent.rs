@@ -700,6 +700,14 @@ fn completions_and_the_man_page_cover_every_command() {
     for word in ["flip", "rollback", "check\\-config", "watch", "completions"] {
         assert!(man.contains(word), "the man page lacks `{word}`");
     }
+    // One page: every command with its options (no bgctl-flip(8) pages to go missing).
+    for section in [".SS \"bgctl flip\"", ".SS \"bgctl agent\"", ".SS \"bgctl fleet status\"", ".SH FILES", ".SH EXIT STATUS", ".SH HTTP API"] {
+        assert!(man.contains(section), "the man page lacks {section}");
+    }
+    for option in ["\\-\\-dry\\-run", "\\-\\-drain", "\\-\\-percent", "\\-\\-cleanup", "\\-\\-prepare", "\\-\\-count\\-flows"] {
+        assert!(man.contains(option), "the man page lacks the option {option}");
+    }
+    assert!(!man.contains("bgctl\\-flip(8)"), "a reference to a page that is not shipped");
 }
 
 /// On a terminal, blue and green are printed in their colors; through a pipe, or with
