@@ -391,7 +391,7 @@ The systemd unit: the agent as user \fBbg\fR with CAP_BPF, CAP_NET_ADMIN and CAP
 everywhere), with the reason on standard error; 2 for a command line clap cannot parse.
 .SH EXAMPLES
 .nf
-bgctl flip green \-\-dry\-run     # what the gate says; nothing changes
+bgctl flip green \-\-dry\-run       # what the gate says; nothing changes
 bgctl flip green \-\-drain 60      # new flows to green; blue's remaining flows end in 60 s
 bgctl flip green \-\-percent 10    # a canary: 10% of new flows to green
 bgctl rollback
