@@ -157,9 +157,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
 /// directories are systemd's to make (StateDirectory=, RuntimeDirectory=); they are checked.
 pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let u = nix::unistd::User::from_name(user)
-        .with_context(|| format!("looking up user `{user}`"))?
-        .ok_or_else(|| anyhow!("no user `{user}` on this host; the package makes `bg` (useradd --system bg)"))?;
+    let u = lookup_user(user)?;
     if u.uid.is_root() {
         bail!("--user {user} is root: an agent run as root needs no --prepare");
     }
@@ -178,12 +176,7 @@ pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
     let mut above: Vec<&Path> = pin.ancestors().skip(1).filter(|d| on_bpffs(d)).collect();
     above.reverse();
     for dir in above {
-        let mode = std::fs::symlink_metadata(dir).with_context(|| format!("checking {}", dir.display()))?.mode();
-        if mode & 0o001 == 0 {
-            info!(dir = %dir.display(), "letting others search (o+x) the way to pin_dir");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o001))
-                .with_context(|| format!("chmod o+x {}", dir.display()))?;
-        }
+        add_mode(dir, 0o001)?;
     }
     let own = |p: &Path| {
         nix::unistd::fchownat(None, p, Some(u.uid), Some(u.gid), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -260,26 +253,36 @@ pub fn prepare(config: &Config, user: &str) -> anyhow::Result<()> {
 }
 
 fn prepare_tracefs(gid: nix::unistd::Gid) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    crate::dataplane::ensure_tracefs()?;
     let root = Path::new(crate::dataplane::TRACEFS);
-    if !root.join("events").exists() {
-        nix::mount::mount(Some("tracefs"), root, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mounting tracefs at {}", root.display()))?;
-    }
     let event = root.join("events/xdp/xdp_redirect_err");
     // aya looks for tracefs by listing its root: names only (o+r), every file keeps its mode.
-    for (dir, bits) in [(root.to_path_buf(), 0o005), (root.join("events"), 0o001), (root.join("events/xdp"), 0o001), (event.clone(), 0o001)] {
-        let mode = std::fs::metadata(&dir).with_context(|| format!("checking {}", dir.display()))?.mode();
-        if mode & bits != bits {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode((mode & 0o7777) | bits))
-                .with_context(|| format!("chmod o+{} {}", if bits == 0o005 { "rx" } else { "x" }, dir.display()))?;
-        }
+    add_mode(root, 0o005)?;
+    for dir in [root.join("events"), root.join("events/xdp"), event.clone()] {
+        add_mode(&dir, 0o001)?;
     }
     let id = event.join("id");
     nix::unistd::chown(&id, None, Some(gid)).with_context(|| format!("chgrp {}", id.display()))?;
-    let mode = std::fs::metadata(&id)?.mode();
-    std::fs::set_permissions(&id, std::fs::Permissions::from_mode((mode & 0o7777) | 0o040)).with_context(|| format!("chmod g+r {}", id.display()))?;
+    add_mode(&id, 0o040)
+}
+
+/// Adds mode `bits` to `path` (not following a link) where it lacks them.
+fn add_mode(path: &Path, bits: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = std::fs::symlink_metadata(path).with_context(|| format!("checking {}", path.display()))?.mode() & 0o7777;
+    if mode & bits != bits {
+        info!(path = %path.display(), "mode {mode:o} -> {:o} (for the agent's user)", mode | bits);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | bits))
+            .with_context(|| format!("chmod {:o} {}", mode | bits, path.display()))?;
+    }
     Ok(())
+}
+
+/// The user an agent runs as (`--user`).
+fn lookup_user(name: &str) -> anyhow::Result<nix::unistd::User> {
+    nix::unistd::User::from_name(name)
+        .with_context(|| format!("looking up user `{name}`"))?
+        .ok_or_else(|| anyhow!("no user `{name}` on this host (--user); the package makes `bg` (useradd --system bg)"))
 }
 
 /// The pin directory is trusted with the data plane: it (and every directory on the way to it)
@@ -407,16 +410,7 @@ pub fn cleanup(config: &Config, user: Option<&str>) -> anyhow::Result<()> {
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         bail!("an agent is still serving {}; stop it first (SIGTERM), then clean up", config.socket.display());
     }
-    let agent_user = match user {
-        None => None,
-        Some(name) => Some(
-            nix::unistd::User::from_name(name)
-                .with_context(|| format!("looking up user `{name}`"))?
-                .ok_or_else(|| anyhow!("no user `{name}` on this host (--user)"))?
-                .uid
-                .as_raw(),
-        ),
-    };
+    let agent_user = user.map(lookup_user).transpose()?.map(|u| u.uid.as_raw());
     check_pin_dir(&config.pin_dir, agent_user)?;
     let _lock = match lock_pin_dir(&config.pin_dir) {
         Ok(l) => Some(l),

@@ -207,18 +207,20 @@ where
     }
 }
 
+/// A secret's file (the token, the TLS key) must not be readable by every user.
+fn not_world_readable(field: &str, path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(path).with_context(|| format!("{field}: {}", path.display()))?.mode();
+    if mode & 0o004 != 0 {
+        bail!("{field}: {} is readable by every user (mode {:o}); `chmod o-r` it: it lets its holder switch live traffic", path.display(), mode & 0o777);
+    }
+    Ok(())
+}
+
 /// The token in `path`: its first line, trimmed; the file must not be readable by everyone.
 fn read_token(path: &Path) -> anyhow::Result<Vec<u8>> {
-    use std::os::unix::fs::MetadataExt;
     let field = "config field `api.token_file`";
-    let meta = std::fs::metadata(path).with_context(|| format!("{field}: {}", path.display()))?;
-    if meta.mode() & 0o004 != 0 {
-        bail!(
-            "{field}: {} is readable by every user (mode {:o}); `chmod o-r` it: the token switches live traffic",
-            path.display(),
-            meta.mode() & 0o777
-        );
-    }
+    not_world_readable(field, path)?;
     let text = std::fs::read_to_string(path).with_context(|| format!("{field}: reading {}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim();
     if token.len() < MIN_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -241,13 +243,7 @@ fn tls_acceptor(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> anyho
     if certs.is_empty() {
         bail!("config field `api.tls_cert`: {} holds no PEM certificate", cert.display());
     }
-    {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(key_file).map_err(|e| anyhow!("config field `api.tls_key`: {}: {e}", key_file.display()))?;
-        if meta.mode() & 0o004 != 0 {
-            bail!("config field `api.tls_key`: {} is readable by every user (mode {:o}); `chmod o-r` it", key_file.display(), meta.mode() & 0o777);
-        }
-    }
+    not_world_readable("config field `api.tls_key`", key_file)?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| anyhow!("config field `api.tls_key`: {}: {e}", key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
@@ -346,26 +342,26 @@ fn bearer(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn unauthorized(app: &App, peer: &Peer, path: &str, refusal: &str) -> HttpResponse {
+/// A request refused for who sent it: warned (rate-limited) and the connection closed; a 401
+/// says which scheme would do.
+fn refuse(app: &App, peer: &Peer, path: &str, code: StatusCode, refusal: &str) -> HttpResponse {
     app.refusals.warn(&format!("HTTP API request from {} to {path} refused: {refusal}", peer.from));
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer"), (header::CONNECTION, "close")],
-        Json(json!({ "error": refusal })),
-    )
-        .into_response()
+    let mut r = (code, [(header::CONNECTION, "close")], Json(json!({ "error": refusal }))).into_response();
+    if code == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn unauthorized(app: &App, peer: &Peer, path: &str, refusal: &str) -> HttpResponse {
+    refuse(app, peer, path, StatusCode::UNAUTHORIZED, refusal)
 }
 
 async fn authorize(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, mut req: HttpRequest, next: Next) -> HttpResponse {
     let path = req.uri().path().to_owned();
     if !peer.named {
-        app.refusals.warn(&format!("HTTP API request from {} to {path} refused: its client certificate names none of api.client_names", peer.from));
-        return (
-            StatusCode::FORBIDDEN,
-            [(header::CONNECTION, "close")],
-            Json(json!({ "error": "this client certificate is valid for none of the agent's `api.client_names` (subjectAltName DNS names)" })),
-        )
-            .into_response();
+        let refusal = "this client certificate is valid for none of the agent's `api.client_names` (subjectAltName DNS names)";
+        return refuse(&app, &peer, &path, StatusCode::FORBIDDEN, refusal);
     }
     let mut authn = Authn::Verified;
     if let Some(token) = &app.token {
@@ -464,14 +460,13 @@ async fn flip(Shared(app): Shared<App>, Extension(peer): Extension<Peer>, header
         Ok(b) => b,
         Err(r) => return r,
     };
-    if parse_color(&b.color).is_none() {
+    let Some(to) = parse_color(&b.color) else {
         return error(StatusCode::BAD_REQUEST, format!("unknown color `{}`; use \"blue\" or \"green\"", b.color));
-    }
+    };
     let drain_secs = match drain_secs(b.drain.as_ref()) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let to = parse_color(&b.color).expect("checked");
     if let Err(e) = crate::decisions::check_arguments(&crate::decisions::FlipRequest { to, percent: b.percent, drain_secs, force: b.force }) {
         return error(StatusCode::BAD_REQUEST, e);
     }
@@ -634,14 +629,13 @@ async fn flagger_promote(Shared(app): Shared<App>, Extension(peer): Extension<Pe
     };
     let req = Request::Flip { color, drain_secs, percent: None, force: false, dry_run: false };
     match run_switch(&app, req, peer.actor()).await {
-        Response::Flipped(r) if incomplete(&r).is_some() => {
-            let why = incomplete(&r).unwrap_or_default();
-            (StatusCode::CONFLICT, Json(json!({ "error": why, "result": r }))).into_response()
-        }
-        Response::Flipped(r) => {
-            info!(canary = %hook.name, namespace = %hook.namespace, to = %r.to, changed = r.changed, "Flagger promotion");
-            Json(r).into_response()
-        }
+        Response::Flipped(r) => match incomplete(&r) {
+            Some(why) => (StatusCode::CONFLICT, Json(json!({ "error": why, "result": r }))).into_response(),
+            None => {
+                info!(canary = %hook.name, namespace = %hook.namespace, to = %r.to, changed = r.changed, "Flagger promotion");
+                Json(r).into_response()
+            }
+        },
         Response::Error { message } => error(StatusCode::CONFLICT, message),
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent answered a flip with something else"),
     }
@@ -670,7 +664,7 @@ pub struct Operation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip)]
-    started: Option<Instant>,
+    started: Instant,
 }
 
 /// The last `KEPT_OPERATIONS` operations, oldest first.
@@ -709,7 +703,7 @@ impl Operations {
             took_ms: None,
             result: None,
             error: None,
-            started: Some(Instant::now()),
+            started: Instant::now(),
         };
         self.list.push_back(op.clone());
         Ok(op)
@@ -738,7 +732,7 @@ impl Operations {
             }
         }
         op.finished_at = Some(humantime::format_rfc3339_millis(SystemTime::now()).to_string());
-        op.took_ms = op.started.map(|s| s.elapsed().as_millis() as u64);
+        op.took_ms = Some(op.started.elapsed().as_millis() as u64);
     }
 
     fn get(&self, id: &str) -> Option<Operation> {

@@ -958,6 +958,15 @@ fn ifname(ifindex: u32) -> Option<String> {
 
 pub(crate) const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// Mounts tracefs at `TRACEFS` unless it is there (needs CAP_SYS_ADMIN).
+pub(crate) fn ensure_tracefs() -> anyhow::Result<()> {
+    if !Path::new(TRACEFS).join("events").exists() {
+        nix::mount::mount(Some("tracefs"), TRACEFS, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting tracefs at {TRACEFS} (needed to watch failed XDP redirects)"))?;
+    }
+    Ok(())
+}
+
 /// The ifindex of an interface name in this network namespace (0: none).
 pub fn ifindex(name: &str) -> u32 {
     match std::ffi::CString::new(name) {
@@ -975,10 +984,7 @@ impl Dataplane {
     /// the marks already made keep applying, but new failures are not seen.
     pub fn watch_redirects(&mut self) -> anyhow::Result<()> {
         use aya::programs::TracePoint;
-        if !Path::new(TRACEFS).join("events").exists() {
-            nix::mount::mount(Some("tracefs"), TRACEFS, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-                .with_context(|| format!("mounting tracefs at {TRACEFS} (needed to watch failed XDP redirects)"))?;
-        }
+        ensure_tracefs()?;
         let probe: &mut Xdp = self.ebpf.program_mut(PROBE_PROGRAM).ok_or_else(|| anyhow!("the object has no `{PROBE_PROGRAM}`"))?.try_into()?;
         retry_interrupted(|| probe.load()).context("loading the redirect probe")?;
         let probe_id = probe.info()?.id();

@@ -4,6 +4,7 @@
 
 pub mod bpf;
 pub mod fleet;
+pub mod http;
 pub mod live;
 pub mod netns;
 pub mod packet;

@@ -2,13 +2,14 @@
 //! the client): Spinnaker's webhook stage (POST, then poll the Location URL until a status),
 //! Flagger's webhooks (a 2xx proceeds), the token, mTLS, and bad input. Needs root.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
 
-use bg_tests::{netns::Proc, paths, topology::Topology};
+use bg_tests::{
+    http::{self, Reply},
+    netns::Proc,
+    paths,
+    topology::{Backends, Topology},
+};
 use serde_json::Value;
 
 const TOKEN: &str = "3f1c9a7e5b2d4c6e8a0b1d3f5e7c9a2b";
@@ -23,9 +24,7 @@ fn tag() -> String {
 /// written first (mode 0600).
 fn with_api(api: &str) -> Topology {
     let t = Topology::create(&tag()).unwrap();
-    let token = token_path(&t);
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    http::write_token(&token_path(&t), TOKEN);
     let api = api.replace("{dir}", t.run_dir.to_str().unwrap());
     std::fs::write(t.config_path(), format!("{}\n[api]\n{api}\n", t.config())).unwrap();
     t
@@ -37,39 +36,9 @@ fn token_path(t: &Topology) -> PathBuf {
     t.run_dir.join("api-token")
 }
 
-struct Reply {
-    code: u16,
-    /// Header lines, lower-cased names.
-    headers: Vec<(String, String)>,
-    body: Value,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-/// curl in the gateway's namespace (where the API listens on loopback). `extra`: more curl
-/// arguments (headers, TLS files).
+/// curl in the gateway's namespace, where the API listens on loopback.
 fn curl(t: &Topology, method: &str, url: &str, body: Option<&str>, extra: &[&str]) -> Reply {
-    let mut args = vec!["curl", "-sS", "-i", "--max-time", "30", "-X", method];
-    args.extend_from_slice(extra);
-    if let Some(b) = body {
-        args.extend_from_slice(&["-H", "Content-Type: application/json", "--data-raw", b]);
-    }
-    args.push(url);
-    let out = t.gw.exec(&args).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer from {url}: {text}"));
-    let mut lines = head.lines();
-    let code = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).expect("status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let body = serde_json::from_str(rest).unwrap_or_else(|_| Value::String(rest.to_owned()));
-    Reply { code, headers, body }
+    http::curl(&t.gw, method, url, body, extra)
 }
 
 fn bearer() -> String {
@@ -81,34 +50,22 @@ fn call(t: &Topology, method: &str, path: &str, body: Option<&str>) -> Reply {
     curl(t, method, &format!("{API}{path}"), body, &["-H", &bearer()])
 }
 
-/// What a Spinnaker webhook stage with "wait for completion" does: POST, take the status
-/// URL from the Location header, GET it until `$.status` is a success or terminal status.
 fn spinnaker_stage(t: &Topology, path: &str, payload: &str) -> Value {
-    let r = call(t, "POST", path, Some(payload));
-    assert_eq!(r.code, 202, "POST {path} is accepted: {}", r.body);
-    let location = r.header("location").expect("a Location header").to_owned();
-    assert!(location.starts_with(&format!("{API}/v1/operations/")), "an absolute status URL: {location}");
-    assert_eq!(r.body["status_url"], location.as_str(), "the body names the same URL: {}", r.body);
-    let start = Instant::now();
-    loop {
-        let op = curl(t, "GET", &location, None, &["-H", &bearer()]);
-        assert_eq!(op.code, 200, "{}", op.body);
-        match op.body["status"].as_str() {
-            Some("pending") => {}
-            Some("done" | "failed") => return op.body,
-            other => panic!("status {other:?} is none of pending, done, failed: {}", op.body),
-        }
-        assert!(start.elapsed() < Duration::from_secs(15), "still pending after 15 s: {}", op.body);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    http::spinnaker_stage(&t.gw, API, TOKEN, path, payload)
+}
+
+/// `with_api(WITH_TOKEN)` with the backends and the agent up, both colors healthy.
+fn up() -> (Topology, Backends, Proc) {
+    let t = with_api(WITH_TOKEN);
+    let backends = t.start_backends().unwrap();
+    let agent = t.start_agent().unwrap();
+    t.wait_healthy().unwrap();
+    (t, backends, agent)
 }
 
 #[test]
 fn a_spinnaker_webhook_stage_flips_and_rolls_back_and_a_refusal_fails_the_stage() {
-    let t = with_api(WITH_TOKEN);
-    let mut backends = t.start_backends().unwrap();
-    let _agent = t.start_agent().unwrap();
-    t.wait_healthy().unwrap();
+    let (t, mut backends, _agent) = up();
     assert_eq!(t.get_vip().unwrap(), "blue");
     let before = t.status()["generation"].as_u64().unwrap();
 
@@ -155,10 +112,7 @@ fn a_spinnaker_webhook_stage_flips_and_rolls_back_and_a_refusal_fails_the_stage(
 
 #[test]
 fn flagger_webhooks_gate_and_promote_and_hold_the_rollout_when_unhealthy() {
-    let t = with_api(WITH_TOKEN);
-    let mut backends = t.start_backends().unwrap();
-    let _agent = t.start_agent().unwrap();
-    t.wait_healthy().unwrap();
+    let (t, mut backends, _agent) = up();
     // Flagger's payload as its webhooks send it; metadata is the Canary's.
     let hook = |phase: &str, color: &str| {
         format!(r#"{{"name":"web","namespace":"prod","phase":"{phase}","checksum":"85d557f47b","metadata":{{"color":"{color}","type":"confirm-promotion"}}}}"#)
@@ -216,10 +170,7 @@ fn flagger_webhooks_gate_and_promote_and_hold_the_rollout_when_unhealthy() {
 
 #[test]
 fn the_api_refuses_a_missing_or_wrong_token_and_names_bad_input_changing_nothing() {
-    let t = with_api(WITH_TOKEN);
-    let _backends = t.start_backends().unwrap();
-    let _agent = t.start_agent().unwrap();
-    t.wait_healthy().unwrap();
+    let (t, _backends, _agent) = up();
     let before = t.status();
 
     for (extra, says) in [

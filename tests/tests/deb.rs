@@ -95,9 +95,6 @@ fn capability(name: &str) -> (String, u32) {
         "CAP_NET_ADMIN" => 12,
         "CAP_PERFMON" => 38,
         "CAP_BPF" => 39,
-        "CAP_SYS_ADMIN" => 21,
-        "CAP_NET_RAW" => 13,
-        "CAP_SYS_RESOURCE" => 24,
         other => panic!("the test does not know {other}'s bit; add it"),
     };
     (name.trim_start_matches("CAP_").to_ascii_lowercase(), bit)
@@ -190,8 +187,7 @@ fn the_package_installs_runs_its_agent_with_only_the_units_capabilities_serves_t
         .collect::<Vec<_>>()
         .join("\n");
     // With the HTTP API on, its token made as root makes it: 0600 root's at first.
-    std::fs::write("/etc/bg/api-token", format!("{TOKEN}\n")).unwrap();
-    std::fs::set_permissions("/etc/bg/api-token", std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    bg_tests::http::write_token(Path::new("/etc/bg/api-token"), TOKEN);
     std::fs::write("/etc/bg/bg.toml", format!("{config}\n[api]\ntoken_file = \"/etc/bg/api-token\"\n")).unwrap();
     // RuntimeDirectory=bg, StateDirectory=bg: made by systemd, owned by the unit's user.
     for dir in ["/run/bg", "/var/lib/bg"] {

@@ -425,8 +425,7 @@ fn a_flip_not_applied_everywhere_in_time_is_rolled_back_with_rollback_on_timeout
     let (t, _backends, mut agents) = fleet_up("fo");
     // gw0's agent flips with rollback_on_timeout, and serves the HTTP API; gw2 is cut off from etcd.
     let token = t.run_dir.join("api-token");
-    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
-    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    bg_tests::http::write_token(&token, API_TOKEN);
     agents[0].stop(Duration::from_secs(5));
     agents[0] = t.start_agent_with(0, &format!("rollback_on_timeout = true\n\n[api]\ntoken_file = \"{}\"\n", token.display())).expect("gw0 again");
     wait_fleet_healthy(&t);
@@ -482,23 +481,7 @@ const API_TOKEN: &str = "5d0c2e4a6b8f1d3c5e7a9b0c2d4e6f8a";
 /// A flip through gw0's HTTP API as a Spinnaker stage makes it: POST, then the Location URL
 /// polled until the operation is done or failed.
 fn api_flip(t: &FleetTopology, payload: &str) -> Value {
-    let auth = format!("Authorization: Bearer {API_TOKEN}");
-    let out = t.gws[0]
-        .exec(&["curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", "30", "-H", &auth, "-H", "Content-Type: application/json", "--data-raw", payload, "http://127.0.0.1:9478/v1/flip"])
-        .unwrap();
-    let head = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(head.starts_with("HTTP/1.1 202"), "{head}");
-    let location = head.lines().find_map(|l| l.strip_prefix("location: ")).unwrap_or_else(|| panic!("no Location: {head}")).trim().to_owned();
-    let start = std::time::Instant::now();
-    loop {
-        let out = t.gws[0].exec(&["curl", "-sS", "--max-time", "10", "-H", &auth, &location]).unwrap();
-        let op: Value = serde_json::from_slice(&out.stdout).unwrap();
-        if op["status"] != "pending" {
-            return op;
-        }
-        assert!(start.elapsed() < Duration::from_secs(40), "still pending: {op}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    bg_tests::http::spinnaker_stage(&t.gws[0], "http://127.0.0.1:9478", API_TOKEN, "/v1/flip", payload)
 }
 
 #[test]
